@@ -1,0 +1,20 @@
+from setuptools import setup
+
+# The Triton kernels live in kernels/ but are installed as the subpackage
+# cpattn.kernels: a top-level module named "kernels" belongs to another PyPI package.
+setup(
+    name="cpattn",
+    version="0.1.0",
+    description="Context-parallel attention for PyTorch: Triton flash-attention kernels with LSE, "
+                "ring / zigzag / Ulysses / USP, and sequence-sharded inference",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["cpattn", "cpattn.kernels"],
+    package_dir={"cpattn": "cpattn", "cpattn.kernels": "kernels"},
+    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "bench": ["matplotlib"],
+    },
+)

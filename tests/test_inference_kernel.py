@@ -1,0 +1,171 @@
+"""The split-KV decode kernel against a float64 reference (CPU, Triton interpreter)."""
+import pytest
+import torch
+
+from cpattn.kernels import decode_attention, merge_splits
+
+
+def reference(q, k, v, lens, q_start, key_pos=None, causal=True):
+    """float64 attention per sequence; k, v (B, capacity, Hkv, D) contiguous, key j at key_pos[j]."""
+    batch, seqlen_q, heads, head_dim = q.shape
+    group = heads // k.shape[2]
+    outs, lses = [], []
+    for b in range(batch):
+        n = int(lens[b])
+        kb = k[b, :n].double().repeat_interleave(group, 1)
+        vb = v[b, :n].double().repeat_interleave(group, 1)
+        s = torch.einsum("thd,khd->htk", q[b].double(), kb) / head_dim ** 0.5
+        qp = int(q_start[b]) + torch.arange(seqlen_q)
+        kp = torch.arange(n) if key_pos is None else key_pos[:n]
+        if causal:
+            s = s.masked_fill(kp[None, None, :] > qp[None, :, None], float("-inf"))
+        lses.append(torch.logsumexp(s, -1))
+        outs.append(torch.einsum("htk,khd->thd", torch.softmax(s, -1).nan_to_num(0.0), vb))
+    return torch.stack(outs), torch.stack(lses)
+
+
+def to_paged(k, v, page_size, gen):
+    """Scatter a contiguous cache into shuffled pages; returns pool k, v and the block table."""
+    batch, capacity = k.shape[:2]
+    pages_per_seq = -(-capacity // page_size)
+    num_pages = batch * pages_per_seq + 3  # a few pages nobody uses
+    perm = torch.randperm(num_pages, generator=gen)[: batch * pages_per_seq].view(batch, pages_per_seq)
+    kp = torch.full((num_pages, page_size, *k.shape[2:]), float("nan"))  # unused slots must never be read
+    vp = kp.clone()
+    for b in range(batch):
+        for i in range(pages_per_seq):
+            n = min(page_size, capacity - i * page_size)
+            kp[perm[b, i], :n] = k[b, i * page_size: i * page_size + n]
+            vp[perm[b, i], :n] = v[b, i * page_size: i * page_size + n]
+    return kp, vp, perm.to(torch.int32)
+
+
+def close(out, lse, ref_out, ref_lse):
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [32, 80, 128])
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_decode_vs_float64(head_dim, seqlen_q):
+    gen = torch.Generator().manual_seed(head_dim * 10 + seqlen_q)
+    batch, heads, heads_kv, capacity = 3, 4, 2, 80  # GQA group 2
+    q = torch.randn(batch, seqlen_q, heads, head_dim, generator=gen)
+    k = torch.randn(batch, capacity, heads_kv, head_dim, generator=gen)
+    v = torch.randn(batch, capacity, heads_kv, head_dim, generator=gen)
+    lens = torch.tensor([seqlen_q, 45, 80], dtype=torch.int32)  # per-sequence lengths, one barely long enough
+    ref_out, ref_lse = reference(q, k, v, lens, lens - seqlen_q)
+    for splits in (1, 3):
+        close(*decode_attention(q, k, v, lens, num_splits=splits), ref_out, ref_lse)
+    kp, vp, table = to_paged(k, v, 16, gen)
+    close(*decode_attention(q, kp, vp, lens, block_table=table, num_splits=2), ref_out, ref_lse)
+
+
+def test_gqa_groups_and_mqa():
+    gen = torch.Generator().manual_seed(1)
+    for heads, heads_kv in [(8, 2), (6, 1), (2, 2)]:
+        q = torch.randn(2, 2, heads, 32, generator=gen)
+        k = torch.randn(2, 40, heads_kv, 32, generator=gen)
+        v = torch.randn(2, 40, heads_kv, 32, generator=gen)
+        lens = torch.tensor([40, 17], dtype=torch.int32)
+        close(*decode_attention(q, k, v, lens), *reference(q, k, v, lens, lens - 2))
+
+
+def test_page_sizes_and_tiles_straddling_pages():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 1, 2, 32, generator=gen)
+    k = torch.randn(2, 100, 1, 32, generator=gen)
+    v = torch.randn(2, 100, 1, 32, generator=gen)
+    lens = torch.tensor([100, 33], dtype=torch.int32)
+    ref = reference(q, k, v, lens, lens - 1)
+    for page_size in (16, 32, 64):
+        kp, vp, table = to_paged(k, v, page_size, gen)
+        close(*decode_attention(q, kp, vp, lens, block_table=table, num_splits=3), *ref)
+
+
+def test_positions_causal_noncausal_and_empty():
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 5, 2, 32, generator=gen)
+    k = torch.randn(3, 48, 2, 32, generator=gen)
+    v = torch.randn(3, 48, 2, 32, generator=gen)
+    lens = torch.tensor([48, 0, 20], dtype=torch.int32)
+    # Queries earlier than some cached keys (a prefill chunk in the middle of the cache).
+    q_start = torch.tensor([10, 0, 30], dtype=torch.int32)
+    out, lse = decode_attention(q, k, v, lens, q_start=q_start)
+    close(out, lse, *reference(q, k, v, lens, q_start))
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))  # no keys: (0, -inf)
+    close(*decode_attention(q, k, v, lens, q_start=q_start, causal=False),
+          *reference(q, k, v, lens, q_start, causal=False))
+
+
+def test_striped_slot_positions():
+    # Slots hold every 3rd stripe of 16 positions, starting at stripe 1: what rank 1 of 3 holds.
+    gen = torch.Generator().manual_seed(4)
+    stripe, ranks, rank = 16, 3, 1
+    slots = torch.arange(64)
+    key_pos = rank * stripe + (slots // stripe) * ranks * stripe + slots % stripe
+    q = torch.randn(1, 3, 2, 32, generator=gen)
+    k = torch.randn(1, 64, 2, 32, generator=gen)
+    v = torch.randn(1, 64, 2, 32, generator=gen)
+    lens = torch.tensor([64], dtype=torch.int32)
+    q_start = torch.tensor([100], dtype=torch.int32)  # sees positions up to 100..102: slots up to 36ish
+    out, lse = decode_attention(q, k, v, lens, q_start=q_start, slot_positions=(stripe, ranks * stripe, rank * stripe))
+    close(out, lse, *reference(q, k, v, lens, q_start, key_pos=key_pos))
+
+
+def test_fp16():
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, n, h, 64, generator=gen) for n, h in ((1, 4), (50, 2), (50, 2)))
+    lens = torch.tensor([50, 31], dtype=torch.int32)
+    out, lse = decode_attention(q.half(), k.half(), v.half(), lens, num_splits=2)
+    assert out.dtype == torch.float16
+    ref_out, ref_lse = reference(q.half(), k.half(), v.half(), lens, lens - 1)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-3, rtol=2e-3)
+
+
+def test_merge_splits_matches_whole():
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 2, 2, 32, generator=gen)
+    k = torch.randn(1, 64, 2, 32, generator=gen)
+    v = torch.randn(1, 64, 2, 32, generator=gen)
+    full = torch.tensor([64], dtype=torch.int32)
+    whole = decode_attention(q, k, v, full, causal=False)
+    # Two disjoint halves, plus an empty partial, merged.
+    a = decode_attention(q, k[:, :32], v[:, :32], torch.tensor([32], dtype=torch.int32), causal=False)
+    b = decode_attention(q, k[:, 32:], v[:, 32:], torch.tensor([32], dtype=torch.int32), causal=False)
+    empty = (torch.zeros_like(a[0]), torch.full_like(a[1], float("-inf")))
+    out, lse = merge_splits(torch.stack([a[0], empty[0], b[0]]), torch.stack([a[1], empty[1], b[1]]))
+    torch.testing.assert_close(out, whole[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, whole[1], atol=1e-6, rtol=1e-6)
+
+
+def test_bad_input():
+    q = torch.randn(2, 1, 4, 32)
+    k = torch.randn(2, 40, 2, 32)
+    lens = torch.tensor([40, 10], dtype=torch.int32)
+    before = (q.clone(), k.clone(), lens.clone())
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        decode_attention(torch.randn(2, 1, 3, 32), k, k, lens)
+    with pytest.raises(ValueError, match="head dims differ"):
+        decode_attention(torch.randn(2, 1, 4, 16), k, k, lens)
+    with pytest.raises(ValueError, match="exceed the cache capacity"):
+        decode_attention(q, k, k, torch.tensor([41, 1], dtype=torch.int32))
+    with pytest.raises(TypeError, match="cache_seqlens must be an int32"):
+        decode_attention(q, k, k, lens.long())
+    with pytest.raises(TypeError, match="share one dtype"):
+        decode_attention(q.half(), k, k, lens)
+    pool = torch.randn(6, 24, 2, 32)
+    table = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="power of two"):
+        decode_attention(q, pool, pool, lens, block_table=table)
+    pool = torch.randn(6, 16, 2, 32)
+    with pytest.raises(ValueError, match="points outside the 6 pages"):
+        decode_attention(q, pool, pool, torch.tensor([20, 10], dtype=torch.int32),
+                         block_table=torch.tensor([[0, 6], [2, 3]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="block_table has 2 columns"):
+        decode_attention(q, pool, pool, torch.tensor([40, 10], dtype=torch.int32), block_table=table)
+    for t, t0 in zip((q, k, lens), before):
+        assert torch.equal(t, t0)

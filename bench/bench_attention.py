@@ -1,0 +1,189 @@
+"""Attention kernel benchmark: cpattn against torch SDPA's backends, one at a time.
+
+    python bench/bench_attention.py            # full grid on a GPU (H100: a few minutes)
+    python bench/bench_attention.py --quick    # tiny grid on CPU: tests the script, no timing claims
+
+For every shape of the grid (sequence 1k..32k, head dim 64 and 128, causal and
+not, bf16 and fp16, MHA and GQA 32/8 heads, batch x sequence >= --tokens) it
+times forward, backward and forward+backward of ``cpattn.flash_attn_func`` and
+of ``torch.nn.functional.scaled_dot_product_attention`` under each backend
+(flash, cuDNN, memory-efficient) with ``triton.testing.do_bench`` (median).
+It reports TFLOPS and, per backend, ``x<backend> = backend time / cpattn time``
+(above 1: cpattn is faster). A backend that refuses a shape is reported as
+unsupported with torch's reason.
+
+Each side gets its own native layout: cpattn (batch, seq, heads, dim), SDPA
+(batch, heads, seq, dim), both contiguous. GQA goes to SDPA as
+``enable_gqa=True`` (kv is not repeated), so a backend without GQA support
+shows up as unsupported for those shapes.
+Results: bench/results/<device>/attention.{json,csv} and attention_<dtype>_<mha|gqa>.png.
+"""
+import itertools
+
+import torch
+
+import _common as C
+import cpattn
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def parse_args(argv):
+    p = C.base_parser(__doc__)
+    p.add_argument("--seqlens", type=C.int_list, default=None, help="comma list (default 1024..32768)")
+    p.add_argument("--head-dims", type=C.int_list, default=None, help="comma list (default 64,128)")
+    p.add_argument("--dtypes", type=C.str_list, default=None, help="comma list of bf16,fp16,fp32 (default bf16,fp16)")
+    p.add_argument("--causal", choices=("both", "causal", "full"), default="both")
+    p.add_argument("--attn", type=C.str_list, default=None, help="comma list of mha,gqa (default both)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (default 32)")
+    p.add_argument("--kv-heads", type=int, default=None, help="kv heads for gqa (default 8)")
+    p.add_argument("--tokens", type=int, default=None, help="batch = max(1, tokens // seqlen) (default 16384)")
+    p.add_argument("--modes", type=C.str_list, default=list(MODES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--backends", type=C.str_list, default=None,
+                   help="torch SDPA backends, comma list of flash,cudnn,efficient,math (default flash,cudnn,efficient)")
+    args = p.parse_args(argv)
+    # The real grid, or a tiny one for the interpreter (bf16 there runs as fp32 anyway).
+    defaults = dict(seqlens=[1024, 2048, 4096, 8192, 16384, 32768], head_dims=[64, 128], dtypes=["bf16", "fp16"],
+                    attn=["mha", "gqa"], heads=32, kv_heads=8, tokens=16384, backends=["flash", "cudnn", "efficient"])
+    if args.quick:
+        defaults.update(seqlens=[64, 128], head_dims=[32], dtypes=["fp32"], heads=4, kv_heads=2, tokens=128,
+                        backends=["math", "flash", "efficient", "cudnn"])
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = set(args.modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown modes {sorted(unknown)}")
+    return args
+
+
+def shapes(args):
+    causals = {"both": (False, True), "causal": (True,), "full": (False,)}[args.causal]
+    for dtype, kind, head_dim, causal, seqlen in itertools.product(args.dtypes, args.attn, args.head_dims,
+                                                                    causals, args.seqlens):
+        yield dict(seqlen=seqlen, batch=max(1, args.tokens // seqlen), heads=args.heads,
+                   kv_heads=args.heads if kind == "mha" else args.kv_heads, attn=kind,
+                   head_dim=head_dim, causal=causal, dtype=dtype)
+
+
+def make_inputs(shape, device):
+    """q, k, v, dout in flash layout (B, S, H, D), contiguous."""
+    b, s, d = shape["batch"], shape["seqlen"], shape["head_dim"]
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(heads):
+        return torch.randn((b, s, heads, d), generator=gen, device=device, dtype=C.DTYPES[shape["dtype"]])
+
+    return rand(shape["heads"]), rand(shape["kv_heads"]), rand(shape["kv_heads"]), rand(shape["heads"])
+
+
+def time_modes(forward, q, k, v, dout, modes, device):
+    """{mode: median ms} for ``forward()`` (a function of q, k, v), its backward, and both."""
+    times = {}
+    if "fwd" in modes:
+        with torch.no_grad():
+            times["fwd"] = C.time_ms(forward, device)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    if "bwd" in modes:
+        out = forward()
+        times["bwd"] = C.time_ms(lambda: out.backward(dout, retain_graph=True), device, grad_to_none=leaves)
+        del out
+    if "fwd+bwd" in modes:
+        times["fwd+bwd"] = C.time_ms(lambda: forward().backward(dout), device, grad_to_none=leaves)
+    for t in leaves:
+        t.requires_grad_(False)
+        t.grad = None
+    return times
+
+
+def bench_shape(shape, args, device, backends):
+    """Rows (one per mode) for one shape; yields a label before each implementation it times."""
+    modes = args.modes
+    causal = shape["causal"]
+    q, k, v, dout = make_inputs(shape, device)
+    yield "cpattn"
+    cp_ms = time_modes(lambda: cpattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dout, modes, device)
+    with torch.no_grad():
+        cp_out = cpattn.flash_attn_func(q, k, v, causal=causal).transpose(1, 2).float()
+    # The same values in SDPA's own layout (B, H, S, D), contiguous.
+    sq, sk, sv, sdout = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
+    del q, k, v, dout
+    other = {}
+    max_err = None
+    for name, backend in backends.items():
+        yield name
+        try:
+            run = C.sdpa_call(backend, sq, sk, sv, causal)
+            with torch.no_grad():
+                err = (run().float() - cp_out).abs().max().item()
+            max_err = err if max_err is None else max(max_err, err)
+            other[name] = time_modes(run, sq, sk, sv, sdout, modes, device)
+        except C.Unsupported as exc:
+            other[name] = f"unsupported: {exc}"
+        except torch.cuda.OutOfMemoryError:
+            other[name] = "out of memory"
+            torch.cuda.empty_cache()
+
+    rows = []
+    for mode in modes:
+        flops = C.attention_flops(shape["batch"], shape["heads"], shape["seqlen"], shape["seqlen"],
+                                  shape["head_dim"], causal, mode)
+        row = {**shape, "mode": mode, "flops": flops, "cpattn_ms": cp_ms[mode],
+               "cpattn_tflops": flops / cp_ms[mode] / 1e9, "cpattn_max_abs_err_vs_sdpa": max_err}
+        for name, result in other.items():
+            if isinstance(result, dict):
+                row.update({f"{name}_status": "ok", f"{name}_ms": result[mode],
+                            f"{name}_tflops": flops / result[mode] / 1e9, f"x{name}": result[mode] / cp_ms[mode]})
+            else:
+                row.update({f"{name}_status": result, f"{name}_ms": None, f"{name}_tflops": None, f"x{name}": None})
+        rows.append(row)
+    yield rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = C.pick_device(args.quick)
+    backends = C.sdpa_backends(args.backends)
+    env = C.environment(device, args.quick)
+    env["sdpa_gqa"] = "enable_gqa=True (kv not repeated)"
+    env["layouts"] = "cpattn (B, S, H, D), SDPA (B, H, S, D), each contiguous"
+    print(f"{env['device']} | torch {env['torch']} | triton {env['triton']}" + (f"\n{C.QUICK_NOTE}" if args.quick else ""))
+
+    grid = list(shapes(args))
+    total, step, rows = len(grid) * (1 + len(backends)), 0, []
+    for shape in grid:
+        tag = (f"S={shape['seqlen']} B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} "
+               f"D={shape['head_dim']} {'causal' if shape['causal'] else 'full'} {shape['dtype']}")
+        for item in bench_shape(shape, args, device, backends):
+            if isinstance(item, str):
+                step += 1
+                C.progress(step, total, f"{tag}: {item}")
+            else:
+                rows.extend(item)
+
+    out_dir = C.output_dir(args, device)
+    paths = C.save_results(out_dir, "attention", env, rows)
+    series = [("cpattn", "cpattn_tflops")] + [(f"sdpa {b}", f"{b}_tflops") for b in backends]
+    for dtype, kind in itertools.product(args.dtypes, args.attn):
+        sub = [r for r in rows if r["dtype"] == dtype and r["attn"] == kind]
+        if sub:
+            heads = f"{sub[0]['heads']}/{sub[0]['kv_heads']} heads"
+            paths.append(C.plot_lines(
+                out_dir / f"attention_{dtype}_{kind}.png", sub, "seqlen", series,
+                lambda r: f"{r['mode']} d={r['head_dim']} {'causal' if r['causal'] else 'full'}",
+                f"{env['device']}: {dtype} {kind} ({heads}), batch x seq >= {args.tokens}", "TFLOPS", ncols=len(args.modes)))
+
+    columns = [("seqlen", "seq"), ("batch", "B"), ("heads", "H"), ("kv_heads", "Hkv"), ("head_dim", "D"),
+               ("causal", "causal"), ("dtype", "dtype"), ("mode", "mode"), ("cpattn_tflops", "cpattn TF")]
+    for b in backends:
+        columns += [(f"{b}_tflops", f"{b} TF"), (f"x{b}", f"x{b}")]
+    C.print_table(rows, columns, title="TFLOPS; x<backend> = backend time / cpattn time (>1: cpattn faster); "
+                                       "- = unsupported (reason in the JSON/CSV)")
+    if args.quick:
+        print(C.QUICK_NOTE)
+    print("saved: " + ", ".join(str(p) for p in paths if p))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

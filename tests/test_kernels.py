@@ -1,0 +1,140 @@
+"""Kernel-level tests: forward, backward and merge against the float64 reference,
+at arbitrary global positions (the rule every context-parallel step relies on)."""
+import pytest
+import torch
+
+from cpattn.kernels import attention_backward, attention_forward, merge_attention
+from reference import devices, reference_attention, rel_err
+
+FWD_TOL, GRAD_TOL = 1e-4, 1e-3
+GRAD_FLOOR = 1e-2  # gradients with RMS below this count as zero (see rel_err)
+
+
+def make_qkv(batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, seqlen_q, heads, head_dim, generator=gen)
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim, generator=gen)
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim, generator=gen)
+    return [t.to(device, dtype) for t in (q, k, v)]
+
+
+# (seqlen_q, seqlen_k, q_start, k_start): ring-step-like offsets, chunks in the past,
+# in the future, straddling the diagonal, and a query chunk before all keys.
+POSITION_CASES = [
+    (64, 64, 64, 0),     # keys entirely in the past: no mask needed
+    (64, 64, 0, 64),     # keys entirely in the future: nothing visible
+    (77, 50, 30, 10),    # straddles the diagonal
+    (33, 129, 100, 0),   # query chunk inside a long key range
+    (50, 17, 200, 500),  # keys in the future again, odd sizes
+    (1, 40, 39, 0),      # one decode-like row
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seqlen_q,seqlen_k,q_start,k_start", POSITION_CASES)
+def test_forward_backward_at_global_positions(device, seqlen_q, seqlen_k, q_start, k_start):
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 4, 2, 32, device)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=True, q_start=q_start, k_start=k_start)
+    out, lse = attention_forward(q, k, v, causal=True, q_start=q_start, k_start=k_start)
+    assert rel_err(out, ref_out) < FWD_TOL
+    assert rel_err(lse, ref_lse) < FWD_TOL
+    # rows with no visible key: lse -inf exactly, out exactly 0
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty)
+    assert (out.transpose(1, 2)[empty] == 0).all()
+
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = reference_attention(qd, kd, vd, causal=True, q_start=q_start, k_start=k_start)
+    dout = torch.randn_like(out)
+    ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
+    grads = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=q_start, k_start=k_start)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want, floor=GRAD_FLOOR) < GRAD_TOL
+
+
+@pytest.mark.parametrize("device", devices())
+def test_forward_accumulate_and_backward_accumulate(device):
+    """Two calls on disjoint key ranges, accumulated in place, equal one call on all keys."""
+    q, k, v = make_qkv(1, 70, 90, 4, 1, 48, device)
+    full_out, full_lse = attention_forward(q, k, v, causal=True, q_start=40)
+    out = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    lse = torch.full((1, 4, 70), float("-inf"), device=device)
+    for lo, hi in [(50, 90), (0, 50)]:
+        attention_forward(q, k[:, lo:hi], v[:, lo:hi], causal=True, q_start=40, k_start=lo,
+                          out=out, lse=lse, accumulate=True)
+    assert rel_err(out, full_out) < FWD_TOL and rel_err(lse, full_lse) < FWD_TOL
+
+    dout = torch.randn_like(q)
+    full_grads = attention_backward(dout, q, k, v, full_out, full_lse, causal=True, q_start=40)
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for lo, hi in [(0, 50), (50, 90)]:
+        attention_backward(dout, q, k[:, lo:hi], v[:, lo:hi], full_out, full_lse, causal=True, q_start=40,
+                           k_start=lo, dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=True)
+    for got, want in zip((dq, dk, dv), full_grads):
+        assert rel_err(got, want, floor=GRAD_FLOOR) < GRAD_TOL
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("pieces", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("causal", [False, True])
+def test_merge_of_key_pieces_equals_full_attention(device, pieces, causal):
+    seqlen_q, seqlen_k = 45, 100
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, 3, 3, 40, device, seed=pieces)
+    # uneven cut points, including empty pieces at both ends and in the middle
+    gen = torch.Generator().manual_seed(pieces)
+    inner = sorted(torch.randint(0, seqlen_k + 1, (pieces - 1,), generator=gen).tolist())
+    if pieces >= 3:
+        inner[1] = inner[0]  # an empty piece
+    cuts = [0] + inner + [seqlen_k]
+    out, lse = None, None
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        o, l = attention_forward(q, k[:, lo:hi], v[:, lo:hi], causal=causal, q_start=seqlen_k - seqlen_q, k_start=lo)
+        out, lse = (o, l) if out is None else merge_attention(out, lse, o, l)
+    ref_out, ref_lse = reference_attention(q, k, v, causal=causal, q_start=seqlen_k - seqlen_q)
+    assert rel_err(out, ref_out) < FWD_TOL
+    assert rel_err(lse, ref_lse) < FWD_TOL
+
+
+@pytest.mark.parametrize("device", devices())
+def test_merge_inplace_and_empty_partials(device):
+    out_a = torch.randn(1, 20, 2, 16, device=device)
+    lse_a = torch.randn(1, 2, 20, device=device)
+    out_b = torch.randn_like(out_a)
+    lse_b = torch.randn_like(lse_a)
+    # make some rows empty in a, some in b, some in both
+    lse_a[:, :, :5] = float("-inf")
+    out_a.transpose(1, 2)[:, :, :5] = 0
+    lse_b[:, :, 3:8] = float("-inf")
+    out_b.transpose(1, 2)[:, :, 3:8] = 0
+    a_copy, la_copy = out_a.clone(), lse_a.clone()
+    b_copy, lb_copy = out_b.clone(), lse_b.clone()
+
+    out, lse = merge_attention(out_a, lse_a, out_b, lse_b)
+    assert torch.equal(out_a, a_copy) and torch.equal(lse_a, la_copy), "out-of-place merge modified its input"
+    assert torch.equal(out_b, b_copy) and torch.equal(lse_b, lb_copy)
+    expect_lse = torch.logaddexp(lse_a, lse_b)
+    w_a = torch.exp(lse_a - expect_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    w_b = torch.exp(lse_b - expect_lse).nan_to_num(0.0).transpose(1, 2)[..., None]
+    expect_out = out_a * w_a + out_b * w_b
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.isinf(lse[:, :, 3:5]).all() and (out[:, 3:5] == 0).all(), "two empty partials must stay empty"
+    torch.testing.assert_close(lse, expect_lse)
+    torch.testing.assert_close(out, expect_out)
+
+    out2, lse2 = merge_attention(out_a, lse_a, out_b, lse_b, inplace=True)
+    assert out2.data_ptr() == out_a.data_ptr() and lse2.data_ptr() == lse_a.data_ptr()
+    torch.testing.assert_close(out_a, expect_out)
+    torch.testing.assert_close(lse_a, expect_lse)
+
+
+def test_merge_rejects_bad_partials():
+    out = torch.zeros(1, 4, 2, 8)
+    lse = torch.zeros(1, 2, 4)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        merge_attention(out, lse.transpose(1, 2), out, lse)
+    with pytest.raises(TypeError, match="float32"):
+        merge_attention(out, lse.double(), out, lse)
+    with pytest.raises(ValueError, match="differ in shape"):
+        merge_attention(out, lse, torch.zeros(1, 4, 2, 4), lse)

@@ -127,7 +127,17 @@ def time_ms(fn, device, grad_to_none=None, cpu_reps=1):
     return statistics.median(times)
 
 
-# ---------------------------------------------------------------- torch SDPA backends
+# ---------------------------------------------------------------- inputs and torch SDPA backends
+
+def attention_inputs(batch, seqlen, heads, kv_heads, head_dim, dtype, device, seed=0):
+    """Random q, k, v, dout in flash layout (B, S, H, D), contiguous; ``dtype`` a DTYPES key."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(h):
+        return torch.randn((batch, seqlen, h, head_dim), generator=gen, device=device, dtype=DTYPES[dtype])
+
+    return rand(heads), rand(kv_heads), rand(kv_heads), rand(heads)
+
 
 def sdpa_backends(names):
     """{name: SDPBackend} for the names given (math, flash, efficient, cudnn)."""

@@ -66,17 +66,6 @@ def shapes(args):
                    head_dim=head_dim, causal=causal, dtype=dtype)
 
 
-def make_inputs(shape, device):
-    """q, k, v, dout in flash layout (B, S, H, D), contiguous."""
-    b, s, d = shape["batch"], shape["seqlen"], shape["head_dim"]
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(heads):
-        return torch.randn((b, s, heads, d), generator=gen, device=device, dtype=C.DTYPES[shape["dtype"]])
-
-    return rand(shape["heads"]), rand(shape["kv_heads"]), rand(shape["kv_heads"]), rand(shape["heads"])
-
-
 def time_modes(forward, q, k, v, dout, modes, device):
     """{mode: median ms} for ``forward()`` (a function of q, k, v), its backward, and both."""
     times = {}
@@ -100,7 +89,8 @@ def bench_shape(shape, args, device, backends):
     """Rows (one per mode) for one shape; yields a label before each implementation it times."""
     modes = args.modes
     causal = shape["causal"]
-    q, k, v, dout = make_inputs(shape, device)
+    q, k, v, dout = C.attention_inputs(shape["batch"], shape["seqlen"], shape["heads"], shape["kv_heads"],
+                                       shape["head_dim"], shape["dtype"], device)
     yield "cpattn"
     cp_ms = time_modes(lambda: cpattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dout, modes, device)
     with torch.no_grad():

@@ -2,6 +2,8 @@
 at arbitrary global positions (the rule every context-parallel step relies on)."""
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cpattn.kernels import attention_backward, attention_forward, merge_attention
 from reference import devices, reference_attention, rel_err
@@ -138,3 +140,20 @@ def test_merge_rejects_bad_partials():
         merge_attention(out, lse.double(), out, lse)
     with pytest.raises(ValueError, match="differ in shape"):
         merge_attention(out, lse, torch.zeros(1, 4, 2, 4), lse)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seqlen=st.integers(1, 40), head_dim=st.sampled_from([8, 16, 24, 64]),
+       empty_a=st.floats(0.0, 1.0), empty_b=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_merge_is_commutative_and_matches_logaddexp(seqlen, head_dim, empty_a, empty_b, seed):
+    gen = torch.Generator().manual_seed(seed)
+    out_a, out_b = (torch.randn(1, seqlen, 2, head_dim, generator=gen) for _ in range(2))
+    lse_a, lse_b = (torch.randn(1, 2, seqlen, generator=gen) * 20 for _ in range(2))
+    lse_a[torch.rand(lse_a.shape, generator=gen) < empty_a] = float("-inf")
+    lse_b[torch.rand(lse_b.shape, generator=gen) < empty_b] = float("-inf")
+    out_ab, lse_ab = merge_attention(out_a, lse_a, out_b, lse_b)
+    out_ba, lse_ba = merge_attention(out_b, lse_b, out_a, lse_a)
+    assert not torch.isnan(out_ab).any() and not torch.isnan(lse_ab).any()
+    torch.testing.assert_close(lse_ab, torch.logaddexp(lse_a, lse_b))
+    torch.testing.assert_close(out_ab, out_ba)
+    torch.testing.assert_close(lse_ab, lse_ba)

@@ -1,0 +1,65 @@
+"""The bench/ scripts run end to end in --quick mode (CPU, Triton interpreter) and
+save what their README says. No timing is checked: --quick times mean nothing."""
+import csv
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+ENV_KEYS = {"device", "date_utc", "torch", "triton", "cpattn", "quick", "timing", "note"}
+
+
+def run_script(name, out_dir, *argv):
+    """Call bench/<name>.py's main() with --quick; return (json payload, csv rows)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        importlib.import_module(name).main(["--quick", "--out", str(out_dir), *argv])
+    finally:
+        sys.path.remove(str(BENCH))
+    stem = name.removeprefix("bench_")
+    payload = json.loads((out_dir / f"{stem}.json").read_text())
+    with (out_dir / f"{stem}.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert ENV_KEYS <= set(payload["environment"])
+    assert payload["environment"]["quick"] is True and "NOT meaningful" in payload["environment"]["note"]
+    assert len(rows) == len(payload["rows"]) > 0
+    assert set(rows[0]) == set(payload["rows"][0])
+    return payload, rows
+
+
+def test_bench_attention(tmp_path):
+    payload, _ = run_script("bench_attention", tmp_path, "--seqlens", "64", "--modes", "fwd,bwd")
+    rows = payload["rows"]
+    # 2 causal x 2 (mha, gqa) shapes x 2 modes
+    assert len(rows) == 8
+    assert {r["mode"] for r in rows} == {"fwd", "bwd"} and {r["attn"] for r in rows} == {"mha", "gqa"}
+    for r in rows:
+        assert r["cpattn_ms"] > 0 and r["cpattn_tflops"] > 0
+        assert r["math_status"] == "ok" and r["xmath"] == pytest.approx(r["math_ms"] / r["cpattn_ms"])
+        # torch has no memory-efficient kernel on CPU: reported, not hidden
+        assert r["efficient_status"].startswith("unsupported") and r["xefficient"] is None
+        assert r["cpattn_max_abs_err_vs_sdpa"] < 1e-4
+    fwd = next(r for r in rows if r["mode"] == "fwd" and not r["causal"])
+    assert fwd["flops"] == 4 * fwd["batch"] * fwd["heads"] * 64 * 64 * fwd["head_dim"]
+
+
+def test_bench_merge(tmp_path):
+    payload, _ = run_script("bench_merge", tmp_path, "--seqlens", "64")
+    for r in payload["rows"]:
+        assert r["merge_gbs"] > 0 and r["copy_gbs"] > 0
+        assert r["of_copy"] == pytest.approx(r["merge_gbs"] / r["copy_gbs"])
+    assert {r["inplace"] for r in payload["rows"]} == {False, True}
+
+
+def test_bench_memory(tmp_path):
+    payload, _ = run_script("bench_memory", tmp_path)
+    assert "model only" in payload["environment"]["measures"]
+    rows = payload["rows"]
+    # the model: fused kernels linear in the sequence, the math backend quadratic
+    for a, b in zip(rows, rows[1:]):
+        assert b["model_fused_mib"] / a["model_fused_mib"] == pytest.approx(b["seqlen"] / a["seqlen"])
+        quadratic = [r["model_math_mib"] - r["model_fused_mib"] for r in (a, b)]
+        assert quadratic[1] / quadratic[0] == pytest.approx((b["seqlen"] / a["seqlen"]) ** 2)

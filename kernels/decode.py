@@ -275,7 +275,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seql
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_table=None, softmax_scale=None,
-                     causal=True, slot_positions=(1, 1, 0), num_splits=None, max_seqlen=None, validate=True):
+                     causal=True, slot_positions=(1, 1, 0), num_splits=None, max_seqlen=None, validate=True,
+                     out_dtype=None):
     """Attention of a few new query tokens per sequence over a (paged) KV cache.
 
     q (B, Sq, H, D); k_cache, v_cache (B, capacity, Hkv, D), or with
@@ -287,7 +288,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     (module docstring). H must be a multiple of Hkv (GQA). With ``causal`` a
     key is visible iff key_pos <= query_pos.
 
-    Returns (out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 natural log,
+    Returns (out (B, Sq, H, D) in q's dtype or ``out_dtype`` (float32 keeps a
+    partial exact for a later merge), lse (B, H, Sq) float32 natural log,
     -inf where a query sees no key). ``validate=False`` skips the host-side
     checks (they read cache_seqlens and block_table back from the device);
     ``max_seqlen`` (a bound on cache_seqlens) likewise spares a read-back.
@@ -302,7 +304,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     group_size = heads // heads_kv
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse

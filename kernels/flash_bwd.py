@@ -34,7 +34,7 @@ def _bwd_preprocess(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -106,7 +106,7 @@ def _bwd_dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads_kv
+    b = (pid_bh // num_heads_kv).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h_kv = pid_bh % num_heads_kv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -202,7 +202,7 @@ def _bwd_dq_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % num_heads
     h_kv = h // group_size
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

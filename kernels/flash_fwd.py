@@ -95,7 +95,7 @@ def _fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
+    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
     h = pid_bh % num_heads
     h_kv = h // group_size  # GQA: query heads [h_kv*g, (h_kv+1)*g) share kv head h_kv
 

@@ -63,3 +63,25 @@ def test_bench_memory(tmp_path):
         assert b["model_fused_mib"] / a["model_fused_mib"] == pytest.approx(b["seqlen"] / a["seqlen"])
         quadratic = [r["model_math_mib"] - r["model_fused_mib"] for r in (a, b)]
         assert quadratic[1] / quadratic[0] == pytest.approx((b["seqlen"] / a["seqlen"]) ** 2)
+
+
+def test_bench_cp_decomposition(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        summary, comm = importlib.import_module("bench_cp_decomposition").main(
+            ["--quick", "--out", str(tmp_path), "--degrees", "2", "--impls", "ring,zigzag"])
+    finally:
+        sys.path.remove(str(BENCH))
+    for stem, rows in (("cp_decomposition", summary), ("cp_comm", comm)):
+        payload = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert ENV_KEYS <= set(payload["environment"]) and len(payload["rows"]) == len(rows) > 0
+    assert {(r["impl"], r["direction"]) for r in summary} == {(i, d) for i in ("ring", "zigzag") for d in ("fwd", "bwd")}
+    for r in summary:
+        assert r["fwd_max_abs_err"] < 1e-5  # the replayed ranks together give the monolithic output
+        assert r["ratio"] == pytest.approx(r["total_ms"] / r["mono_ms"])
+    # 2 ranks: the forward sends one kv shard (step 0); the backward also sends dk/dv after each step
+    fwd = [r for r in comm if r["impl"] == "zigzag" and r["direction"] == "fwd"]
+    bwd = [r for r in comm if r["impl"] == "zigzag" and r["direction"] == "bwd"]
+    kv_bytes = fwd[0]["send_bytes"]
+    assert [r["send_bytes"] for r in fwd] == [kv_bytes, 0]
+    assert [r["step"] for r in bwd] == [0, 1, "after last"] and bwd[-1]["nvlink_hidden"] is False

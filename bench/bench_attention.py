@@ -113,6 +113,8 @@ def bench_shape(shape, args, device, backends):
         except torch.cuda.OutOfMemoryError:
             other[name] = "out of memory"
             torch.cuda.empty_cache()
+        except RuntimeError as exc:  # accepted the shape, then failed (e.g. in the backward): report it
+            other[name] = f"error: {str(exc).splitlines()[0][:200]}"
 
     rows = []
     for mode in modes:

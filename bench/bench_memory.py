@@ -105,6 +105,8 @@ def measure_all(args, seqlen, device, backends):
         except torch.cuda.OutOfMemoryError:
             results[name] = "out of memory"
             torch.cuda.empty_cache()
+        except RuntimeError as exc:  # accepted the shape, then failed (e.g. in the backward): report it
+            results[name] = f"error: {str(exc).splitlines()[0][:200]}"
     return results
 
 

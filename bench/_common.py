@@ -220,6 +220,11 @@ def progress(i, total, label):
     print(f"\r[{i}/{total}] {label:<90.90s}", end=end, flush=True)
 
 
+def plot_title(env, text):
+    """A plot title naming the device, and saying so when the numbers come from --quick."""
+    return f"{env['device']}: {text}" + ("\n[--quick: CPU interpreter, NOT meaningful timing]" if env["quick"] else "")
+
+
 def plot_lines(path, rows, x, series, panel_key, title, ylabel, log_y=False, ncols=4):
     """Plot y against ``x`` for each (label, column) in ``series``, one panel per value of
     ``panel_key(row)``. Needs matplotlib (optional): without it, says so and returns None."""
@@ -233,7 +238,7 @@ def plot_lines(path, rows, x, series, panel_key, title, ylabel, log_y=False, nco
     panels = list(dict.fromkeys(panel_key(r) for r in rows))
     ncols = min(ncols, len(panels))
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(7.0, 4.5 * ncols), 3.4 * nrows + 0.6), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         sub = [r for r in rows if panel_key(r) == panel]
         for label, column in series:

@@ -163,7 +163,7 @@ def main(argv=None):
             paths.append(C.plot_lines(
                 out_dir / f"attention_{dtype}_{kind}.png", sub, "seqlen", series,
                 lambda r: f"{r['mode']} d={r['head_dim']} {'causal' if r['causal'] else 'full'}",
-                f"{env['device']}: {dtype} {kind} ({heads}), batch x seq >= {args.tokens}", "TFLOPS", ncols=len(args.modes)))
+                C.plot_title(env, f"{dtype} {kind} ({heads}), batch x seq >= {args.tokens}"), "TFLOPS", ncols=len(args.modes)))
 
     columns = [("seqlen", "seq"), ("batch", "B"), ("heads", "H"), ("kv_heads", "Hkv"), ("head_dim", "D"),
                ("causal", "causal"), ("dtype", "dtype"), ("mode", "mode"), ("cpattn_tflops", "cpattn TF")]

@@ -153,8 +153,8 @@ def main(argv=None):
     paths.append(C.plot_lines(out_dir / "memory.png", rows, "seqlen", series,
                               lambda r: f"B={r['batch']} H={r['heads']}/{r['kv_heads']} D={r['head_dim']} "
                                         f"{r['dtype']} {'causal' if r['causal'] else 'full'}",
-                              f"{env['device']}: peak memory of forward+backward beyond the inputs"
-                              + (" (model only)" if args.quick else ""), "MiB", log_y=True))
+                              C.plot_title(env, "peak memory of forward+backward beyond the inputs"
+                                           + (" (model only)" if args.quick else "")), "MiB", log_y=True))
     columns = [("seqlen", "seq"), ("model_fused_mib", "model fused MiB"), ("model_math_mib", "model math MiB")]
     if not args.quick:
         columns += [(f"{impl}_{k}", f"{impl} {h}") for impl in impls for k, h in (("mib", "MiB"), ("exponent", "exp"))]

@@ -72,8 +72,8 @@ def main(argv=None):
     paths = C.save_results(out_dir, "merge", env, rows)
     paths.append(C.plot_lines(out_dir / "merge.png", rows, "seqlen", [("merge", "merge_gbs"), ("torch copy_", "copy_gbs")],
                               lambda r: f"out {r['dtype']}, {'in place' if r['inplace'] else 'new output'}",
-                              f"{env['device']}: merge vs copy of the same bytes "
-                              f"(B={args.batch} H={args.heads} D={args.head_dim})", "GB/s"))
+                              C.plot_title(env, f"merge vs copy of the same bytes "
+                                                f"(B={args.batch} H={args.heads} D={args.head_dim})"), "GB/s"))
     C.print_table(rows, [("seqlen", "seq"), ("dtype", "out dtype"), ("inplace", "inplace"), ("bytes", "bytes"),
                          ("merge_gbs", "merge GB/s"), ("copy_gbs", "copy GB/s"), ("of_copy", "merge/copy")],
                   title="merge bandwidth vs copy_ of the same bytes (target: merge/copy >= 0.8)")

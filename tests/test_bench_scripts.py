@@ -2,6 +2,7 @@
 save what their README says. No timing is checked: --quick times mean nothing."""
 import csv
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def test_bench_merge(tmp_path):
 
 def test_bench_memory(tmp_path):
     payload, _ = run_script("bench_memory", tmp_path)
+    assert (tmp_path / "memory.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     assert "model only" in payload["environment"]["measures"]
     rows = payload["rows"]
     # the model: fused kernels linear in the sequence, the math backend quadratic
@@ -85,3 +87,12 @@ def test_bench_cp_decomposition(tmp_path):
     kv_bytes = fwd[0]["send_bytes"]
     assert [r["send_bytes"] for r in fwd] == [kv_bytes, 0]
     assert [r["step"] for r in bwd] == [0, 1, "after last"] and bwd[-1]["nvlink_hidden"] is False
+
+
+def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" fail
+    monkeypatch.syspath_prepend(str(BENCH))
+    common = importlib.import_module("_common")
+    rows = [{"seqlen": 64, "y": 1.0}]
+    assert common.plot_lines(tmp_path / "p.png", rows, "seqlen", [("y", "y")], lambda r: "", "t", "y") is None
+    assert not (tmp_path / "p.png").exists() and "matplotlib not installed" in capsys.readouterr().out

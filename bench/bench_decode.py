@@ -1,0 +1,138 @@
+"""Decode latency per step against cache length, and the KV-cache memory per rank.
+
+    python bench/bench_decode.py                 # GPU: cache 4k..128k tokens
+    python bench/bench_decode.py --quick         # CPU smoke run (interpreter): no timing claims
+
+Latency (group size 1, one GPU, one new token per sequence):
+  kernel    cpattn.kernels.decode_attention over the paged cache (the attention alone)
+  step      cpattn.decode: stores the new k, v into the paged cache, then the attention
+            (the cache length is put back after each call, so every call writes the same slot)
+  sdpa      torch.nn.functional.scaled_dot_product_attention (default backend choice, enable_gqa)
+            over the same keys and values held contiguously in its native (B, Hkv, L, D) layout
+Times: triton.testing.do_bench, median, in microseconds; ``x_sdpa`` = sdpa time / kernel time.
+The largest output difference to SDPA is saved as a sanity check.
+
+Memory (calculated, not measured): the K and V bytes each rank holds for a
+sequence of L tokens when the cache is sharded over P = 1, 2, 4, 8 ranks in
+page-interleaved stripes (ShardedKVCache's layout, whole pages), and the bytes
+each rank all-gathers per decode step (every rank's fp32 partial out and lse).
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+import _common as C
+import cpattn
+from cpattn.kernels import decode_attention
+
+
+def parse_args():
+    parser = C.base_parser(__doc__)
+    parser.add_argument("--seqlens", type=C.int_list, default=None, help="cache lengths (default 4096..131072)")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per step (default 4)")
+    parser.add_argument("--heads", type=int, default=None, help="query heads (default 32)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="kv heads (default 8)")
+    parser.add_argument("--head-dim", type=int, default=None, help="head dim (default 128)")
+    parser.add_argument("--page-size", type=int, default=None, help="page size (default 64)")
+    parser.add_argument("--dtype", choices=sorted(C.DTYPES), default=None, help="default bf16 (fp32 with --quick)")
+    parser.add_argument("--ranks", type=C.int_list, default=[1, 2, 4, 8], help="group sizes for the memory table")
+    return parser.parse_args()
+
+
+def settings(args):
+    if args.quick:
+        defaults = dict(seqlens=[48, 100], batch=2, heads=4, kv_heads=2, head_dim=32, page_size=16, dtype="fp32")
+    else:
+        defaults = dict(seqlens=[4096 * 2 ** i for i in range(6)], batch=4, heads=32, kv_heads=8, head_dim=128,
+                        page_size=64, dtype="bf16")
+    return {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
+
+
+def latency_row(s, seqlen, device):
+    dtype = C.DTYPES[s["dtype"]]
+    batch, heads, kv_heads, head_dim = s["batch"], s["heads"], s["kv_heads"], s["head_dim"]
+    gen = torch.Generator(device=device).manual_seed(seqlen)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    k_full, v_full = rand(batch, seqlen + 1, kv_heads, head_dim), rand(batch, seqlen + 1, kv_heads, head_dim)
+    q = rand(batch, 1, heads, head_dim)
+    cache = cpattn.ShardedKVCache(batch, seqlen + 1, kv_heads, head_dim, dtype=dtype, device=device,
+                                  page_size=s["page_size"])
+    cache.append(k_full[:, :seqlen], v_full[:, :seqlen])
+    new_k, new_v = k_full[:, seqlen:], v_full[:, seqlen:]
+
+    def step():
+        out = cpattn.decode(cache, q, new_k, new_v)
+        cache.seqlens.fill_(seqlen)  # write the same slot again next call
+        return out
+
+    out_step = step()
+    lens = torch.full((batch,), seqlen + 1, dtype=torch.int32, device=device)
+
+    def kernel():
+        return decode_attention(q, cache.k, cache.v, lens, block_table=cache.block_table, max_seqlen=seqlen + 1,
+                                validate=False)[0]
+
+    # SDPA over the same keys and values, contiguous in its own layout; one query sees every key.
+    q_s, k_s, v_s = q.transpose(1, 2), k_full.transpose(1, 2).contiguous(), v_full.transpose(1, 2).contiguous()
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q_s, k_s, v_s, enable_gqa=heads != kv_heads)
+
+    out_sdpa = sdpa().transpose(1, 2)
+    diff = max((kernel().float() - out_sdpa.float()).abs().max().item(),
+               (out_step.float() - out_sdpa.float()).abs().max().item())
+    row = {"seqlen": seqlen, "batch": batch, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
+           "dtype": s["dtype"], "page_size": s["page_size"],
+           "kernel_us": 1e3 * C.time_ms(kernel, device), "step_us": 1e3 * C.time_ms(step, device),
+           "sdpa_us": 1e3 * C.time_ms(sdpa, device), "max_abs_diff_vs_sdpa": diff}
+    row["x_sdpa"] = row["sdpa_us"] / row["kernel_us"]
+    # Bytes the attention must read (K and V of every sequence): what bounds a decode step.
+    kv_bytes = 2 * batch * (seqlen + 1) * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+    row["kernel_GBps"] = kv_bytes / (row["kernel_us"] * 1e-6) / 1e9
+    return row
+
+
+def memory_rows(s, ranks):
+    """K+V bytes per rank (whole pages, page-interleaved) and per-step all-gather bytes, by calculation."""
+    elem = torch.finfo(C.DTYPES[s["dtype"]]).bits // 8
+    page, batch, kv_heads, head_dim, heads = s["page_size"], s["batch"], s["kv_heads"], s["head_dim"], s["heads"]
+    rows = []
+    for seqlen in s["seqlens"]:
+        for p in ranks:
+            pages = math.ceil(seqlen / (page * p))  # the most pages any rank holds for one sequence
+            kv = 2 * batch * pages * page * kv_heads * head_dim * elem
+            gathered = p * batch * heads * (head_dim + 1) * 4 if p > 1 else 0  # fp32 out + lse from every rank
+            rows.append({"seqlen": seqlen, "ranks": p, "batch": batch, "kv_bytes_per_rank": kv,
+                         "kv_GiB_per_rank": kv / 2 ** 30, "allgather_bytes_per_step": gathered})
+    return rows
+
+
+def main():
+    args = parse_args()
+    device = C.pick_device(args.quick)
+    s = settings(args)
+    env = C.environment(device, args.quick)
+    rows = []
+    for i, seqlen in enumerate(s["seqlens"], 1):
+        C.progress(i, len(s["seqlens"]), f"decode: cache {seqlen} tokens")
+        rows.append(latency_row(s, seqlen, device))
+    mem = memory_rows(s, args.ranks)
+    out_dir = C.output_dir(args, device)
+    paths = C.save_results(out_dir, "decode", env, rows, extra={"settings": s})
+    paths += C.save_results(out_dir, "decode_memory", env, mem, extra={"settings": s})
+    C.print_table(rows, [("seqlen", "cache"), ("kernel_us", "kernel us"), ("step_us", "step us"),
+                         ("sdpa_us", "sdpa us"), ("x_sdpa", "x_sdpa"), ("kernel_GBps", "GB/s"),
+                         ("max_abs_diff_vs_sdpa", "max diff")],
+                  title=f"decode latency, group size 1, {env['device']}" + (" [--quick: NOT timing]" if args.quick else ""))
+    C.print_table(mem, [("seqlen", "cache"), ("ranks", "P"), ("kv_GiB_per_rank", "KV GiB/rank"),
+                        ("allgather_bytes_per_step", "gather B/step")], title="KV cache per rank (calculated)")
+    for p in paths:
+        print(f"wrote {p}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,13 +1,13 @@
 """End to end: a tiny decoder generates greedily with context-parallel prefill and decode.
 
 Two layers, random weights, RoPE from global positions, GQA. Two prompts of
-different lengths are prefilled in chunks (each rank holds a zigzag piece of
-every chunk) into paged, sequence-sharded caches; 32 tokens are then decoded
+different lengths are prefilled in chunks, each rank holding the tokens of
+every chunk that ``cpattn.ContextParallel`` gives it (zigzag, also with a
+Ulysses degree of 2), into paged, sequence-sharded caches; 32 tokens are then decoded
 as one batch. The tokens must be exactly those of single-device generation
 with torch SDPA recomputing the whole sequence at every step.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 import cpattn
@@ -86,32 +86,24 @@ def generate_reference(w, prompt):
     return tokens[len(prompt):].tolist(), min(gaps)
 
 
-def zigzag(n, world, rank):
-    piece = n // (2 * world)
-    return torch.cat([torch.arange(rank * piece, (rank + 1) * piece),
-                      torch.arange((2 * world - 1 - rank) * piece, (2 * world - rank) * piece)])
-
-
-def generate_cp(rank, world):
+def generate_cp(rank, world, ulysses_degree):
     torch.manual_seed(0)
     w = weights()
+    cp = cpattn.ContextParallel(None, ulysses_degree=ulysses_degree, ring_impl="zigzag")
     caches = [cpattn.ShardedKVCache(len(PROMPTS), 80, KV_HEADS, HEAD_DIM, page_size=16) for _ in range(LAYERS)]
     next_token = []
     for b, prompt in enumerate(prompts()):
         start = 0
         for n in CHUNKS[len(prompt)]:
-            index = zigzag(n, world, rank)
-            x = w["embed"][prompt[start + index]][None]
+            index = cp.positions(n)  # this rank's tokens of the chunk (indices into it)
+            x = cp.shard(w["embed"][prompt[start:start + n]][None])
             pos = caches[0].positions(n, index, batch_index=[b])
             for layer, cache in zip(w["layers"], caches):
                 q, k, v = qkv(layer, x, pos)
                 x = finish(layer, x, cpattn.prefill(cache, q, k, v, token_index=index, batch_index=[b]))
             start += n
         # The prompt's last token lives on some rank: gather the chunk's hidden states to read it.
-        pieces = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(pieces, x)
-        owner = next(r for r in range(world) if (n - 1) in zigzag(n, world, r).tolist())
-        last = pieces[owner][0, zigzag(n, world, owner).tolist().index(n - 1)]
+        last = cp.gather(x)[0, n - 1]
         next_token.append(int(logits(w, last).argmax()))
     generated = [[t] for t in next_token]
     tokens = torch.tensor(next_token)
@@ -127,18 +119,18 @@ def generate_cp(rank, world):
     return generated
 
 
-def check(world):
+def check(world, ulysses_degree):
     w = weights()
     expected, gaps = zip(*(generate_reference(w, p) for p in prompts()))
     assert min(gaps) > 1e-2, f"argmax too close to a tie for an exact comparison: {min(gaps)}"
     assert all(len(set(e)) > 10 for e in expected), "degenerate generation makes a weak test"
-    for rank, got in enumerate(run_ranks(generate_cp, world, timeout=150)):
+    for rank, got in enumerate(run_ranks(generate_cp, world, ulysses_degree, timeout=150)):
         assert got == list(expected), (rank, got, expected)
 
 
 def test_generate_two_ranks():
-    check(2)
+    check(2, 1)
 
 
 def test_generate_four_ranks():
-    check(4)
+    check(4, 2)

@@ -78,6 +78,8 @@ def _check_q(cache, q, k, v, batch, where):
     cache.check_kv(k, v, batch, where)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{where}: q has {q.shape[1]} tokens but k, v have {k.shape[1]}")
+    if q.shape[1] == 0:
+        raise ValueError(f"{where}: q, k, v hold no tokens")
 
 
 def _agree(cache, check, values, what, where):
@@ -94,7 +96,7 @@ def _agree(cache, check, values, what, where):
         ok, error = True, None
     except (TypeError, ValueError) as exc:
         ok, error = False, exc
-    if cache.world_size == 1:
+    if cache.world_size == 1 or not cache.check_across_ranks:
         if error is not None:
             raise error
         return
@@ -122,6 +124,16 @@ def _call_values(n_tokens, heads, flag, rows, batch):
     for i, b in enumerate(rows.tolist()):
         order[b] = i + 1
     return [n_tokens, heads, flag] + order
+
+
+def _pack(out, lse):
+    """(out (B, n, H, D) fp32, lse (B, H, n)) -> one (B, n, H, D + 1) tensor: one collective instead of two."""
+    return torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
+
+
+def _unpack(packed):
+    """(..., B, n, H, D + 1) -> out (..., B, n, H, D), lse (..., B, H, n): the inverse of ``_pack``."""
+    return packed[..., :-1], packed[..., -1].transpose(-1, -2)
 
 
 def _attend_shard(cache, rows, q, q_start, softmax_scale):
@@ -219,12 +231,11 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     if world == 1:
         return out_all.to(q.dtype)
     # Rank r receives every rank's partial for the queries it holds, then merges them.
-    send_out = torch.stack([out_all[:, idx] for idx in every_index]).contiguous()
-    send_lse = torch.stack([lse_all[:, :, idx] for idx in every_index]).contiguous()
-    recv_out, recv_lse = torch.empty_like(send_out), torch.empty_like(send_lse)
-    dist.all_to_all_single(recv_out, send_out, group=cache.group)
-    dist.all_to_all_single(recv_lse, send_lse, group=cache.group)
-    out, _ = merge_splits(recv_out, recv_lse, out=torch.empty(q.shape, dtype=recv_out.dtype, device=q.device))
+    packed = _pack(out_all, lse_all)
+    send = torch.stack([packed[:, idx] for idx in every_index])
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=cache.group)
+    out, _ = merge_splits(*_unpack(recv), out=torch.empty(q.shape, dtype=torch.float32, device=q.device))
     return out.to(q.dtype)
 
 
@@ -254,11 +265,10 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     cache.seqlens[rows] += q.shape[1]
     out, lse = _attend_shard(cache, rows, q, q_start, softmax_scale)
     if cache.world_size > 1:
-        outs = [torch.empty_like(out) for _ in range(cache.world_size)]
-        lses = [torch.empty_like(lse) for _ in range(cache.world_size)]
-        dist.all_gather(outs, out.contiguous(), group=cache.group)
-        dist.all_gather(lses, lse.contiguous(), group=cache.group)
+        packed = _pack(out, lse)
+        every = [torch.empty_like(packed) for _ in range(cache.world_size)]
+        dist.all_gather(every, packed, group=cache.group)
         # Every rank folds the same partials in the same order: bitwise the same result everywhere.
-        out, lse = merge_splits(torch.stack(outs), torch.stack(lses))
+        out, lse = merge_splits(*_unpack(torch.stack(every)))
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out

@@ -49,12 +49,15 @@ class ShardedKVCache:
     full capacity); without it each rank stores a contiguous
     (batch, local_capacity, kv heads, head dim) shard with ownership stripes of
     ``stripe`` tokens (default 16). ``group=None`` is the default group, or a
-    single process when torch.distributed is not initialised.
+    single process when torch.distributed is not initialised. With
+    ``check_across_ranks`` (default) every prefill/decode call first
+    all-gathers a few ints so that bad input on one rank raises on all of them
+    instead of hanging the others; False saves that collective.
     Use one cache per attention layer; ``cpattn.inference`` runs attention on it.
     """
 
     def __init__(self, batch, capacity, num_kv_heads, head_dim, dtype=torch.float32, device=None, group=None,
-                 page_size=None, stripe=None, num_pages=None):
+                 page_size=None, stripe=None, num_pages=None, check_across_ranks=True):
         where = "ShardedKVCache"
         self.batch = _positive_int(batch, "batch")
         self.capacity = _positive_int(capacity, "capacity")
@@ -67,6 +70,7 @@ class ShardedKVCache:
         self.dtype = dtype
         self.device = torch.device(device if device is not None else "cpu")
         self.group = group
+        self.check_across_ranks = bool(check_across_ranks)
         if dist.is_available() and dist.is_initialized():
             self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
         elif group is not None:
@@ -166,6 +170,7 @@ class ShardedKVCache:
     def _write(self, rows, k, v):
         """Store this rank's share of new tokens k, v (len(rows), n, Hkv, D) at each sequence's end."""
         n = k.shape[1]
+        table_changed = False
         for i, b in enumerate(rows.tolist()):
             pos = int(self.seqlens[b]) + torch.arange(n)
             mine = self.owner(pos) == self.rank
@@ -178,6 +183,7 @@ class ShardedKVCache:
                 while self._pages_held[b] < pages_needed:
                     self._table[b, self._pages_held[b]] = self._free.pop()
                     self._pages_held[b] += 1
+                    table_changed = True
                 page = self._table[b, slots // self.page_size].to(self.device)
                 off = (slots % self.page_size).to(self.device)
                 self.k[page, off] = k[i, src]
@@ -186,7 +192,7 @@ class ShardedKVCache:
                 slots = slots.to(self.device)
                 self.k[b, slots] = k[i, src]
                 self.v[b, slots] = v[i, src]
-        if self.paged:
+        if table_changed:
             self.block_table.copy_(self._table)
 
     def append(self, k, v, batch_index=None):

@@ -90,7 +90,9 @@ def generate_cp(rank, world, ulysses_degree):
     torch.manual_seed(0)
     w = weights()
     cp = cpattn.ContextParallel(None, ulysses_degree=ulysses_degree, ring_impl="zigzag")
-    caches = [cpattn.ShardedKVCache(len(PROMPTS), 80, KV_HEADS, HEAD_DIM, page_size=16) for _ in range(LAYERS)]
+    # The 4-rank run also covers check_across_ranks=False (no agreement all-gather before each call).
+    caches = [cpattn.ShardedKVCache(len(PROMPTS), 80, KV_HEADS, HEAD_DIM, page_size=16,
+                                    check_across_ranks=world == 2) for _ in range(LAYERS)]
     next_token = []
     for b, prompt in enumerate(prompts()):
         start = 0

@@ -70,6 +70,13 @@ def _decode_kernel(
     q_pos = tl.load(QStart + b) + tok
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen_k)
+    if IS_CAUSAL:
+        # Skip the slots no row of the tile can see: those past the last row's position.
+        # Slots with key_pos <= p: full runs below p, plus the start of p's run.
+        last = tl.load(QStart + b) + (tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q * group_size) - 1) // group_size
+        rel = last - pos_offset
+        n_visible = tl.where(rel < 0, 0, (rel // pos_stride) * pos_stripe + tl.minimum(rel % pos_stride + 1, pos_stripe))
+        hi = tl.minimum(hi, n_visible)
 
     K += h_kv * stride_kh
     V += h_kv * stride_vh
@@ -124,7 +131,8 @@ _decode_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
              for bm, bn, w, st in [(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3),
                                    (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)]],
-    key=["seqlen_q", "group_size", "split_len", "BLOCK_D", "PAGED", "IS_CAUSAL"],
+    # Not split_len: it changes with the cache length, and every decode step would re-tune.
+    key=["seqlen_q", "group_size", "BLOCK_D", "PAGED", "IS_CAUSAL"],
     restore_value=["Out", "Lse"],
 )(_decode_kernel)
 
@@ -311,9 +319,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     if max_seqlen is None:
         max_seqlen = int(cache_seqlens.max())
     paged = block_table is not None
-    cpu_tiles = triton.cdiv(seqlen_q * group_size, CPU_CONFIG["BLOCK_M"])
     if num_splits is None:
-        num_splits = _num_splits(q, batch, heads_kv, cpu_tiles, max_seqlen)
+        row_tiles = triton.cdiv(seqlen_q * group_size, 16)  # an estimate: BLOCK_M is tuned
+        num_splits = _num_splits(q, batch, heads_kv, row_tiles, max_seqlen)
     num_splits = max(1, min(int(num_splits), max(1, max_seqlen)))
     split_len = max(1, triton.cdiv(max(1, max_seqlen), num_splits))
     if num_splits == 1:

@@ -1,8 +1,9 @@
 """Process groups and collectives for context parallelism.
 
-* ``build_subgroups``: the ring and Ulysses groups of a P = R x U mesh.
+* ``build_mesh_comms``: the ring and Ulysses communication of a P = R x U mesh.
 * ``RingComm``: one step of the ring, "send to the next ring rank, receive
   from the previous one", posted as a batch and waited for later.
+* ``UlyssesComm``: the all-to-all inside one Ulysses group.
 * ``agree_on_inputs``: every rank learns whether every other rank accepted
   its inputs, so a bad input raises on every rank instead of leaving the
   others blocked in a collective.
@@ -11,57 +12,62 @@
 import torch
 import torch.distributed as dist
 
-# A rank of this process's group -> global rank; new_group and P2P peers speak global ranks.
 def global_ranks(group):
+    """Global rank of each rank of ``group``, in group-rank order (P2P peers and new_group speak global ranks)."""
     return [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]
 
 
-# Groups made with use_local_synchronization are named by a hash of their ranks:
-# making one twice in a process would reuse a name, so each is made once.
-_local_subgroups = {}
-
-
-def _new_subgroup(ranks, backend, whole_world):
-    if whole_world:
-        return dist.new_group(ranks, backend=backend)
-    key = (id(dist.group.WORLD), tuple(ranks), str(backend))
-    if key not in _local_subgroups:
-        _local_subgroups[key] = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
-    return _local_subgroups[key]
-
-
-def build_subgroups(group, ulysses_degree):
-    """(ring_group, ulysses_group) of this rank; None where that axis has one rank.
+def build_mesh_comms(group, ulysses_degree):
+    """(RingComm or None, UlyssesComm or None) of this rank; None where that axis has one rank.
 
     The mesh is rank = ring_index * ulysses_degree + ulysses_index (group ranks),
-    so each Ulysses group is a run of adjacent ranks. An axis that spans the
-    whole group reuses ``group`` itself.
+    so each Ulysses group is a run of adjacent ranks.
+
+    The ring needs no subgroup: P2P ops on ``group`` name their peers. The
+    Ulysses all-to-all gets its own subgroup when ``group`` spans the whole
+    world, where every process can call new_group (it is collective over the
+    default group) for every Ulysses group, in the same order. A smaller
+    ``group`` cannot make subgroups safely (processes outside it never get
+    here, and gloo's local-synchronisation groups hang after a group that left
+    some ranks out), so its all-to-all runs on ``group`` itself, with zero-size
+    parts for the ranks outside this Ulysses group.
     """
     ranks = global_ranks(group)
-    size = len(ranks)
+    size, rank = len(ranks), dist.get_rank(group)
     ring_degree = size // ulysses_degree
+    ring_index, ulysses_index = divmod(rank, ulysses_degree)
+    ring = None
+    if ring_degree > 1:
+        ring = RingComm(group, [ranks[r * ulysses_degree + ulysses_index] for r in range(ring_degree)])
     if ulysses_degree == 1:
-        return (group if size > 1 else None), None
-    if ring_degree == 1:
-        return None, group
-    ring_index, ulysses_index = divmod(dist.get_rank(group), ulysses_degree)
-    ring_lists = [[ranks[r * ulysses_degree + u] for r in range(ring_degree)] for u in range(ulysses_degree)]
-    ulysses_lists = [[ranks[r * ulysses_degree + u] for u in range(ulysses_degree)] for r in range(ring_degree)]
-    backend = dist.get_backend(group)
-    # new_group is collective over the *default* group: when our group is the
-    # whole world every process calls it for every subgroup, in the same order.
-    # Otherwise processes outside our group never get here, so each rank makes
-    # only its own subgroups, synchronising with their members only.
-    whole_world = size == dist.get_world_size()
-    made = {}
-    for kind, lists in (("ring", ring_lists), ("ulysses", ulysses_lists)):
-        for index, members in enumerate(lists):
-            mine = index == (ulysses_index if kind == "ring" else ring_index)
-            if whole_world or mine:
-                subgroup = _new_subgroup(members, backend, whole_world)
-                if mine:
-                    made[kind] = subgroup
-    return made["ring"], made["ulysses"]
+        return ring, None
+    if ulysses_degree == size:
+        return ring, UlyssesComm(group, ulysses_degree)
+    if size == dist.get_world_size():
+        backend = dist.get_backend(group)
+        mine = None
+        for r in range(ring_degree):
+            subgroup = dist.new_group(ranks[r * ulysses_degree:(r + 1) * ulysses_degree], backend=backend)
+            if r == ring_index:
+                mine = subgroup
+        return ring, UlyssesComm(mine, ulysses_degree)
+    return ring, UlyssesComm(group, ulysses_degree, first=ring_index * ulysses_degree)
+
+
+class UlyssesComm:
+    """The all-to-all among the ``degree`` Ulysses ranks [first, first + degree) of ``group``."""
+
+    def __init__(self, group, degree, first=0):
+        self.group, self.degree = group, degree
+        size = dist.get_world_size(group)
+        # Along dim 0 of the exchanged tensor: one slice per Ulysses rank, none for the others.
+        self.splits = None if size == degree else [int(first <= r < first + degree) for r in range(size)]
+
+    def all_to_all(self, x):
+        """x (degree, ...) contiguous; returns y with y[i] = Ulysses rank i's x[this rank's index]."""
+        y = torch.empty_like(x)
+        dist.all_to_all_single(y, x, self.splits, self.splits, group=self.group)
+        return y
 
 
 class _Pending:
@@ -82,11 +88,11 @@ class RingComm:
     waits afterwards, so communication overlaps computation.
     """
 
-    def __init__(self, group):
+    def __init__(self, group, members):
+        """``members``: global ranks of the ring, in ring order; this process is one of them."""
         self.group = group
-        members = global_ranks(group)
         self.size = len(members)
-        self.index = dist.get_rank(group)
+        self.index = members.index(dist.get_rank())
         self.next_rank = members[(self.index + 1) % self.size]
         self.prev_rank = members[(self.index - 1) % self.size]
 

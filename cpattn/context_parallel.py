@@ -3,7 +3,7 @@ configuration (``from_config``) and the matching argparse options.
 
 A ``ContextParallel`` object is a mesh over a process group: P ranks =
 ring_degree x ulysses_degree, rank = ring_index * ulysses_degree + ulysses_index.
-It builds its subgroups once, at construction. Every method that communicates
+It sets up its communication (and subgroups) once, at construction. Every method that communicates
 first checks its inputs on every rank and exchanges a small summary of them, so
 a bad input raises on every rank instead of leaving some blocked in a collective.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ._checks import SUPPORTED_DTYPES, check_qkv, check_scale
-from .comm import RingComm, agree_on_inputs, build_subgroups, check_backend
+from .comm import agree_on_inputs, build_mesh_comms, check_backend
 from .layout import RING_IMPLS, Layout
 from .ulysses import check_heads
 from .usp import usp_attention
@@ -53,7 +53,9 @@ def _resolve_ulysses_degree(ulysses_degree, world_size, num_heads, num_kv_heads)
     if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int):
         raise TypeError(f"ContextParallel: ulysses_degree must be a positive int or 'auto', "
                         f"got {type(ulysses_degree).__name__}")
-    if ulysses_degree < 1 or world_size % ulysses_degree:
+    if ulysses_degree < 1:
+        raise ValueError(f"ContextParallel: ulysses_degree must be a positive int, got {ulysses_degree}")
+    if world_size % ulysses_degree:
         raise ValueError(f"ContextParallel: ulysses_degree {ulysses_degree} does not divide the group size {world_size}")
     return ulysses_degree
 
@@ -102,8 +104,7 @@ class ContextParallel:
         self.layout = Layout(self.world_size // degree, degree, ring_impl)
         self.ring_index, self.ulysses_index = divmod(self.rank, degree)
         self.check_across_ranks = bool(check_across_ranks)
-        ring_group, self._ulysses_group = build_subgroups(self.group, degree)
-        self._ring_comm = RingComm(ring_group) if ring_group is not None else None
+        self._ring_comm, self._ulysses_comm = build_mesh_comms(self.group, degree)
 
     ring_degree = property(lambda self: self.layout.ring_degree)
     ulysses_degree = property(lambda self: self.layout.ulysses_degree)
@@ -258,7 +259,7 @@ class ContextParallel:
         local shard of the output, (B, S/P, H, D); differentiable in q, k, v.
         """
         softmax_scale = self._check_attention(q, k, v, causal, softmax_scale, "ContextParallel.attention", "flash")
-        return usp_attention(q, k, v, self.layout, self.ring_index, self._ring_comm, self._ulysses_group,
+        return usp_attention(q, k, v, self.layout, self.ring_index, self._ring_comm, self._ulysses_comm,
                              bool(causal), softmax_scale)
 
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False):
@@ -267,7 +268,7 @@ class ContextParallel:
                                       "sdpa", enable_gqa)
         # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides.
         out = usp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layout,
-                            self.ring_index, self._ring_comm, self._ulysses_group, bool(is_causal), scale)
+                            self.ring_index, self._ring_comm, self._ulysses_comm, bool(is_causal), scale)
         return out.transpose(1, 2)
 
 

@@ -12,7 +12,6 @@ one kv head its query heads share; the repeat's backward sums the copies'
 gradients. Other head counts cannot be split evenly and raise ValueError.
 """
 import torch
-import torch.distributed as dist
 
 
 def check_heads(heads, heads_kv, ulysses_degree, where):
@@ -32,55 +31,50 @@ def kv_heads_for_ranks(kv, ulysses_degree):
     return kv.repeat_interleave(ulysses_degree // heads_kv, dim=2)
 
 
-def _all_to_all(x, group):
-    """x (U, ...) contiguous; returns y with y[i] = rank i's x[my rank]."""
-    y = torch.empty_like(x)
-    dist.all_to_all_single(y, x, group=group)
-    return y
-
-
-def _seq_to_head(x, group, degree):
+def _seq_to_head(x, comm):
+    degree = comm.degree
     batch, part_len, heads, head_dim = x.shape
     x = x.reshape(batch, part_len, degree, heads // degree, head_dim).permute(2, 0, 1, 3, 4).contiguous()
-    y = _all_to_all(x, group)  # (U, B, S/U, H/U, D): y[i] is rank i's sequence part
+    y = comm.all_to_all(x)  # (U, B, S/U, H/U, D): y[i] is rank i's sequence part
     return y.permute(1, 0, 2, 3, 4).reshape(batch, degree * part_len, heads // degree, head_dim)
 
 
-def _head_to_seq(x, group, degree):
+def _head_to_seq(x, comm):
+    degree = comm.degree
     batch, seqlen, heads, head_dim = x.shape
     part_len = seqlen // degree
     x = x.reshape(batch, degree, part_len, heads, head_dim).permute(1, 0, 2, 3, 4).contiguous()
-    y = _all_to_all(x, group)  # (U, B, S/U, H/U, D): y[i] is rank i's head group
+    y = comm.all_to_all(x)  # (U, B, S/U, H/U, D): y[i] is rank i's head group
     return y.permute(1, 2, 0, 3, 4).reshape(batch, part_len, degree * heads, head_dim)
 
 
 class _SeqToHead(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, degree):
-        ctx.group, ctx.degree = group, degree
-        return _seq_to_head(x, group, degree)
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _seq_to_head(x, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.group, ctx.degree), None, None
+        return _head_to_seq(grad, ctx.comm), None
 
 
 class _HeadToSeq(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group, degree):
-        ctx.group, ctx.degree = group, degree
-        return _head_to_seq(x, group, degree)
+    def forward(ctx, x, comm):
+        ctx.comm = comm
+        return _head_to_seq(x, comm)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.group, ctx.degree), None, None
+        return _seq_to_head(grad, ctx.comm), None
 
 
-def seq_to_head(x, group):
-    """(B, S/U, H, D) sequence part -> (B, S, H/U, D) head group, differentiable."""
-    return _SeqToHead.apply(x, group, dist.get_world_size(group))
+def seq_to_head(x, comm):
+    """(B, S/U, H, D) sequence part -> (B, S, H/U, D) head group over a ``UlyssesComm``, differentiable."""
+    return _SeqToHead.apply(x, comm)
 
 
-def head_to_seq(x, group):
-    """(B, S, H/U, D) head group -> (B, S/U, H, D) sequence part, differentiable."""
-    return _HeadToSeq.apply(x, group, dist.get_world_size(group))
+def head_to_seq(x, comm):
+    """(B, S, H/U, D) head group -> (B, S/U, H, D) sequence part over a ``UlyssesComm``, differentiable."""
+    return _HeadToSeq.apply(x, comm)

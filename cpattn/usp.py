@@ -10,17 +10,17 @@ from .ring import RingAttentionFunction
 from .ulysses import head_to_seq, kv_heads_for_ranks, seq_to_head
 
 
-def usp_attention(q, k, v, layout, ring_index, ring_comm, ulysses_group, causal, softmax_scale):
+def usp_attention(q, k, v, layout, ring_index, ring_comm, ulysses_comm, causal, softmax_scale):
     """Attention of local shards (flash layout) over the mesh; differentiable in q, k, v.
 
-    ``ring_comm``: a ``RingComm`` or None (ring degree 1); ``ulysses_group``: a
+    ``ring_comm``: a ``RingComm`` or None (ring degree 1); ``ulysses_comm``: a
     process group or None (Ulysses degree 1). Inputs are assumed validated.
     """
-    if ulysses_group is not None:
+    if ulysses_comm is not None:
         k = kv_heads_for_ranks(k, layout.ulysses_degree)
         v = kv_heads_for_ranks(v, layout.ulysses_degree)
-        q, k, v = (seq_to_head(t, ulysses_group) for t in (q, k, v))
+        q, k, v = (seq_to_head(t, ulysses_comm) for t in (q, k, v))
     out = RingAttentionFunction.apply(q, k, v, layout, ring_index, ring_comm, causal, softmax_scale)
-    if ulysses_group is not None:
-        out = head_to_seq(out, ulysses_group)
+    if ulysses_comm is not None:
+        out = head_to_seq(out, ulysses_comm)
     return out

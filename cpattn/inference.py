@@ -8,14 +8,20 @@ where the keys live: queries travel, keys and values stay put.
 ```python
 import cpattn
 
+# one cache per attention layer; page_size=None gives contiguous storage
 cache = cpattn.ShardedKVCache(batch, capacity, num_kv_heads, head_dim, dtype=torch.float16,
-                              device="cuda", group=None, page_size=64)      # page_size=None: contiguous
-# prefill, one chunk at a time: this rank's tokens of the chunk (any split of it)
-x_local, token_index = cpattn.split_chunk(x_chunk, cache)                 # or your own split
-pos = cache.positions(chunk_len, token_index)                             # global positions, for RoPE
-out_local = cpattn.prefill(cache, q_local, k_local, v_local, token_index) # (B, n_local, H, D)
-# decode: the new token(s), the same on every rank
-out = cpattn.decode(cache, q, k, v)                                       # (B, n_new, H, D), same on all ranks
+                              device="cuda", group=None, page_size=64)
+
+# prefill, one chunk of n tokens at a time; each rank passes its tokens of the chunk
+cp = cpattn.ContextParallel(group=None, ring_impl="zigzag")   # or cpattn.split_chunk(x, cache)
+index = cp.positions(n)                     # which tokens of the chunk this rank holds
+x_local = cp.shard(x_chunk)                 # (B, n_local, ...)
+pos = cache.positions(n, index)             # (B, n_local) global positions, for RoPE
+out_local = cpattn.prefill(cache, q_local, k_local, v_local, token_index=index)   # (B, n_local, H, D)
+
+# decode: the new token(s) of every sequence, the same on every rank
+pos = cache.seqlens[:, None]                # position of the new token, for RoPE
+out = cpattn.decode(cache, q, k, v)         # (B, n_new, H, D), the same on every rank
 ```
 
 * **Layout**: positions are dealt out in stripes of ``page_size`` (or
@@ -45,7 +51,8 @@ out = cpattn.decode(cache, q, k, v)                                       # (B, 
 * Errors: wrong shapes, dtypes, devices, head counts, overflow of the capacity
   or of the page pool raise ``ValueError``/``TypeError`` before anything is
   written, on every rank alike (the checks use replicated state or a small
-  all-gather of the shapes), so the cache is unchanged and no rank hangs.
+  all-gather of the shapes; ``check_across_ranks=False`` drops the latter), so
+  the cache is unchanged and no rank hangs.
 * Group size 1 (or no ``torch.distributed`` at all) is plain single-device
   paged decoding with no collectives.
 """

@@ -168,32 +168,34 @@ class ShardedKVCache:
                                      f"{self.page_size} tokens, its pool has {self.num_pages}; the cache is unchanged")
 
     def _write(self, rows, k, v):
-        """Store this rank's share of new tokens k, v (len(rows), n, Hkv, D) at each sequence's end."""
+        """Store this rank's share of new tokens k, v (len(rows), n, Hkv, D) at each sequence's end.
+
+        The index arithmetic runs on the host (it is tiny); the copy is one indexed write per tensor."""
         n = k.shape[1]
-        table_changed = False
-        for i, b in enumerate(rows.tolist()):
-            pos = int(self.seqlens[b]) + torch.arange(n)
-            mine = self.owner(pos) == self.rank
-            if not bool(mine.any()):
-                continue
-            slots = self.local_slot(pos[mine])
-            src = mine.nonzero().squeeze(1).to(k.device)
-            if self.paged:
-                pages_needed = int(slots.max()) // self.page_size + 1
-                while self._pages_held[b] < pages_needed:
+        pos = self.seqlens[rows][:, None] + torch.arange(n)[None, :]    # (len(rows), n) global positions
+        seq, tok = (self.owner(pos) == self.rank).nonzero(as_tuple=True)  # the new tokens this rank owns
+        if seq.numel() == 0:
+            return
+        slots = self.local_slot(pos[seq, tok])
+        batch_ids = rows[seq]
+        if self.paged:
+            needed = torch.zeros(self.batch, dtype=torch.int64).scatter_reduce(
+                0, batch_ids, slots // self.page_size + 1, reduce="amax")
+            grown = False
+            for b in needed.nonzero().squeeze(1).tolist():
+                while self._pages_held[b] < int(needed[b]):
                     self._table[b, self._pages_held[b]] = self._free.pop()
                     self._pages_held[b] += 1
-                    table_changed = True
-                page = self._table[b, slots // self.page_size].to(self.device)
-                off = (slots % self.page_size).to(self.device)
-                self.k[page, off] = k[i, src]
-                self.v[page, off] = v[i, src]
-            else:
-                slots = slots.to(self.device)
-                self.k[b, slots] = k[i, src]
-                self.v[b, slots] = v[i, src]
-        if table_changed:
-            self.block_table.copy_(self._table)
+                    grown = True
+            if grown:
+                self.block_table.copy_(self._table)
+            dest = (self._table[batch_ids, slots // self.page_size].long(), slots % self.page_size)
+        else:
+            dest = (batch_ids, slots)
+        dest = tuple(d.to(self.device) for d in dest)
+        src = (seq.to(k.device), tok.to(k.device))
+        self.k[dest] = k[src]
+        self.v[dest] = v[src]
 
     def append(self, k, v, batch_index=None):
         """Append new tokens k, v (len(batch), n, Hkv, D), the same on every rank, to sequences

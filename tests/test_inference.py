@@ -132,6 +132,10 @@ def check_cp(world):
                 assert torch.equal(per_rank[rank][name][1][step], per_rank[0][name][1][step])
 
 
+def test_cp_one_rank_group():
+    check_cp(1)  # a process group of one: no collectives, same results
+
+
 def test_cp_two_ranks():
     check_cp(2)
 

@@ -147,36 +147,37 @@ def _merge_splits_kernel(
     num_splits, seqlen, num_heads, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # Rows are (token, head) pairs of one sequence, so a decode step's few tokens still fill a tile.
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // num_heads
-    h = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tok = rows // num_heads
+    head = rows % num_heads
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seqlen
+    row_ok = rows < seqlen * num_heads
     tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    part = OutP + b * stride_pb + tok[:, None] * stride_ps + head[:, None] * stride_ph + offs_d[None, :] * stride_pd
+    part_lse = LseP + b * stride_lpb + head * stride_lph + tok * stride_lps
 
     o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (0, -inf): the empty partial
     for split in range(0, num_splits):
-        o_s = tl.load(OutP + split * stride_psplit + b * stride_pb + h * stride_ph
-                      + offs_m[:, None] * stride_ps + offs_d[None, :] * stride_pd, mask=tile_ok, other=0.0)
-        lse_s = tl.load(LseP + split * stride_lpsplit + b * stride_lpb + h * stride_lph + offs_m * stride_lps,
-                        mask=row_ok, other=float("-inf"))
-        o, lse = merge_partials(o, lse, o_s.to(tl.float32), lse_s)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+        o_s = tl.load(part + split * stride_psplit, mask=tile_ok, other=0.0).to(tl.float32)
+        lse_s = tl.load(part_lse + split * stride_lpsplit, mask=row_ok, other=float("-inf"))
+        o, lse = merge_partials(o, lse, o_s, lse_s)
+    tl.store(Out + b * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              o.to(Out.dtype.element_ty), mask=tile_ok)
-    tl.store(Lse + b * stride_lb + h * stride_lh + offs_m * stride_ls, lse, mask=row_ok)
+    tl.store(Lse + b * stride_lb + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
 
 
 _merge_splits_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4)],
-    key=["num_splits", "head_dim"],
+    key=["num_splits", "num_heads", "head_dim"],
     restore_value=["Out", "Lse"],
 )(_merge_splits_kernel)
 
 # Interpreter tiles: small, so that test shapes cross tile, page and split boundaries.
-CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 16}
+CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}  # key tiles straddle 16-token pages
 CPU_MERGE_CONFIG = {"BLOCK_M": 16}
 
 
@@ -199,7 +200,7 @@ def merge_splits(out_parts, lse_parts, out=None, lse=None):
         return out, lse
     args = (out_parts, lse_parts, out, lse, *out_parts.stride(), *lse_parts.stride(), *out.stride(), *lse.stride(),
             num_splits, seqlen, heads, head_dim)
-    grid = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(seqlen * heads, meta["BLOCK_M"]), batch)  # noqa: E731
     launch(_merge_splits_kernel, _merge_splits_kernel_tuned, grid, args,
            {"BLOCK_D": max(16, triton.next_power_of_2(head_dim))}, CPU_MERGE_CONFIG, out_parts)
     return out, lse

@@ -12,6 +12,15 @@
 import torch
 import torch.distributed as dist
 
+# Stable small ints for dtypes, so ranks can compare them inside a signature.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
+
+
+def dtype_code(dtype):
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
 def global_ranks(group):
     """Global rank of each rank of ``group``, in group-rank order (P2P peers and new_group speak global ranks)."""
     return [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]

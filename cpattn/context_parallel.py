@@ -13,8 +13,8 @@ import os
 import torch
 import torch.distributed as dist
 
-from ._checks import SUPPORTED_DTYPES, check_qkv, check_scale
-from .comm import agree_on_inputs, build_mesh_comms, check_backend
+from ._checks import check_qkv, check_scale
+from .comm import agree_on_inputs, build_mesh_comms, check_backend, dtype_code
 from .layout import RING_IMPLS, Layout
 from .ulysses import check_heads
 from .usp import usp_attention
@@ -56,7 +56,8 @@ def _resolve_ulysses_degree(ulysses_degree, world_size, num_heads, num_kv_heads)
     if ulysses_degree < 1:
         raise ValueError(f"ContextParallel: ulysses_degree must be a positive int, got {ulysses_degree}")
     if world_size % ulysses_degree:
-        raise ValueError(f"ContextParallel: ulysses_degree {ulysses_degree} does not divide the group size {world_size}")
+        raise ValueError(f"ContextParallel: ulysses_degree {ulysses_degree} does not divide the group size "
+                         f"{world_size}")
     return ulysses_degree
 
 
@@ -205,17 +206,17 @@ class ContextParallel:
     def gather(self, x, seq_dim=1):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable)."""
         where = "ContextParallel.gather"
-        error, signature = None, [0] * 10
+        error, signature = None, [0] * 11
         try:
             seq_dim = self._seq_dim(x, seq_dim, where)
             if x.dim() > 8:
                 raise ValueError(f"{where}: at most 8 dimensions are supported, got {x.dim()}")
             check_backend(self.group, x.device, where)
             self.layout.check_seq_len(x.shape[seq_dim] * self.world_size, where)
-            signature = [x.dim(), seq_dim, *x.shape, *[0] * (8 - x.dim())]
+            signature = [dtype_code(x.dtype), x.dim(), seq_dim, *x.shape, *[0] * (8 - x.dim())]
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(signature, error, where, ("ndim", "seq_dim", *[f"size[{i}]" for i in range(8)]), x)
+        self._agree(signature, error, where, ("dtype", "ndim", "seq_dim", *[f"size[{i}]" for i in range(8)]), x)
         pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(self.world_size)]
         dist.all_gather(pieces, x.contiguous(), group=self.group)
         stacked = torch.cat(pieces, dim=seq_dim)  # rank after rank: tokens at positions layout.order
@@ -245,7 +246,7 @@ class ContextParallel:
             check_backend(self.group, q.device, where)
             check_heads(heads, heads_kv, self.ulysses_degree, where)
             self.layout.check_seq_len(seqlen_q * self.world_size, where)
-            signature = [*q.shape, *k.shape, *v.shape, SUPPORTED_DTYPES.index(q.dtype), int(bool(causal))]
+            signature = [*q.shape, *k.shape, *v.shape, dtype_code(q.dtype), int(bool(causal))]
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(signature, error, where, _SIGNATURE_FIELDS, q)
@@ -264,8 +265,8 @@ class ContextParallel:
 
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False):
         """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
-        scale = self._check_attention(query, key, value, is_causal, scale, "ContextParallel.scaled_dot_product_attention",
-                                      "sdpa", enable_gqa)
+        where = "ContextParallel.scaled_dot_product_attention"
+        scale = self._check_attention(query, key, value, is_causal, scale, where, "sdpa", enable_gqa)
         # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides.
         out = usp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layout,
                             self.ring_index, self._ring_comm, self._ulysses_comm, bool(is_causal), scale)

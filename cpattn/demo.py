@@ -139,8 +139,8 @@ def context_parallel(args):
 
     line = (f"rank {rank} (ring {cp.ring_index}, ulysses {cp.ulysses_index}): rel error vs single device "
             + " ".join(f"{name} {err:.1e}" for name, err in zip(("out", "dq", "dk", "dv"), errors))
-            + f" | fwd {t_fwd * 1e3:8.1f} ms bwd {t_bwd * 1e3:8.1f} ms | peak {'GPU' if device.type == 'cuda' else 'RSS'} "
-            f"{peak:8.1f} MiB")
+            + f" | fwd {t_fwd * 1e3:8.1f} ms bwd {t_bwd * 1e3:8.1f} ms"
+            + f" | peak {'GPU' if device.type == 'cuda' else 'RSS'} {peak:8.1f} MiB")
     lines = [None] * world_size
     dist.all_gather_object(lines, line)
     if rank == 0:

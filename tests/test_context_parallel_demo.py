@@ -6,8 +6,8 @@ import sys
 
 def test_torchrun_demo_hybrid():
     # python -m torch.distributed.run is the torchrun command, without relying on PATH
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "-m", "cpattn.demo", "--context-parallel-algo", "hybrid_cp_algo",
-           "--ulysses-degree-in-cp", "2", "--seqlen", "64"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "-m", "cpattn.demo",
+           "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2", "--seqlen", "64"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ring degree 2 (zigzag) x ulysses degree 2" in result.stdout

@@ -26,7 +26,8 @@ def bad_calls(rank, world_size):
     ulysses = cpattn.ContextParallel(ulysses_degree=world_size)
     q, k, v = qkv(4)
     return {
-        "degree does not divide group": (lambda: cpattn.ContextParallel(ulysses_degree=3), ValueError, "does not divide"),
+        "degree does not divide group": (lambda: cpattn.ContextParallel(ulysses_degree=3), ValueError,
+                                         "does not divide"),
         "degree zero": (lambda: cpattn.ContextParallel(ulysses_degree=0), ValueError, "positive"),
         "degree not an int": (lambda: cpattn.ContextParallel(ulysses_degree=2.0), TypeError, "ulysses_degree"),
         "degree unknown word": (lambda: cpattn.ContextParallel(ulysses_degree="max"), ValueError, "'auto'"),
@@ -56,6 +57,8 @@ def bad_calls(rank, world_size):
         "one rank's causal differs": (lambda: ring.attention(q, k, v, causal=rank == 0), ValueError, "disagree"),
         "gather of different shapes": (lambda: ring.gather(torch.zeros(1, 2 + 2 * (rank == 0), 3)), ValueError,
                                        "disagree"),
+        "gather of different dtypes": (lambda: ring.gather(torch.zeros(1, 2, 3, dtype=torch.float64 if rank else
+                                                                        torch.float32)), ValueError, "disagree"),
         "gather bad seq_dim": (lambda: ring.gather(torch.zeros(1, 2, 3), seq_dim=5), ValueError, "seq_dim"),
         "from_config unknown algo": (lambda: cpattn.ContextParallel.from_config(world_size, "ring_cp_algo"),
                                      ValueError, "context_parallel_algo"),

@@ -128,7 +128,8 @@ def test_argparse_options():
     parser = cpattn.add_context_parallel_args(argparse.ArgumentParser())
     args = parser.parse_args(["--context-parallel-size", "4", "--context-parallel-algo", "hybrid_cp_algo",
                               "--ulysses-degree-in-cp", "2"])
-    assert (args.context_parallel_size, args.context_parallel_algo, args.ulysses_degree_in_cp) == (4, "hybrid_cp_algo", 2)
+    parsed = (args.context_parallel_size, args.context_parallel_algo, args.ulysses_degree_in_cp)
+    assert parsed == (4, "hybrid_cp_algo", 2)
     assert parser.parse_args(["--ulysses-degree-in-cp", "auto"]).ulysses_degree_in_cp == "auto"
     defaults = parser.parse_args([])
     assert (defaults.context_parallel_size, defaults.context_parallel_algo, defaults.ulysses_degree_in_cp) == \

@@ -79,32 +79,40 @@ class ContextParallel:
     the group size, or "auto" (see ``auto_ulysses_degree``; needs ``num_heads``).
     ``ring_impl``: "zigzag" (load-balanced causal shards) or "ring" (contiguous).
     ``num_heads``/``num_kv_heads``: optional; checked early, used by "auto".
-    ``check_across_ranks``: every communicating call all-gathers a few ints
-    describing each rank's inputs, so inputs that differ between ranks raise
-    everywhere instead of hanging. On CUDA that costs a host sync per call;
-    turn it off once shapes are known to agree.
+    ``check_across_ranks``: the constructor and every communicating call
+    all-gather a few ints describing each rank's arguments, so arguments that
+    differ between ranks (or fail on one rank only) raise everywhere instead
+    of leaving the other ranks hanging. On CUDA that costs a host sync per
+    call; turn it off once shapes are known to agree.
     """
 
     def __init__(self, group=None, ulysses_degree=1, ring_impl="zigzag", *, num_heads=None, num_kv_heads=None,
                  check_across_ranks=True):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ContextParallel: torch.distributed is not initialised (call init_process_group first)")
-        if ring_impl not in RING_IMPLS:
-            raise ValueError(f"ContextParallel: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
-        where = "ContextParallel"
-        num_heads = _positive_int(num_heads, "num_heads", where, allow_none=True)
-        num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads", where, allow_none=True)
         self.group = dist.group.WORLD if group is None else group
         self.rank = dist.get_rank(self.group)
         if self.rank < 0:
             raise ValueError("ContextParallel: this process is not a member of the given group")
         self.world_size = dist.get_world_size(self.group)
-        degree = _resolve_ulysses_degree(ulysses_degree, self.world_size, num_heads, num_kv_heads)
-        if num_heads is not None:
-            check_heads(num_heads, num_kv_heads or num_heads, degree, where)
+        self.check_across_ranks = bool(check_across_ranks)
+        where = "ContextParallel"
+        error, signature = None, [0, 0]
+        try:
+            if ring_impl not in RING_IMPLS:
+                raise ValueError(f"{where}: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+            num_heads = _positive_int(num_heads, "num_heads", where, allow_none=True)
+            num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads", where, allow_none=True)
+            degree = _resolve_ulysses_degree(ulysses_degree, self.world_size, num_heads, num_kv_heads)
+            if num_heads is not None:
+                check_heads(num_heads, num_kv_heads or num_heads, degree, where)
+            signature = [degree, RING_IMPLS.index(ring_impl)]
+        except (TypeError, ValueError) as exc:
+            error = exc
+        # Every rank must build the same mesh (e.g. "auto" reads LOCAL_WORLD_SIZE, which could differ).
+        self._agree(signature, error, where, ("ulysses_degree", "ring_impl index"), None)
         self.layout = Layout(self.world_size // degree, degree, ring_impl)
         self.ring_index, self.ulysses_index = divmod(self.rank, degree)
-        self.check_across_ranks = bool(check_across_ranks)
         self._ring_comm, self._ulysses_comm = build_mesh_comms(self.group, degree)
 
     ring_degree = property(lambda self: self.layout.ring_degree)

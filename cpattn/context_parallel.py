@@ -3,9 +3,10 @@ configuration (``from_config``) and the matching argparse options.
 
 A ``ContextParallel`` object is a mesh over a process group: P ranks =
 ring_degree x ulysses_degree, rank = ring_index * ulysses_degree + ulysses_index.
-It sets up its communication (and subgroups) once, at construction. Every method that communicates
-first checks its inputs on every rank and exchanges a small summary of them, so
-a bad input raises on every rank instead of leaving some blocked in a collective.
+It sets up its communication (and subgroups) once, at construction. Every
+method that communicates first checks its inputs on every rank and exchanges a
+small summary of them, so a bad input raises on every rank instead of leaving
+some blocked in a collective.
 """
 import argparse
 import os

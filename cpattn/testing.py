@@ -2,12 +2,14 @@
 
 ``run_ranks(fn, world_size, *args)`` forks ``world_size`` processes, builds a
 gloo process group in each, calls ``fn(rank, world_size, *args)`` and returns
-the per-rank results (they must be picklable). An exception on any rank is
+the per-rank results (anything picklable, tensors included: results travel
+pickled by value, not through shared memory that dies with the rank). An exception on any rank is
 re-raised here with that rank's traceback; a rank that hangs past ``timeout``
 fails the call instead of hanging the test suite.
 """
 import datetime
 import multiprocessing
+import pickle
 import queue
 import socket
 import time
@@ -36,7 +38,7 @@ def _worker(rank, world_size, port, timeout, fn, args, results):
             value = fn(rank, world_size, *args)
         finally:
             dist.destroy_process_group()
-        results.put((rank, True, value))
+        results.put((rank, True, pickle.dumps(value)))
     except BaseException as exc:  # report everything, including assertion failures
         results.put((rank, False, (type(exc).__name__, str(exc), traceback.format_exc())))
 
@@ -80,5 +82,5 @@ def run_ranks(fn, world_size, *args, timeout=120.0):
             if p.is_alive():
                 p.kill()
                 p.join()
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
 

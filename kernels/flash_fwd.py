@@ -187,12 +187,12 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
+    if accumulate and (out is None or lse is None):
+        raise ValueError("attention_forward: accumulate=True needs the running out and lse")
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if accumulate and (out is None or lse is None):
-        raise ValueError("attention_forward: accumulate=True needs the running out and lse")
     if q.numel() == 0:
         return out, lse
     if seqlen_k == 0:

@@ -157,3 +157,11 @@ def test_merge_is_commutative_and_matches_logaddexp(seqlen, head_dim, empty_a, e
     torch.testing.assert_close(lse_ab, torch.logaddexp(lse_a, lse_b))
     torch.testing.assert_close(out_ab, out_ba)
     torch.testing.assert_close(lse_ab, lse_ba)
+
+
+def test_accumulate_without_buffers_is_refused():
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="running out and lse"):
+        attention_forward(q, q, q, accumulate=True)
+    with pytest.raises(ValueError, match="dq, dk and dv"):
+        attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), accumulate=True)

@@ -71,6 +71,17 @@ def run_scenario(cache, world, rank, zigzag=False):
             errors.append((out[b:b + 1] - ref).abs().max().item())
         outs.append(out)
         lengths = [p + n_new for p in lengths]
+    # Decode for some sequences only, in another order: the others keep their length.
+    rows = [2, 0]
+    q, k, v = (torch.stack([X[b, lengths[b]:lengths[b] + 1] for b in rows]) for X in (Q, K, V))
+    inputs = [t.clone() for t in (q, k, v)]
+    out = cpattn.decode(cache, q, k, v, batch_index=rows)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), inputs))  # inputs untouched
+    for i, b in enumerate(rows):
+        ref = sdpa_rows(Q[b:b + 1, lengths[b]:lengths[b] + 1], K[b:b + 1], V[b:b + 1], lengths[b])
+        errors.append((out[i:i + 1] - ref).abs().max().item())
+        lengths[b] += 1
+    assert cache.seqlens.tolist() == lengths
     # The stored shards, gathered, are exactly the full k, v.
     k_full, v_full = cache.gather()
     for b, n in enumerate(lengths):

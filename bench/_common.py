@@ -166,7 +166,8 @@ def sdpa_call(backend, q, k, v, causal):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            run()
+            with torch.no_grad():  # a probe: no graph to keep
+                run()
         except RuntimeError as exc:
             reasons = [str(w.message).splitlines()[0] for w in caught] or [str(exc).splitlines()[0]]
             raise Unsupported("; ".join(reasons)[:300]) from None
@@ -175,6 +176,21 @@ def sdpa_call(backend, q, k, v, causal):
 
 class Unsupported(Exception):
     """A torch SDPA backend refused the inputs (reported, never hidden)."""
+
+
+def try_backend(measure):
+    """``measure()`` for one SDPA backend, or a string saying why it could not run:
+    "unsupported: ..." (refused the shape), "out of memory", or "error: ..." (accepted
+    the shape, then failed, e.g. in the backward)."""
+    try:
+        return measure()
+    except Unsupported as exc:
+        return f"unsupported: {exc}"
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return "out of memory"
+    except RuntimeError as exc:
+        return f"error: {str(exc).splitlines()[0][:200]}"
 
 
 # ---------------------------------------------------------------- saving and printing

@@ -99,22 +99,18 @@ def bench_shape(shape, args, device, backends):
     sq, sk, sv, sdout = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
     del q, k, v, dout
     other = {}
-    max_err = None
+    errors = []  # largest |SDPA - cpattn| of each backend that ran
+
+    def measure(backend):
+        run = C.sdpa_call(backend, sq, sk, sv, causal)
+        with torch.no_grad():
+            errors.append((run().float() - cp_out).abs().max().item())
+        return time_modes(run, sq, sk, sv, sdout, modes, device)
+
     for name, backend in backends.items():
         yield name
-        try:
-            run = C.sdpa_call(backend, sq, sk, sv, causal)
-            with torch.no_grad():
-                err = (run().float() - cp_out).abs().max().item()
-            max_err = err if max_err is None else max(max_err, err)
-            other[name] = time_modes(run, sq, sk, sv, sdout, modes, device)
-        except C.Unsupported as exc:
-            other[name] = f"unsupported: {exc}"
-        except torch.cuda.OutOfMemoryError:
-            other[name] = "out of memory"
-            torch.cuda.empty_cache()
-        except RuntimeError as exc:  # accepted the shape, then failed (e.g. in the backward): report it
-            other[name] = f"error: {str(exc).splitlines()[0][:200]}"
+        other[name] = C.try_backend(lambda: measure(backend))
+    max_err = max(errors) if errors else None
 
     rows = []
     for mode in modes:

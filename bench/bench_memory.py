@@ -96,17 +96,8 @@ def measure_all(args, seqlen, device, backends):
             if need > 0.8 * free:
                 results[name] = f"skipped: model says >= {need / MIB:.0f} MiB, {free / MIB:.0f} MiB free"
                 continue
-        try:
-            with torch.no_grad():
-                run = C.sdpa_call(backend, sq, sk, sv, args.causal)
-            results[name] = measure(run, leaves, sdout, device)
-        except C.Unsupported as exc:
-            results[name] = f"unsupported: {exc}"
-        except torch.cuda.OutOfMemoryError:
-            results[name] = "out of memory"
-            torch.cuda.empty_cache()
-        except RuntimeError as exc:  # accepted the shape, then failed (e.g. in the backward): report it
-            results[name] = f"error: {str(exc).splitlines()[0][:200]}"
+        results[name] = C.try_backend(lambda: measure(C.sdpa_call(backend, sq, sk, sv, args.causal),
+                                                      leaves, sdout, device))
     return results
 
 

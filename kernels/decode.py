@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .flash_fwd import LOG2_E, dot_precision
+from .flash_fwd import LOG2_E, dot_precision, finish_softmax, online_softmax_step
 from .merge import merge_partials
 
 
@@ -105,21 +105,12 @@ def _decode_kernel(
             key_pos = pos_offset + (cols // pos_stripe) * pos_stride + cols % pos_stripe
             visible = visible & (key_pos[None, :] <= q_pos[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(V + v_off[:, None] + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     # An empty split (or rows with no visible key) gives out = 0, lse = -inf: the merge's identity.
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc * tl.where(has_keys, 1.0 / l_safe, 0.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # base 2 -> natural
+    out, lse = finish_softmax(acc, l_i, m_i)
     Out += split * stride_osplit + b64 * stride_ob
     Lse += split * stride_lsplit + b64 * stride_lb
     tl.store(Out + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od,

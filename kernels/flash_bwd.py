@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .flash_fwd import CPU_CONFIG, LOG2_E, dot_precision, visible_kv_range
+from .flash_fwd import CPU_CONFIG, LOG2_E, dot_precision, tile_mask, visible_kv_range
 
 
 @triton.jit
@@ -176,10 +176,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stri
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                visible = visible & ((k_start + cols)[None, :] <= (q_start + offs_m)[:, None])
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(tile_mask(offs_m, cols, q_start, k_start, seqlen_k, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)

@@ -42,6 +42,42 @@ def visible_kv_range(q_lo, q_hi, q_start, k_start, seqlen_k, IS_CAUSAL: tl.const
 
 
 @triton.jit
+def tile_mask(rows, cols, q_start, k_start, seqlen_k, IS_CAUSAL: tl.constexpr):
+    """Which (query row, key column) pairs of a tile count: keys inside the
+    sequence and, when causal, at a position no later than the query's."""
+    visible = cols[None, :] < seqlen_k
+    if IS_CAUSAL:
+        visible = visible & ((k_start + cols)[None, :] <= (q_start + rows)[:, None])
+    return visible
+
+
+@triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """Fold a tile of base-2 scores ``s`` (invisible entries -inf) into the running max and sum.
+
+    Returns (p, alpha, m_i, l_i): the tile's unnormalised probabilities, the
+    factor that rescales what was accumulated so far, and the new max and sum.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_shift[:, None])
+    alpha = tl.math.exp2(m_i - m_shift)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def finish_softmax(acc, l_i, m_i):
+    """Normalise: (out, lse in natural log). A row with no visible key gives out 0
+    and lse -inf, the identity of the merge."""
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    out = acc * tl.where(has_keys, 1.0 / l_safe, 0.0)[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2
+    return out, lse
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
                lo, hi,
@@ -60,23 +96,14 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_v
             k = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if IS_CAUSAL:
-                visible = visible & ((k_start + cols)[None, :] <= (q_start + offs_m)[:, None])
-            s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid NaN.
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = tl.where(tile_mask(offs_m, cols, q_start, k_start, seqlen_k, IS_CAUSAL), s, float("-inf"))
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         if MASKED:
             v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
                         mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
         else:
             v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -124,11 +151,7 @@ def _fwd_kernel(
                                offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
                                unmasked_end, end, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
 
-    # Rows with no visible key: out = 0, lse = -inf (the identity of the merge).
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc * tl.where(has_keys, 1.0 / l_safe, 0.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2: base 2 -> natural
+    out, lse = finish_softmax(acc, l_i, m_i)
 
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
     lse_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m * stride_ls

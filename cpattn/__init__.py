@@ -1,14 +1,21 @@
-"""cpattn: context-parallel attention for PyTorch on Triton flash-attention kernels."""
+"""cpattn: context-parallel attention for PyTorch on Triton flash-attention kernels.
+
+Single device:        flash_attn_func, scaled_dot_product_attention
+Context parallelism:  ContextParallel (ring, zigzag ring, Ulysses, USP), add_context_parallel_args
+Inference:            ShardedKVCache, prefill, decode, split_chunk
+Kernels:              cpattn.kernels
+"""
 from .attention import FlashAttnFunction, flash_attn_func, scaled_dot_product_attention
+from .context_parallel import ContextParallel, add_context_parallel_args, auto_ulysses_degree
 from .inference import decode, prefill, split_chunk
 from .kv_cache import ShardedKVCache
+from .ring import simulate_ring_attention, simulate_ring_attention_backward
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "scaled_dot_product_attention", "FlashAttnFunction"]
-__all__ += ["ShardedKVCache", "prefill", "decode", "split_chunk"]
-from .context_parallel import ContextParallel, add_context_parallel_args, auto_ulysses_degree
-from .ring import simulate_ring_attention, simulate_ring_attention_backward
-
-__all__ += ["ContextParallel", "add_context_parallel_args", "auto_ulysses_degree",
-            "simulate_ring_attention", "simulate_ring_attention_backward"]
+__all__ = [
+    "flash_attn_func", "scaled_dot_product_attention", "FlashAttnFunction",
+    "ContextParallel", "add_context_parallel_args", "auto_ulysses_degree",
+    "simulate_ring_attention", "simulate_ring_attention_backward",
+    "ShardedKVCache", "prefill", "decode", "split_chunk",
+]

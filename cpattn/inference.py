@@ -56,14 +56,15 @@ out = cpattn.decode(cache, q, k, v)         # (B, n_new, H, D), the same on ever
 * Group size 1 (or no ``torch.distributed`` at all) is plain single-device
   paged decoding with no collectives.
 """
-import math
 
 import torch
 import torch.distributed as dist
 
 from cpattn.kernels import decode_attention, merge_splits
 
+from ._checks import check_scale
 from .attention import _kernel_dtype
+from .comm import agree_on_inputs
 from .kv_cache import ShardedKVCache
 
 
@@ -89,36 +90,26 @@ def _check_q(cache, q, k, v, batch, where):
         raise ValueError(f"{where}: q, k, v hold no tokens")
 
 
-def _agree(cache, check, values, what, where):
+def _agree(cache, check, values, where, hint):
     """Run the local ``check``, then make every rank reach the same verdict.
 
     A rank whose inputs are bad would raise before a collective its peers are
-    already waiting in, and they would hang. So each rank all-gathers whether
-    its check passed and a few ints that must match (shapes, sequences), and
-    all raise together: the bad rank its own error, the others a ValueError
-    naming it.
+    already waiting in, and they would hang. So the ranks exchange whether their
+    check passed and ``values()``, a few ints that must match (shapes, sequences),
+    through ``comm.agree_on_inputs``, and all raise together.
     """
+    error, signature = None, [0] * _num_values(cache)
     try:
         check()
-        ok, error = True, None
+        signature = values()
     except (TypeError, ValueError) as exc:
-        ok, error = False, exc
+        error = exc
     if cache.world_size == 1 or not cache.check_across_ranks:
         if error is not None:
             raise error
         return
-    mine = torch.tensor([int(ok)] + (values() if ok else [0] * _num_values(cache)), dtype=torch.int64,
-                        device=cache.device)
-    every = [torch.empty_like(mine) for _ in range(cache.world_size)]
-    dist.all_gather(every, mine, group=cache.group)
-    if error is not None:
-        raise error
-    bad = [r for r, t in enumerate(every) if not bool(t[0])]
-    if bad:
-        raise ValueError(f"{where}: rank(s) {bad} rejected their inputs (see their error); nothing was changed")
-    every = [t[1:].tolist() for t in every]
-    if any(e != every[0] for e in every):
-        raise ValueError(f"{where}: ranks passed different {what}: {every}")
+    field_names = ["tokens", "heads", "default token_index"] + [f"order of sequence {b}" for b in range(cache.batch)]
+    agree_on_inputs(cache.group, signature, error, where, field_names, hint)
 
 
 def _num_values(cache):
@@ -157,14 +148,6 @@ def _attend_shard(cache, rows, q, q_start, softmax_scale):
         max_seqlen=int(lens.max()), validate=False, out_dtype=torch.float32)
 
 
-def _scale(softmax_scale, head_dim, where):
-    if softmax_scale is None:
-        return 1.0 / math.sqrt(head_dim)
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"{where}: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
-
-
 def split_chunk(x, cache, seq_dim=1):
     """This rank's contiguous piece of a full chunk ``x`` and its token indices, for ``prefill``.
 
@@ -194,7 +177,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     def check():
         rows = state["rows"] = cache._rows(batch_index)
         _check_q(cache, q, k, v, len(rows), where)
-        state["scale"] = _scale(softmax_scale, cache.head_dim, where)
+        state["scale"] = check_scale(softmax_scale, where)
         n_local = q.shape[1]
         index = torch.arange(cache.rank * n_local, (cache.rank + 1) * n_local) if token_index is None \
             else torch.as_tensor(token_index).reshape(-1)
@@ -205,7 +188,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         cache.check_room(rows, n_local * world, where)
 
     _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], token_index is None, state["rows"],
-                                              cache.batch), "chunk shapes or sequences", where)
+                                              cache.batch), where, q)
     rows, softmax_scale, token_index = state["rows"], state["scale"], state["index"]
     n = q.shape[1] * world
 
@@ -261,11 +244,10 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     def check():
         rows = state["rows"] = cache._rows(batch_index)
         _check_q(cache, q, k, v, len(rows), where)
-        state["scale"] = _scale(softmax_scale, cache.head_dim, where)
+        state["scale"] = check_scale(softmax_scale, where)
         cache.check_room(rows, q.shape[1], where)
 
-    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], 0, state["rows"], cache.batch),
-           "token counts, heads or sequences", where)
+    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], 0, state["rows"], cache.batch), where, q)
     rows, softmax_scale = state["rows"], state["scale"]
     q_start = cache.seqlens[rows].clone()
     cache._write(rows, k, v)

@@ -298,3 +298,12 @@ def test_append_and_reset_single_process():
     cache.append(K[:2, :60], V[:2, :60], batch_index=[0, 1])  # the freed pages are reused
     k_full, _ = cache.gather()
     assert torch.equal(k_full[:2, :60], K[:2, :60]) and torch.equal(k_full[2, :21], K[2, :21])
+
+
+def test_bad_softmax_scale_is_refused_before_anything_is_written():
+    cache = cpattn.ShardedKVCache(1, 32, 1, 16)
+    q = torch.randn(1, 1, 2, 16)
+    kv = torch.randn(1, 1, 1, 16)
+    with pytest.raises(TypeError, match="softmax scale must be a float"):
+        cpattn.decode(cache, q, kv, kv, softmax_scale="0.5")
+    assert int(cache.seqlens[0]) == 0

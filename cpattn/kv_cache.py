@@ -22,7 +22,7 @@ same appends, so every rank knows every rank's share without communication.
 import torch
 import torch.distributed as dist
 
-from ._checks import SUPPORTED_DTYPES
+from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES
 
 DEFAULT_STRIPE = 16
 
@@ -65,8 +65,8 @@ class ShardedKVCache:
         self.head_dim = _positive_int(head_dim, "head_dim")
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{where}: dtype must be float16, bfloat16 or float32, got {dtype}")
-        if head_dim > 256:
-            raise ValueError(f"{where}: head_dim {head_dim} is above the supported maximum 256")
+        if head_dim > MAX_HEAD_DIM:
+            raise ValueError(f"{where}: head_dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
         self.dtype = dtype
         self.device = torch.device(device if device is not None else "cpu")
         self.group = group

@@ -29,10 +29,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, timeout, fn, args, results):
+def _worker(rank, world_size, port, timeout, backend, fn, args, results):
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        if backend == "nccl":
+            # Ranks share the GPUs round-robin (several ranks on one GPU need NCCL >= 2.30
+            # and NCCL_MULTI_RANK_GPU_ENABLE=1).
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
         try:
             value = fn(rank, world_size, *args)
@@ -43,13 +47,22 @@ def _worker(rank, world_size, port, timeout, fn, args, results):
         results.put((rank, False, (type(exc).__name__, str(exc), traceback.format_exc())))
 
 
-def run_ranks(fn, world_size, *args, timeout=120.0):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return [result of rank 0, ...]."""
-    ctx = multiprocessing.get_context("fork")
+def run_ranks(fn, world_size, *args, timeout=120.0, backend="gloo"):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return [result of rank 0, ...].
+
+    ``backend="gloo"`` forks CPU processes (fast). ``backend="nccl"`` spawns fresh
+    processes instead (CUDA cannot be used in a forked child), so ``fn`` must be a
+    module-level function of an importable module, and the calling script must
+    guard its entry point with ``if __name__ == "__main__"``.
+    """
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"run_ranks: backend must be 'gloo' or 'nccl', got {backend!r}")
+    ctx = multiprocessing.get_context("fork" if backend == "gloo" else "spawn")
     results = ctx.Queue()
     port = free_port()
     # Collectives give up a little before the whole run does, so a hang surfaces as an error.
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, max(5.0, timeout * 0.8), fn, args, results),
+    collective_timeout = max(5.0, timeout * 0.8)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, collective_timeout, backend, fn, args, results),
                          daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()

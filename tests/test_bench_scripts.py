@@ -96,3 +96,12 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     rows = [{"seqlen": 64, "y": 1.0}]
     assert common.plot_lines(tmp_path / "p.png", rows, "seqlen", [("y", "y")], lambda r: "", "t", "y") is None
     assert not (tmp_path / "p.png").exists() and "matplotlib not installed" in capsys.readouterr().out
+
+
+def test_check_nccl_quick_runs_every_algorithm_on_gloo(tmp_path):
+    payload, _ = run_script("check_nccl", tmp_path)
+    rows = payload["rows"]
+    assert {r["algo"] for r in rows} == {"ring", "zigzag", "ulysses"}
+    assert {r["causal"] for r in rows} == {True, False} and {r["kv_heads"] for r in rows} == {8, 2}
+    for r in rows:
+        assert r["ok"] and r["out_rel_err"] < 1e-4 and r["dk_rel_err"] < 1e-3

@@ -210,6 +210,13 @@ def save_results(out_dir, name, env, rows, extra=None):
     return [json_path, csv_path]
 
 
+def print_saved(paths, quick, quick_note=QUICK_NOTE):
+    """The closing lines of every script: the --quick warning where it applies, then the files written."""
+    if quick:
+        print(quick_note)
+    print("saved: " + ", ".join(str(p) for p in paths if p))
+
+
 def fmt(value):
     if value is None:
         return "-"

@@ -167,9 +167,7 @@ def main(argv=None):
         columns += [(f"{b}_tflops", f"{b} TF"), (f"x{b}", f"x{b}")]
     C.print_table(rows, columns, title="TFLOPS; x<backend> = backend time / cpattn time (>1: cpattn faster); "
                                        "- = unsupported (reason in the JSON/CSV)")
-    if args.quick:
-        print(C.QUICK_NOTE)
-    print("saved: " + ", ".join(str(p) for p in paths if p))
+    C.print_saved(paths, args.quick)
     return rows
 
 

@@ -198,9 +198,8 @@ def main(argv=None):
                          ("ib_hidden", "hidden")],
                   title="communication model: per step, bytes each rank sends and whether the transfer hides "
                         "behind the slowest rank's compute of that step (NVLink 450 GB/s, IB 50 GB/s per direction)")
-    if args.quick:
-        print(C.QUICK_NOTE + " (nor are the 'hidden' verdicts, which compare against those times)")
-    print("saved: " + ", ".join(str(p) for p in paths if p))
+    C.print_saved(paths, args.quick,
+                  C.QUICK_NOTE + " (nor are the 'hidden' verdicts, which compare against those times)")
     return summary, comm
 
 

@@ -130,8 +130,7 @@ def main():
                   title=f"decode latency, group size 1, {env['device']}" + (" [--quick: NOT timing]" if args.quick else ""))
     C.print_table(mem, [("seqlen", "cache"), ("ranks", "P"), ("kv_GiB_per_rank", "KV GiB/rank"),
                         ("allgather_bytes_per_step", "gather B/step")], title="KV cache per rank (calculated)")
-    for p in paths:
-        print(f"wrote {p}")
+    C.print_saved(paths, args.quick)
 
 
 if __name__ == "__main__":

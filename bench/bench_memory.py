@@ -150,7 +150,7 @@ def main(argv=None):
     if not args.quick:
         columns += [(f"{impl}_{k}", f"{impl} {h}") for impl in impls for k, h in (("mib", "MiB"), ("exponent", "exp"))]
     C.print_table(rows, columns, title="peak MiB beyond the inputs; exp = e in memory ~ seqlen^e from the previous row (1: linear, 2: quadratic)")
-    print("saved: " + ", ".join(str(p) for p in paths if p))
+    C.print_saved(paths, False)  # --quick measures nothing: its table says so
     return rows
 
 

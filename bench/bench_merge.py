@@ -77,9 +77,7 @@ def main(argv=None):
     C.print_table(rows, [("seqlen", "seq"), ("dtype", "out dtype"), ("inplace", "inplace"), ("bytes", "bytes"),
                          ("merge_gbs", "merge GB/s"), ("copy_gbs", "copy GB/s"), ("of_copy", "merge/copy")],
                   title="merge bandwidth vs copy_ of the same bytes (target: merge/copy >= 0.8)")
-    if args.quick:
-        print(C.QUICK_NOTE)
-    print("saved: " + ", ".join(str(p) for p in paths if p))
+    C.print_saved(paths, args.quick)
     return rows
 
 

@@ -105,7 +105,7 @@ def main(argv=None):
     C.print_table(rows, [(c, c) for c in ("algo", "ulysses_degree", "ring_degree", "causal", "kv_heads", "head_dim")]
                   + [(c, c) for c in error_columns] + [("ok", "ok")],
                   title=f"{ranks} ranks over {backend}, {dtype}, seqlen {seqlen}")
-    print("saved: " + ", ".join(str(p) for p in paths))
+    C.print_saved(paths, False)  # a correctness check: no timings to disclaim
     failed = [r for r in rows if not r["ok"]]
     if failed:
         sys.exit(f"{len(failed)} of {len(rows)} cases failed")

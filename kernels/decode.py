@@ -43,7 +43,7 @@ def _decode_kernel(
     stride_osplit, stride_ob, stride_os, stride_oh, stride_od,
     stride_lsplit, stride_lb, stride_lh, stride_ls,
     stride_btb,
-    seqlen_q, num_heads_kv, group_size, head_dim, split_len,
+    seqlen_q, num_heads_kv, group_size, HEAD_DIM: tl.constexpr, split_len,
     pos_stripe, pos_stride, pos_offset, qk_scale,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -60,7 +60,7 @@ def _decode_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     row_ok = rows < seqlen_q * group_size
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
     b64 = b.to(tl.int64)  # caches can exceed 2**31 elements
@@ -135,7 +135,7 @@ def _merge_splits_kernel(
     stride_lpsplit, stride_lpb, stride_lph, stride_lps,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    num_splits, seqlen, num_heads, head_dim,
+    num_splits, seqlen, num_heads, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Rows are (token, head) pairs of one sequence, so a decode step's few tokens still fill a tile.
@@ -146,7 +146,7 @@ def _merge_splits_kernel(
     head = rows % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen * num_heads
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     part = OutP + b * stride_pb + tok[:, None] * stride_ps + head[:, None] * stride_ph + offs_d[None, :] * stride_pd
     part_lse = LseP + b * stride_lpb + head * stride_lph + tok * stride_lps
 
@@ -163,7 +163,7 @@ def _merge_splits_kernel(
 
 _merge_splits_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4)],
-    key=["num_splits", "num_heads", "head_dim"],
+    key=["num_splits", "num_heads", "HEAD_DIM"],
     restore_value=["Out", "Lse"],
 )(_merge_splits_kernel)
 

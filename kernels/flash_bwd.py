@@ -29,7 +29,7 @@ def _bwd_preprocess(
     Out, DOut, Delta,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_gb, stride_gs, stride_gh, stride_gd,
-    seqlen_q, num_heads, head_dim,
+    seqlen_q, num_heads, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -38,7 +38,7 @@ def _bwd_preprocess(
     h = pid_bh % num_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
                 mask=tile_ok, other=0.0).to(tl.float32)
     do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
@@ -61,7 +61,7 @@ def _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, rows, seqlen_q)
 def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
                 lse_base, delta_base, offs_n, offs_d,
-                q_start, k_start, seqlen_q, seqlen_k, head_dim, qk_scale,
+                q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                 lo, hi,
                 MASKED: tl.constexpr,
                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -70,7 +70,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
     Works on transposed tiles (keys along rows) so no transpose of p is needed.
     """
     offs_m = tl.arange(0, BLOCK_M)
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
@@ -99,7 +99,7 @@ def _bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    seqlen_q, seqlen_k, num_heads, num_heads_kv, head_dim, group_size,
+    seqlen_q, seqlen_k, num_heads, num_heads_kv, HEAD_DIM: tl.constexpr, group_size,
     q_start, k_start, qk_scale, softmax_scale,
     IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -110,7 +110,7 @@ def _bwd_dkdv_kernel(
     h_kv = pid_bh % num_heads_kv
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < head_dim)
+    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)
     v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -141,12 +141,12 @@ def _bwd_dkdv_kernel(
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
                              lse_base, delta_base, offs_n, offs_d,
-                             q_start, k_start, seqlen_q, seqlen_k, head_dim, qk_scale,
+                             q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                              lo, mid, True, BLOCK_M, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
                              lse_base, delta_base, offs_n, offs_d,
-                             q_start, k_start, seqlen_q, seqlen_k, head_dim, qk_scale,
+                             q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                              mid, seqlen_q, False, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
@@ -161,13 +161,13 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-              offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+              offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
               lo, hi,
               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the contributions of key blocks [lo, hi) to one query tile's dq."""
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         kv_ok = (cols[:, None] < seqlen_k) & d_ok[None, :]
@@ -192,7 +192,7 @@ def _bwd_dq_kernel(
     stride_gb, stride_gs, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    seqlen_q, seqlen_k, num_heads, head_dim, group_size,
+    seqlen_q, seqlen_k, num_heads, HEAD_DIM: tl.constexpr, group_size,
     q_start, k_start, qk_scale, softmax_scale,
     IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -204,7 +204,7 @@ def _bwd_dq_kernel(
     h_kv = h // group_size
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < head_dim)
+    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=tile_ok, other=0.0)
     do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
@@ -219,10 +219,10 @@ def _bwd_dq_kernel(
     full_end, end = visible_kv_range(pid_m * BLOCK_M, q_hi, q_start, k_start, seqlen_k, IS_CAUSAL)
     unmasked_end = (full_end // BLOCK_N) * BLOCK_N
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+                   offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
                    0, unmasked_end, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+                   offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
                    unmasked_end, end, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
 
@@ -252,7 +252,7 @@ _bwd_dq_kernel_tuned = triton.autotune(configs=_bwd_configs(), key=_tune_key,
                                        prune_configs_by={"early_config_prune": _prune_bwd_configs},
                                        restore_value=["DQ"])(_bwd_dq_kernel)
 _bwd_preprocess_tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": bm}, num_warps=4) for bm in (32, 64, 128)],
-                                        key=["head_dim"])(_bwd_preprocess)
+                                        key=["HEAD_DIM"])(_bwd_preprocess)
 
 
 def attention_backward_delta(out, dout):

@@ -79,13 +79,13 @@ def finish_softmax(acc, l_i, m_i):
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
                lo, hi,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
                BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi) of one query tile."""
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < head_dim
+    d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         # K is loaded as (D, BLOCK_N), ready for q @ k^T.
@@ -115,7 +115,7 @@ def _fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, num_heads, head_dim, group_size,
+    seqlen_q, seqlen_k, num_heads, HEAD_DIM: tl.constexpr, group_size,
     q_start, k_start, qk_scale,
     IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -129,7 +129,7 @@ def _fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
                 mask=tile_ok, other=0.0)
@@ -145,10 +145,10 @@ def _fwd_kernel(
     # Whole blocks that every row sees need no mask; the rest (diagonal, tail) do.
     unmasked_end = (full_end // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+                               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
                                0, unmasked_end, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, q_start, k_start, seqlen_k, head_dim, qk_scale,
+                               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
                                unmasked_end, end, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
 
     out, lse = finish_softmax(acc, l_i, m_i)

@@ -40,7 +40,7 @@ def _merge_kernel(
     stride_lab, stride_lah, stride_las,
     stride_lbb, stride_lbh, stride_lbs,
     stride_ldb, stride_ldh, stride_lds,
-    seqlen, num_heads, head_dim,
+    seqlen, num_heads, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -50,7 +50,7 @@ def _merge_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < head_dim)
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
     o_a = tl.load(OutA + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad,
                   mask=tile_ok, other=0.0).to(tl.float32)
@@ -68,7 +68,7 @@ def _merge_kernel(
 
 _merge_kernel_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4, 8)],
-    key=["head_dim"],
+    key=["HEAD_DIM"],
     restore_value=["OutDst", "LseDst"],
 )(_merge_kernel)
 

@@ -58,3 +58,14 @@ def check_scale(softmax_scale, where):
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"{where}: softmax scale must be a float or None, got {type(softmax_scale).__name__}")
     return float(softmax_scale)
+
+
+def positive_int(value, name, where, allow_none=False):
+    """``value`` if it is an int >= 1 (or None when ``allow_none``); else a TypeError/ValueError naming it."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {name} must be a positive int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{where}: {name} must be a positive int, got {value}")
+    return value

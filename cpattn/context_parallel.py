@@ -14,7 +14,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from ._checks import check_qkv, check_scale
+from ._checks import check_qkv, check_scale, positive_int
 from .comm import agree_on_inputs, build_mesh_comms, check_backend, dtype_code
 from .layout import RING_IMPLS, Layout
 from .ulysses import check_heads
@@ -62,16 +62,6 @@ def _resolve_ulysses_degree(ulysses_degree, world_size, num_heads, num_kv_heads)
     return ulysses_degree
 
 
-def _positive_int(value, name, where, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be a positive int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be a positive int, got {value}")
-    return value
-
-
 class ContextParallel:
     """Attention over a sequence split across the ranks of ``group``.
 
@@ -102,8 +92,8 @@ class ContextParallel:
         try:
             if ring_impl not in RING_IMPLS:
                 raise ValueError(f"{where}: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
-            num_heads = _positive_int(num_heads, "num_heads", where, allow_none=True)
-            num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads", where, allow_none=True)
+            num_heads = positive_int(num_heads, "num_heads", where, allow_none=True)
+            num_kv_heads = positive_int(num_kv_heads, "num_kv_heads", where, allow_none=True)
             degree = _resolve_ulysses_degree(ulysses_degree, self.world_size, num_heads, num_kv_heads)
             if num_heads is not None:
                 check_heads(num_heads, num_kv_heads or num_heads, degree, where)
@@ -147,18 +137,18 @@ class ContextParallel:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"{where}: torch.distributed is not initialised (call init_process_group first)")
         group_size = dist.get_world_size(dist.group.WORLD if group is None else group)
-        size = _positive_int(context_parallel_size, "context_parallel_size", where, allow_none=True) or group_size
+        size = positive_int(context_parallel_size, "context_parallel_size", where, allow_none=True) or group_size
         if size != group_size:
             raise ValueError(f"{where}: context_parallel_size {size} differs from the process group's size "
                              f"{group_size}; pass the context-parallel group as group=")
-        tp = _positive_int(tensor_parallel_size, "tensor_parallel_size", where)
+        tp = positive_int(tensor_parallel_size, "tensor_parallel_size", where)
         implied = {"ulysses_cp_algo": size, "megatron_cp_algo": 1}.get(context_parallel_algo)
         if implied is None:  # hybrid
             if ulysses_degree_in_cp is None:
                 raise ValueError(f"{where}: hybrid_cp_algo needs ulysses_degree_in_cp")
             degree = ulysses_degree_in_cp
             if degree != "auto":
-                _positive_int(degree, "ulysses_degree_in_cp", where)
+                positive_int(degree, "ulysses_degree_in_cp", where)
                 if size % degree:
                     raise ValueError(f"{where}: context_parallel_size {size} is not divisible by "
                                      f"ulysses_degree_in_cp {degree}")
@@ -169,7 +159,7 @@ class ContextParallel:
             degree = implied
         heads = kv_heads = None
         if num_heads is not None:
-            num_heads = _positive_int(num_heads, "num_heads", where)
+            num_heads = positive_int(num_heads, "num_heads", where)
             if num_heads % tp:
                 raise ValueError(f"{where}: num_heads {num_heads} is not divisible by tensor_parallel_size {tp}")
             heads = num_heads // tp
@@ -177,7 +167,7 @@ class ContextParallel:
                 raise ValueError(f"{where}: num_heads {num_heads} is not divisible by tensor_parallel_size x "
                                  f"ulysses degree = {tp} x {degree}")
             if num_kv_heads is not None:
-                num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads", where)
+                num_kv_heads = positive_int(num_kv_heads, "num_kv_heads", where)
                 if num_kv_heads % tp:
                     raise ValueError(f"{where}: num_kv_heads {num_kv_heads} is not divisible by "
                                      f"tensor_parallel_size {tp}")

@@ -22,21 +22,13 @@ same appends, so every rank knows every rank's share without communication.
 import torch
 import torch.distributed as dist
 
-from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES
+from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, positive_int
 
 DEFAULT_STRIPE = 16
 
 
 def _is_power_of_two(n):
     return n > 0 and (n & (n - 1)) == 0
-
-
-def _positive_int(value, name, where="ShardedKVCache"):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{where}: {name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{where}: {name} must be >= 1, got {value}")
-    return value
 
 
 class ShardedKVCache:
@@ -59,10 +51,10 @@ class ShardedKVCache:
     def __init__(self, batch, capacity, num_kv_heads, head_dim, dtype=torch.float32, device=None, group=None,
                  page_size=None, stripe=None, num_pages=None, check_across_ranks=True):
         where = "ShardedKVCache"
-        self.batch = _positive_int(batch, "batch")
-        self.capacity = _positive_int(capacity, "capacity")
-        self.num_kv_heads = _positive_int(num_kv_heads, "num_kv_heads")
-        self.head_dim = _positive_int(head_dim, "head_dim")
+        self.batch = positive_int(batch, "batch", where)
+        self.capacity = positive_int(capacity, "capacity", where)
+        self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads", where)
+        self.head_dim = positive_int(head_dim, "head_dim", where)
         if dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{where}: dtype must be float16, bfloat16 or float32, got {dtype}")
         if head_dim > MAX_HEAD_DIM:
@@ -79,21 +71,22 @@ class ShardedKVCache:
             self.world_size, self.rank = 1, 0
         self.paged = page_size is not None
         if self.paged:
-            _positive_int(page_size, "page_size")
+            positive_int(page_size, "page_size", where)
             if page_size < 16 or not _is_power_of_two(page_size):
                 raise ValueError(f"{where}: page_size must be a power of two >= 16, got {page_size}")
             if stripe is not None and stripe != page_size:
                 raise ValueError(f"{where}: a paged cache's stripe is its page size ({page_size}), got stripe={stripe}")
             stripe = page_size
         self.page_size = page_size
-        self.stripe = _positive_int(stripe if stripe is not None else DEFAULT_STRIPE, "stripe")
+        self.stripe = positive_int(stripe if stripe is not None else DEFAULT_STRIPE, "stripe", where)
         span = self.stripe * self.world_size
         # Slots per rank and sequence: the stripes this rank owns below capacity (rounded up).
         self.local_capacity = -(-self.capacity // span) * self.stripe
         shape = (self.num_kv_heads, self.head_dim)
         if self.paged:
             self.max_pages = self.local_capacity // self.page_size
-            self.num_pages = self.batch * self.max_pages if num_pages is None else _positive_int(num_pages, "num_pages")
+            self.num_pages = (self.batch * self.max_pages if num_pages is None
+                              else positive_int(num_pages, "num_pages", where))
             self.k = torch.zeros((self.num_pages, self.page_size, *shape), dtype=dtype, device=self.device)
             self.v = torch.zeros_like(self.k)
             self._table = torch.zeros((self.batch, self.max_pages), dtype=torch.int32)  # host copy

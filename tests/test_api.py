@@ -214,3 +214,12 @@ def test_sdpa_rejects_bad_input():
         cpattn.scaled_dot_product_attention(q, kv, kv[:, :, :5])
     with pytest.raises(TypeError, match="dtype torch.int64"):
         cpattn.scaled_dot_product_attention(q.long(), kv.long(), kv.long(), enable_gqa=True)
+
+
+def test_positive_int_check():
+    from cpattn._checks import positive_int
+    assert positive_int(3, "n", "f") == 3 and positive_int(None, "n", "f", allow_none=True) is None
+    with pytest.raises(TypeError, match="f: n must be a positive int, got bool"):
+        positive_int(True, "n", "f")
+    with pytest.raises(ValueError, match="f: n must be a positive int, got 0"):
+        positive_int(0, "n", "f")

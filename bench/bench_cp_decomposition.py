@@ -30,7 +30,7 @@ import torch
 
 import _common as C
 from cpattn import ring
-from cpattn.kernels import attention_backward, attention_forward
+from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward
 from cpattn.layout import Layout
 
 LINKS = {"nvlink": 450e9, "ib": 50e9}  # bytes/s per direction
@@ -78,7 +78,7 @@ def rank_forward(ranks, r, steps, scale):
 def rank_backward(ranks, r, steps, scale, received):
     """``ring_backward`` of rank r without the exchanges; ``received`` stands in for the incoming dk/dv."""
     me = ranks[r]
-    delta = ring.DeltaCache(me.out, me.dout)
+    delta = attention_backward_delta(me.out, me.dout)
     dq = torch.zeros(me.q.shape, dtype=torch.float32, device=me.q.device)
     for step, (kv_index, calls) in enumerate(steps):
         dkv = torch.zeros(received.shape, dtype=torch.float32, device=me.q.device)
@@ -96,7 +96,7 @@ def step_times(ranks, schedule, direction, scale, device):
         me = ranks[r]
         out = torch.zeros(me.q.shape, dtype=torch.float32, device=device)
         lse = torch.zeros(me.lse.shape, dtype=torch.float32, device=device)
-        delta = ring.DeltaCache(me.out, me.dout)
+        delta = attention_backward_delta(me.out, me.dout)
         dq = torch.zeros_like(out)
         dkv = torch.zeros((2, *me.k.shape), dtype=torch.float32, device=device)
         row = []

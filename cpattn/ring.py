@@ -99,25 +99,15 @@ def forward_step(q, k, v, calls, out, lse, softmax_scale):
                           accumulate=True)
 
 
-class DeltaCache:
-    """delta = rowsum(dout * out) once, handed out as the contiguous row slices the kernels need."""
-
-    def __init__(self, out, dout):
-        self.full = attention_backward_delta(out, dout)
-        self.slices = {}
-
-    def __call__(self, lo, hi):
-        if (lo, hi) not in self.slices:
-            self.slices[lo, hi] = self.full[:, :, lo:hi].contiguous()
-        return self.slices[lo, hi]
-
-
 def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale):
-    """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv)."""
+    """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
+
+    ``delta`` is ``attention_backward_delta(out, dout)`` of the local queries, computed once.
+    """
     for c in calls:
         qs, ks = slice(c.q_lo, c.q_hi), slice(c.k_lo, c.k_hi)
         attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], softmax_scale,
-                           c.causal, c.q_start, c.k_start, delta=delta(c.q_lo, c.q_hi),
+                           c.causal, c.q_start, c.k_start, delta=delta[:, :, qs],
                            dq=dq[:, qs], dk=dk[:, ks], dv=dv[:, ks], accumulate=True)
 
 
@@ -153,7 +143,7 @@ def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, causal, sof
     """Gradients (fp32 dq, dk, dv) of ``ring_forward`` from the final out and lse."""
     ring_degree, piece_len = layout.ring_degree, q.shape[1]
     q_chunks = layout.ring_chunks(ring_index, piece_len)
-    delta = DeltaCache(out, dout)
+    delta = attention_backward_delta(out, dout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = torch.stack((k, v))
     spare = torch.empty_like(kv) if ring_degree > 1 else None
@@ -279,7 +269,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local, out_local, dout_local, lse_local = q[:, pos], out[:, pos], dout[:, pos], lse[:, :, pos]
-        delta = DeltaCache(out_local, dout_local)
+        delta = attention_backward_delta(out_local, dout_local)
         dq = torch.zeros(q_local.shape, dtype=torch.float32, device=q.device)
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]

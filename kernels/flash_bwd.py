@@ -48,18 +48,18 @@ def _bwd_preprocess(
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, rows, seqlen_q):
+def _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, stride_ds, rows, seqlen_q):
     """lse (scaled to base 2) and delta for query rows; rows without keys get +inf so p = 0."""
     row_ok = rows < seqlen_q
     lse = tl.load(Lse + lse_base + rows * stride_ls, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # x log2(e)
-    delta = tl.load(Delta + delta_base + rows, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + delta_base + rows * stride_ds, mask=row_ok, other=0.0)
     return lse, delta
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
-                stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
+                stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                 lse_base, delta_base, offs_n, offs_d,
                 q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                 lo, hi,
@@ -76,7 +76,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
         q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
         do = tl.load(DOut + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=tile_ok, other=0.0)
-        lse, delta = _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, rows, seqlen_q)
+        lse, delta = _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, stride_ds, rows, seqlen_q)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
@@ -97,6 +97,7 @@ def _bwd_dkdv_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_gb, stride_gs, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ls,
+    stride_db, stride_dh, stride_ds,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     seqlen_q, seqlen_k, num_heads, num_heads_kv, HEAD_DIM: tl.constexpr, group_size,
@@ -137,14 +138,14 @@ def _bwd_dkdv_kernel(
         q_ptr = Q + b * stride_qb + h * stride_qh
         do_ptr = DOut + b * stride_gb + h * stride_gh
         lse_base = b * stride_lb + h * stride_lh
-        delta_base = (b * num_heads + h) * seqlen_q
+        delta_base = b * stride_db + h * stride_dh
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
+                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                              lse_base, delta_base, offs_n, offs_d,
                              q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                              lo, mid, True, BLOCK_M, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls,
+                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                              lse_base, delta_base, offs_n, offs_d,
                              q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
                              mid, seqlen_q, False, BLOCK_M, DOT_PRECISION)
@@ -191,6 +192,7 @@ def _bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_gb, stride_gs, stride_gh, stride_gd,
     stride_lb, stride_lh, stride_ls,
+    stride_db, stride_dh, stride_ds,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     seqlen_q, seqlen_k, num_heads, HEAD_DIM: tl.constexpr, group_size,
     q_start, k_start, qk_scale, softmax_scale,
@@ -209,8 +211,8 @@ def _bwd_dq_kernel(
                 mask=tile_ok, other=0.0)
     do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
                  mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh, pid_bh * seqlen_q,
-                                 stride_ls, offs_m, seqlen_q)
+    lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh, b * stride_db + h * stride_dh,
+                                 stride_ls, stride_ds, offs_m, seqlen_q)
     K += b * stride_kb + h_kv * stride_kh
     V += b * stride_vb + h_kv * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -272,7 +274,8 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
                        delta=None, dq=None, dk=None, dv=None, accumulate=False):
     """Gradients of attention for one (q, kv) pair, given the final out and lse.
 
-    ``delta`` may be precomputed once (ring backward reuses it across steps).
+    ``delta`` (shaped like ``lse``, any strides) may be precomputed once: the ring
+    backward computes it for its whole local sequence and passes row slices.
     ``dq``/``dk``/``dv`` may be given (any strides, e.g. float32 accumulators);
     with ``accumulate=True`` this call's gradients are added to them.
     Returns (dq, dk, dv).
@@ -296,7 +299,10 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     scales = (int(q_start), int(k_start), float(softmax_scale) * LOG2_E, float(softmax_scale))
     constants = {"IS_CAUSAL": bool(causal), "ACCUMULATE": bool(accumulate),
                  "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride())
+    if tuple(delta.shape) != tuple(lse.shape):
+        raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride())
 
     dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
                  seqlen_q, seqlen_k, heads, heads_kv, head_dim, group_size, *scales)

@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpattn.kernels import attention_backward, attention_forward, merge_attention
+from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward, merge_attention
 from reference import devices, reference_attention, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
@@ -165,3 +165,18 @@ def test_accumulate_without_buffers_is_refused():
         attention_forward(q, q, q, accumulate=True)
     with pytest.raises(ValueError, match="dq, dk and dv"):
         attention_backward(q, q, q, q, q, torch.zeros(1, 1, 4), accumulate=True)
+
+
+def test_backward_reads_delta_through_strides():
+    """A row slice of a longer delta (as the ring backward passes) gives the same gradients."""
+    q, k, v = make_qkv(1, 40, 30, 2, 1, 16, "cpu")
+    dout = torch.randn_like(q)
+    out, lse = attention_forward(q, k, v, causal=True, q_start=20)
+    expected = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=20)
+    wide = torch.randn(1, 2, 70)  # garbage around the rows that matter
+    wide[:, :, 10:50] = attention_backward_delta(out, dout)
+    got = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=20, delta=wide[:, :, 10:50])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="delta must have lse's shape"):
+        attention_backward(dout, q, k, v, out, lse, delta=wide)

@@ -26,6 +26,14 @@ def reference_attention(q, k, v, softmax_scale=None, causal=False, q_start=0, k_
     return (probs @ vd).transpose(1, 2), lse
 
 
+def sdpa_with_grads(q, k, v, dout, causal):
+    """[out, dq, dk, dv] of torch SDPA on flash-layout (B, S, H, D) inputs (GQA allowed)."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True).transpose(1, 2)
+    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
+
+
 def rel_err(x, ref, floor=0.0):
     """Relative Frobenius error ||x - ref|| / ||ref|| over the finite reference entries.
 

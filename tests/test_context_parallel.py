@@ -9,10 +9,10 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cpattn
 from cpattn.testing import run_ranks
+from reference import rel_err, sdpa_with_grads
 
 SEQ_LEN = 64
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
@@ -37,17 +37,6 @@ ALGOS = {
 }
 EXPECTED_DEGREE = {"ring": lambda ws: 1, "zigzag": lambda ws: 1, "ulysses": lambda ws: ws,
                    "usp": lambda ws: 2, "auto": lambda ws: 2}
-
-
-def rel_error(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
-def reference(q, k, v, dout, causal):
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, enable_gqa=True).transpose(1, 2)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
 
 
 def check_layout(cp):
@@ -83,7 +72,7 @@ def run_cases(rank, world_size, ulysses_degree, ring_impls, local_world_size):
             out = cp.attention(*local, causal=causal)
         out.backward(cp.shard(dout))
         got = [cp.gather(t) for t in (out.detach(), *(t.grad for t in local))]
-        errors = [rel_error(g, r) for g, r in zip(got, reference(q, k, v, dout, causal))]
+        errors = [rel_err(g, r) for g, r in zip(got, sdpa_with_grads(q, k, v, dout, causal))]
         results.append({"case": (causal, heads, kv_heads, head_dim, sdpa), "cp": repr(cp),
                         "degree": cp.ulysses_degree, "errors": errors,
                         "inputs_unchanged": all(torch.equal(a, b.detach()) for a, b in zip(originals, local)),

@@ -4,11 +4,11 @@ import argparse
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import cpattn
 from cpattn.layout import Layout
 from cpattn.ring import plan_step, ring_schedule, simulate_ring_attention, simulate_ring_attention_backward
+from reference import rel_err, sdpa_with_grads
 
 MESHES = [(1, 1, "zigzag"), (2, 1, "ring"), (2, 1, "zigzag"), (3, 1, "zigzag"), (4, 1, "ring"), (4, 1, "zigzag"),
           (1, 4, "zigzag"), (2, 2, "zigzag"), (2, 2, "ring"), (4, 2, "zigzag")]
@@ -74,17 +74,6 @@ def test_plan_skips_future_and_merges_visible_pairs():
     assert (full.q_lo, full.q_hi, full.k_lo, full.k_hi, full.causal) == (0, 16, 0, 16, False)
 
 
-def sdpa_with_grads(q, k, v, dout, causal):
-    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal, enable_gqa=True).transpose(1, 2)
-    return [out.detach(), *torch.autograd.grad(out, (q, k, v), dout)]
-
-
-def rel_error(x, ref):
-    return ((x.float() - ref.float()).norm() / ref.float().norm()).item()
-
-
 # (ring_degree, ring_impl, causal, heads, kv_heads, head_dim, seq_len): odd ring sizes,
 # chunks that do not fill a kernel block, GQA/MQA, head dim 80.
 SIM_CASES = [(1, "zigzag", True, 2, 1, 16, 40), (2, "ring", True, 4, 2, 32, 64), (3, "zigzag", True, 2, 2, 16, 48),
@@ -101,9 +90,9 @@ def test_simulated_ring_matches_sdpa(ring_degree, ring_impl, causal, heads, kv_h
     out, lse = simulate_ring_attention(q, k, v, ring_degree, ring_impl, causal)
     grads = simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl, causal)
     ref = sdpa_with_grads(q, k, v, dout, causal)
-    assert rel_error(out, ref[0]) < 1e-4
+    assert rel_err(out, ref[0]) < 1e-4
     for name, got, want in zip(("dq", "dk", "dv"), grads, ref[1:]):
-        assert rel_error(got, want) < 1e-3, name
+        assert rel_err(got, want) < 1e-3, name
     # lse is the log-sum-exp of the scaled scores over the visible keys
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(heads // kv_heads, dim=2)) / head_dim ** 0.5
     if causal:

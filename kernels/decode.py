@@ -32,6 +32,7 @@ import triton.language as tl
 from ._launch import launch
 from .flash_fwd import LOG2_E, dot_precision, finish_softmax, online_softmax_step
 from .merge import merge_partials
+from .tiles import block_d, is_power_of_two
 
 
 @triton.jit
@@ -48,8 +49,8 @@ def _decode_kernel(
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(0)
+    pid_m = tl.program_id(1)
     split = tl.program_id(2)
     b = pid_bh // num_heads_kv
     h_kv = pid_bh % num_heads_kv
@@ -118,16 +119,6 @@ def _decode_kernel(
     tl.store(Lse + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
 
 
-_decode_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-             for bm, bn, w, st in [(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3),
-                                   (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)]],
-    # Not split_len: it changes with the cache length, and every decode step would re-tune.
-    key=["seqlen_q", "group_size", "BLOCK_D", "PAGED", "IS_CAUSAL"],
-    restore_value=["Out", "Lse"],
-)(_decode_kernel)
-
-
 @triton.jit
 def _merge_splits_kernel(
     OutP, LseP, Out, Lse,
@@ -139,8 +130,8 @@ def _merge_splits_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Rows are (token, head) pairs of one sequence, so a decode step's few tokens still fill a tile.
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = rows // num_heads
     head = rows % num_heads
@@ -159,17 +150,6 @@ def _merge_splits_kernel(
     tl.store(Out + b * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
              o.to(Out.dtype.element_ty), mask=tile_ok)
     tl.store(Lse + b * stride_lb + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
-
-
-_merge_splits_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4)],
-    key=["num_splits", "num_heads", "HEAD_DIM"],
-    restore_value=["Out", "Lse"],
-)(_merge_splits_kernel)
-
-# Interpreter tiles: small, so that test shapes cross tile, page and split boundaries.
-CPU_CONFIG = {"BLOCK_M": 16, "BLOCK_N": 32}  # key tiles straddle 16-token pages
-CPU_MERGE_CONFIG = {"BLOCK_M": 16}
 
 
 def merge_splits(out_parts, lse_parts, out=None, lse=None):
@@ -191,9 +171,8 @@ def merge_splits(out_parts, lse_parts, out=None, lse=None):
         return out, lse
     args = (out_parts, lse_parts, out, lse, *out_parts.stride(), *lse_parts.stride(), *out.stride(), *lse.stride(),
             num_splits, seqlen, heads, head_dim)
-    grid = lambda meta: (triton.cdiv(seqlen * heads, meta["BLOCK_M"]), batch)  # noqa: E731
-    launch(_merge_splits_kernel, _merge_splits_kernel_tuned, grid, args,
-           {"BLOCK_D": max(16, triton.next_power_of_2(head_dim))}, CPU_MERGE_CONFIG, out_parts)
+    grid = lambda meta: (batch, triton.cdiv(seqlen * heads, meta["BLOCK_M"]))  # noqa: E731
+    launch(_merge_splits_kernel, grid, args, {"BLOCK_D": block_d(head_dim)}, out_parts)
     return out, lse
 
 
@@ -204,10 +183,6 @@ def _num_splits(q, batch, heads_kv, q_tiles, max_seqlen):
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     want = triton.cdiv(2 * sms, batch * heads_kv * q_tiles)
     return max(1, min(want, triton.cdiv(max_seqlen, 256), 64))
-
-
-def _is_power_of_two(n):
-    return n > 0 and (n & (n - 1)) == 0
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seqlen, slot_positions):
@@ -256,7 +231,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seql
             raise ValueError(f"{where}: cache_seqlens {lens.tolist()} exceed the cache capacity {k_cache.shape[1]}")
         return
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
-    if page_size < 16 or not _is_power_of_two(page_size):
+    if page_size < 16 or not is_power_of_two(page_size):
         raise ValueError(f"{where}: page size must be a power of two >= 16, got {page_size}")
     if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
             or block_table.shape[0] != batch:
@@ -328,9 +303,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
             seqlen_q, heads_kv, group_size, head_dim, split_len,
             *slot_positions, float(softmax_scale) * LOG2_E)
     constants = {"PAGED": paged, "PAGE_SIZE": k_cache.shape[1] if paged else 1, "IS_CAUSAL": bool(causal),
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
-    grid = lambda meta: (triton.cdiv(seqlen_q * group_size, meta["BLOCK_M"]), batch * heads_kv, num_splits)  # noqa: E731
-    launch(_decode_kernel, _decode_kernel_tuned, grid, args, constants, CPU_CONFIG, q)
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
+    grid = lambda meta: (batch * heads_kv, triton.cdiv(seqlen_q * group_size, meta["BLOCK_M"]), num_splits)  # noqa: E731
+    launch(_decode_kernel, grid, args, constants, q)
     if num_splits > 1:
         merge_splits(out_p, lse_p, out=out, lse=lse)
     return out, lse

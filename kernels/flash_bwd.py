@@ -21,7 +21,10 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .flash_fwd import CPU_CONFIG, LOG2_E, dot_precision, tile_mask, visible_kv_range
+from .flash_fwd import MaskSpec
+from .mask import visible, visible_range
+from .softmax import dot_precision, scores
+from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
 
 @triton.jit
@@ -29,42 +32,41 @@ def _bwd_preprocess(
     Out, DOut, Delta,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_gb, stride_gs, stride_gh, stride_gd,
-    seqlen_q, num_heads, HEAD_DIM: tl.constexpr,
+    stride_db, stride_dh, stride_ds,
+    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
-    h = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Row by row, so packed documents need no special case: a row is a row.
+    tile, b, h = program_tile(seqlen_q, num_heads, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
-                mask=tile_ok, other=0.0).to(tl.float32)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
-                 mask=tile_ok, other=0.0).to(tl.float32)
-    # Delta is a contiguous (B, H, Sq) float32 scratch buffer.
-    tl.store(Delta + pid_bh * seqlen_q + offs_m, tl.sum(o * do, 1), mask=offs_m < seqlen_q)
+    o = tl.load(tile_ptrs(seq_base(Out, b, h, 0, stride_ob, stride_oh, stride_os), offs_m, offs_d,
+                          stride_os, stride_od, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
+    do = tl.load(tile_ptrs(seq_base(DOut, b, h, 0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
+                           stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
+    tl.store(seq_base(Delta, b, h, 0, stride_db, stride_dh, stride_ds) + offs_m * stride_ds, tl.sum(o * do, 1),
+             mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, stride_ds, rows, seqlen_q):
-    """lse (scaled to base 2) and delta for query rows; rows without keys get +inf so p = 0."""
+def _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds):
+    """lse (scaled to base 2) and delta for query rows; rows without keys, or past the
+    sequence, get +inf so that p = exp2(s - lse) = 0 there without a mask."""
     row_ok = rows < seqlen_q
-    lse = tl.load(Lse + lse_base + rows * stride_ls, mask=row_ok, other=float("inf"))
+    lse = tl.load(Lse + rows * stride_ls, mask=row_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # x log2(e)
-    delta = tl.load(Delta + delta_base + rows * stride_ds, mask=row_ok, other=0.0)
+    delta = tl.load(Delta + rows * stride_ds, mask=row_ok, other=0.0)
     return lse, delta
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                lse_base, delta_base, offs_n, offs_d,
-                q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
+                k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
                 lo, hi,
-                MASKED: tl.constexpr,
-                BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the contributions of query rows [lo, hi) of one head to a kv block's dk, dv.
 
     Works on transposed tiles (keys along rows) so no transpose of p is needed.
@@ -74,24 +76,27 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
-        q = tl.load(Q + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=tile_ok, other=0.0)
-        do = tl.load(DOut + rows[:, None] * stride_gs + offs_d[None, :] * stride_gd, mask=tile_ok, other=0.0)
-        lse, delta = _load_row_stats(Lse, Delta, lse_base, delta_base, stride_ls, stride_ds, rows, seqlen_q)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.math.exp2(s_t - lse[None, :])
+        q = tl.load(tile_ptrs(Q, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
+        do = tl.load(tile_ptrs(DOut, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
+        lse, delta = _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds)
+        s_t, t_t = scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
+        p_t = tl.math.exp2(s_t - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            visible = (k_start + offs_n)[:, None] <= (q_start + rows)[None, :]
-            p_t = tl.where(visible, p_t, 0.0)
+            p_t = tl.where(visible((q_pos0 + rows)[None, :], k_pos[:, None], window_left, window_right, LEFT, RIGHT),
+                           p_t, 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)  # d/ds of softcap * tanh(s / softcap)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
+                               "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV,
+    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -100,59 +105,61 @@ def _bwd_dkdv_kernel(
     stride_db, stride_dh, stride_ds,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    seqlen_q, seqlen_k, num_heads, num_heads_kv, HEAD_DIM: tl.constexpr, group_size,
-    q_start, k_start, qk_scale, softmax_scale,
-    IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    seqlen_q, seqlen_k, num_heads_kv, group_size,
+    q_start, k_start, window_left, window_right, softmax_scale, softcap,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads_kv).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
-    h_kv = pid_bh % num_heads_kv
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile, seq, h_kv = program_tile(seqlen_k, num_heads_kv, BLOCK_N)  # seqlen_k: the longest, if packed
+    batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
+        seq, CuSeqlensQ, CuSeqlensK, PosQ, PosK, seqlen_q, seqlen_k, q_start, k_start, VARLEN)
+    if tile * BLOCK_N >= seqlen_k:
+        return
+    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
-                mask=kv_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                mask=kv_ok, other=0.0)
+    k = tl.load(tile_ptrs(seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks), offs_n, offs_d,
+                          stride_ks, stride_kd, WIDE), mask=kv_ok, other=0.0)
+    v = tl.load(tile_ptrs(seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs), offs_n, offs_d,
+                          stride_vs, stride_vd, WIDE), mask=kv_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    # Causal: rows from first_row on see some key of this block, rows from full_row on
-    # see all of them, so only query blocks in between need the position mask.
-    # (Rows past seqlen_q load zeros and lse=+inf, so p = 0 there without a mask; keys
-    # past seqlen_k only produce dk/dv rows that are never stored.)
-    if IS_CAUSAL:
-        k_lo = pid_n * BLOCK_N
-        k_last = tl.minimum(k_lo + BLOCK_N, seqlen_k) - 1
-        first_row = tl.minimum(tl.maximum(k_start + k_lo - q_start, 0), seqlen_q)
-        full_row = tl.minimum(tl.maximum(k_start + k_last - q_start, 0), seqlen_q)
-        lo = (first_row // BLOCK_M) * BLOCK_M
-        mid = tl.cdiv(full_row, BLOCK_M) * BLOCK_M
-    else:
-        lo = 0
-        mid = 0
-    for g in range(0, group_size):
+    # The queries that see this key block: the visibility rule read backwards
+    # (q sees k iff k - right <= q <= k + left), so the bounds swap sides.
+    last_key = tl.minimum((tile + 1) * BLOCK_N, seqlen_k) - 1
+    lo, full_lo, full_hi, hi = visible_range(k_pos0 + tile * BLOCK_N, k_pos0 + last_key, q_pos0, seqlen_q,
+                                             window_right, window_left, RIGHT, LEFT, BLOCK_M)
+    k_pos = k_pos0 + offs_n
+    for g in range(0, group_size):  # the query heads sharing this kv head (GQA), summed in registers
         h = h_kv * group_size + g
-        q_ptr = Q + b * stride_qb + h * stride_qh
-        do_ptr = DOut + b * stride_gb + h * stride_gh
-        lse_base = b * stride_lb + h * stride_lh
-        delta_base = b * stride_db + h * stride_dh
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
+        q_ptr = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
+        do_ptr = seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs)
+        lse_ptr = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
+        delta_ptr = seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                             lse_base, delta_base, offs_n, offs_d,
-                             q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
-                             lo, mid, True, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, Lse, Delta,
+                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
+                             window_left, window_right, lo, full_lo,
+                             True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                              stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                             lse_base, delta_base, offs_n, offs_d,
-                             q_start, k_start, seqlen_q, seqlen_k, HEAD_DIM, qk_scale,
-                             mid, seqlen_q, False, BLOCK_M, DOT_PRECISION)
+                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
+                             window_left, window_right, full_lo, full_hi,
+                             False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
+                             window_left, window_right, full_hi, hi,
+                             True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
-    dk_ptrs = DK + b * stride_dkb + h_kv * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + h_kv * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd
+    dk_ptrs = tile_ptrs(seq_base(DK, batch, h_kv, k_row0, stride_dkb, stride_dkh, stride_dks), offs_n, offs_d,
+                        stride_dks, stride_dkd, WIDE)
+    dv_ptrs = tile_ptrs(seq_base(DV, batch, h_kv, k_row0, stride_dvb, stride_dvh, stride_dvs), offs_n, offs_d,
+                        stride_dvs, stride_dvd, WIDE)
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
         dv += tl.load(dv_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
@@ -162,31 +169,37 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-              offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
+              q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
               lo, hi,
-              MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-              BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+              MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+              WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the contributions of key blocks [lo, hi) to one query tile's dq."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        kv_ok = (cols[:, None] < seqlen_k) & d_ok[None, :]
-        k = tl.load(K + cols[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kv_ok, other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kv_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        col_ok = cols < seqlen_k
+        kv_ok = col_ok[:, None] & d_ok[None, :]
+        k = tl.load(tile_ptrs(K, cols, offs_d, stride_ks, stride_kd, WIDE), mask=kv_ok, other=0.0)
+        v = tl.load(tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE), mask=kv_ok, other=0.0)
+        s, t = scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(tile_mask(offs_m, cols, q_start, k_start, seqlen_k, IS_CAUSAL), p, 0.0)
+            seen = col_ok[None, :] & visible(q_pos[:, None], (k_pos0 + cols)[None, :],
+                                             window_left, window_right, LEFT, RIGHT)
+            p = tl.where(seen, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
+                               "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ,
+    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -194,67 +207,53 @@ def _bwd_dq_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_db, stride_dh, stride_ds,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    seqlen_q, seqlen_k, num_heads, HEAD_DIM: tl.constexpr, group_size,
-    q_start, k_start, qk_scale, softmax_scale,
-    IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    q_start, k_start, window_left, window_right, softmax_scale, softcap,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
-    h = pid_bh % num_heads
+    tile, seq, h = program_tile(seqlen_q, num_heads, BLOCK_M)  # seqlen_q: the longest, if packed
+    batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
+        seq, CuSeqlensQ, CuSeqlensK, PosQ, PosK, seqlen_q, seqlen_k, q_start, k_start, VARLEN)
+    if tile * BLOCK_M >= seqlen_q:
+        return
     h_kv = h // group_size
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
-    do = tl.load(DOut + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gs + offs_d[None, :] * stride_gd,
-                 mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(Lse, Delta, b * stride_lb + h * stride_lh, b * stride_db + h * stride_dh,
-                                 stride_ls, stride_ds, offs_m, seqlen_q)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
+    q = tl.load(tile_ptrs(seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs), offs_m, offs_d,
+                          stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
+    do = tl.load(tile_ptrs(seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
+                           stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
+    lse, delta = _load_row_stats(seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
+                                 seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds),
+                                 offs_m, seqlen_q, stride_ls, stride_ds)
+    K = seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks)
+    V = seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    q_hi = tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q)
-    full_end, end = visible_kv_range(pid_m * BLOCK_M, q_hi, q_start, k_start, seqlen_k, IS_CAUSAL)
-    unmasked_end = (full_end // BLOCK_N) * BLOCK_N
+    q_pos = q_pos0 + offs_m
+    last_row = tl.minimum((tile + 1) * BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = visible_range(q_pos0 + tile * BLOCK_M, q_pos0 + last_row, k_pos0, seqlen_k,
+                                             window_left, window_right, LEFT, RIGHT, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
-                   0, unmasked_end, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
+                   lo, full_lo, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
-                   unmasked_end, end, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
+                   full_lo, full_hi, False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
+                   full_hi, hi, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd
+    dq_ptrs = tile_ptrs(seq_base(DQ, batch, h, q_row0, stride_dqb, stride_dqh, stride_dqs), offs_m, offs_d,
+                        stride_dqs, stride_dqd, WIDE)
     if ACCUMULATE:
         dq += tl.load(dq_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
-
-
-def _bwd_configs():
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
-                                 (64, 64, 8, 3), (32, 128, 4, 2), (128, 128, 8, 1)]]
-
-
-def _prune_bwd_configs(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    return kept or configs
-
-
-_tune_key = ["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "ACCUMULATE"]
-_bwd_dkdv_kernel_tuned = triton.autotune(configs=_bwd_configs(), key=_tune_key,
-                                         prune_configs_by={"early_config_prune": _prune_bwd_configs},
-                                         restore_value=["DK", "DV"])(_bwd_dkdv_kernel)
-_bwd_dq_kernel_tuned = triton.autotune(configs=_bwd_configs(), key=_tune_key,
-                                       prune_configs_by={"early_config_prune": _prune_bwd_configs},
-                                       restore_value=["DQ"])(_bwd_dq_kernel)
-_bwd_preprocess_tuned = triton.autotune(configs=[triton.Config({"BLOCK_M": bm}, num_warps=4) for bm in (32, 64, 128)],
-                                        key=["HEAD_DIM"])(_bwd_preprocess)
 
 
 def attention_backward_delta(out, dout):
@@ -263,54 +262,61 @@ def attention_backward_delta(out, dout):
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=out.device)
     if delta.numel() == 0:
         return delta
-    args = (out, dout, delta, *out.stride(), *dout.stride(), seqlen_q, heads, head_dim)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    launch(_bwd_preprocess, _bwd_preprocess_tuned, grid, args,
-           {"BLOCK_D": max(16, triton.next_power_of_2(head_dim))}, {"BLOCK_M": 32}, out)
+    args = (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), seqlen_q, heads)
+    constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out, dout), "BLOCK_D": block_d(head_dim)}
+    launch(_bwd_preprocess, grid_1d(seqlen_q, batch * heads), args, constants, out)
     return delta
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, q_start=0, k_start=0,
-                       delta=None, dq=None, dk=None, dv=None, accumulate=False):
+                       delta=None, dq=None, dk=None, dv=None, accumulate=False, mask=None, softcap=0.0,
+                       compute_dq=True, compute_dkdv=True):
     """Gradients of attention for one (q, kv) pair, given the final out and lse.
 
-    ``delta`` (shaped like ``lse``, any strides) may be precomputed once: the ring
-    backward computes it for its whole local sequence and passes row slices.
-    ``dq``/``dk``/``dv`` may be given (any strides, e.g. float32 accumulators);
-    with ``accumulate=True`` this call's gradients are added to them.
+    Visibility as in ``attention_forward`` (``mask``, or ``causal``/``q_start``/``k_start``);
+    ``softcap`` must be the forward's. ``delta`` (shaped like ``lse``, any strides) may be
+    precomputed once: the ring backward computes it for its whole local sequence and
+    passes row slices. ``dq``/``dk``/``dv`` may be given (any strides, e.g. float32
+    accumulators); with ``accumulate=True`` this call's gradients are added to them.
+    ``compute_dq``/``compute_dkdv=False`` skip a kernel (its outputs are then None).
     Returns (dq, dk, dv).
     """
+    mask = mask or MaskSpec(causal=causal, q_start=q_start, k_start=k_start)
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    if accumulate and (dq is None or dk is None or dv is None):
+    if accumulate and ((compute_dq and dq is None) or (compute_dkdv and (dk is None or dv is None))):
         raise ValueError("attention_backward: accumulate=True needs dq, dk and dv buffers")
-    dq = torch.empty_like(q) if dq is None else dq
-    dk = torch.empty_like(k) if dk is None else dk
-    dv = torch.empty_like(v) if dv is None else dv
+    if delta is not None and tuple(delta.shape) != tuple(lse.shape):
+        raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    dq = (torch.empty_like(q) if dq is None else dq) if compute_dq else None
+    dk = (torch.empty_like(k) if dk is None else dk) if compute_dkdv else None
+    dv = (torch.empty_like(v) if dv is None else dv) if compute_dkdv else None
     if seqlen_q == 0 or seqlen_k == 0 or q.numel() == 0:
         if not accumulate:
-            dq.zero_(), dk.zero_(), dv.zero_()
+            for grad in (dq, dk, dv):
+                if grad is not None:
+                    grad.zero_()
         return dq, dk, dv
     if delta is None:
         delta = attention_backward_delta(out, dout)
-    group_size = heads // heads_kv
-    scales = (int(q_start), int(k_start), float(softmax_scale) * LOG2_E, float(softmax_scale))
-    constants = {"IS_CAUSAL": bool(causal), "ACCUMULATE": bool(accumulate),
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
-    if tuple(delta.shape) != tuple(lse.shape):
-        raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
-                         f"got {tuple(delta.shape)}")
+    max_q, max_k = mask.lengths(seqlen_q, seqlen_k)
+    cu_q, cu_k, pos_q, pos_k, *positions = mask.kernel_args(q)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride())
-
-    dkdv_args = (q, k, v, dout, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-                 seqlen_q, seqlen_k, heads, heads_kv, head_dim, group_size, *scales)
-    grid = lambda meta: (triton.cdiv(seqlen_k, meta["BLOCK_N"]), batch * heads_kv)  # noqa: E731
-    launch(_bwd_dkdv_kernel, _bwd_dkdv_kernel_tuned, grid, dkdv_args, constants, CPU_CONFIG, q)
-
-    dq_args = (q, k, v, dout, lse, delta, dq, *common, *dq.stride(),
-               seqlen_q, seqlen_k, heads, head_dim, group_size, *scales)
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    launch(_bwd_dq_kernel, _bwd_dq_kernel_tuned, grid, dq_args, constants, CPU_CONFIG, q)
+    per_call = (*positions, float(softmax_scale), float(softcap or 1.0), length_bucket(max_q), length_bucket(max_k))
+    constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "ACCUMULATE": bool(accumulate),
+                 "WIDE": needs_int64(q, k, v, dout, dq, dk, dv), "DOT_PRECISION": dot_precision(q.dtype),
+                 "BLOCK_D": block_d(head_dim)}
+    num_seqs = mask.num_seqs(batch)
+    if compute_dkdv:
+        args = (q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, pos_q, pos_k, *common, *dk.stride(), *dv.stride(),
+                max_q, max_k, heads_kv, heads // heads_kv, *per_call)
+        launch(_bwd_dkdv_kernel, grid_1d(max_k, num_seqs * heads_kv, "BLOCK_N"), args, constants, q,
+               in_place=accumulate)
+    if compute_dq:
+        args = (q, k, v, dout, lse, delta, dq, cu_q, cu_k, pos_q, pos_k, *common, *dq.stride(),
+                max_q, max_k, heads, heads // heads_kv, *per_call)
+        launch(_bwd_dq_kernel, grid_1d(max_q, num_seqs * heads), args, constants, q, in_place=accumulate)
     return dq, dk, dv

@@ -1,15 +1,15 @@
-"""Flash-attention forward: out and log-sum-exp, with causality by global positions.
+"""Flash-attention forward: out and log-sum-exp, with visibility by global positions.
 
 Layout is flash-attn's, (batch, seqlen, heads, headdim), read through arbitrary
-strides. Query row i sits at global position ``q_start + i`` and key column j at
-``k_start + j``; a key is visible when ``key_pos <= query_pos`` (DESIGN.md).
-KV blocks that are invisible to the whole query tile are never visited, and only
-blocks that straddle the diagonal or the sequence end pay for a mask.
+strides; packed documents are (1, total, heads, headdim) with ``cu_seqlens``.
+Query row i of a sequence sits at global position ``q_pos0 + i`` and key column
+j at ``k_pos0 + j``; which keys a query sees is the one rule of kernels/mask.py
+(causal, sliding window). Key blocks invisible to the whole query tile are never
+visited, and only blocks on a boundary pay for a mask.
 
-Notation follows the FlashAttention papers: ``m_i`` running row max, ``l_i``
-running row sum, ``acc`` unnormalised output. We work in base 2 (exp2) with the
-softmax scale folded into ``qk_scale = softmax_scale * log2(e)``; the lse we
-return is in natural log.
+Extras: a logit softcap (flash-attn's ``softcap * tanh(s / softcap)``), and
+attention sinks (one logit per head with no value): a sink is exactly the
+partial (out 0, lse sink_h), folded into the result by the one LSE merge.
 """
 import math
 
@@ -18,143 +18,111 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from .mask import visible, visible_range
 from .merge import merge_partials
+from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
+from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
-LOG2_E = 1.4426950408889634
-
-
-@triton.jit
-def visible_kv_range(q_lo, q_hi, q_start, k_start, seqlen_k, IS_CAUSAL: tl.constexpr):
-    """Key index range for query rows [q_lo, q_hi) (local indices, q_hi exclusive).
-
-    Returns (full_end, end): keys [0, full_end) are visible to every row of the
-    tile, keys [full_end, end) to some rows, keys from ``end`` on to none.
-    This is the one place the causal-position rule turns into loop bounds.
-    """
-    if IS_CAUSAL:
-        # key j is visible to row i iff k_start + j <= q_start + i
-        end = tl.minimum(seqlen_k, tl.maximum(q_start + q_hi - k_start, 0))
-        full_end = tl.minimum(end, tl.maximum(q_start + q_lo + 1 - k_start, 0))
-    else:
-        end = seqlen_k
-        full_end = seqlen_k
-    return full_end, end
-
-
-@triton.jit
-def tile_mask(rows, cols, q_start, k_start, seqlen_k, IS_CAUSAL: tl.constexpr):
-    """Which (query row, key column) pairs of a tile count: keys inside the
-    sequence and, when causal, at a position no later than the query's."""
-    visible = cols[None, :] < seqlen_k
-    if IS_CAUSAL:
-        visible = visible & ((k_start + cols)[None, :] <= (q_start + rows)[:, None])
-    return visible
-
-
-@triton.jit
-def online_softmax_step(s, m_i, l_i):
-    """Fold a tile of base-2 scores ``s`` (invisible entries -inf) into the running max and sum.
-
-    Returns (p, alpha, m_i, l_i): the tile's unnormalised probabilities, the
-    factor that rescales what was accumulated so far, and the new max and sum.
-    """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid NaN.
-    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
-    alpha = tl.math.exp2(m_i - m_shift)
-    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
-
-
-@triton.jit
-def finish_softmax(acc, l_i, m_i):
-    """Normalise: (out, lse in natural log). A row with no visible key gives out 0
-    and lse -inf, the identity of the merge."""
-    has_keys = l_i > 0.0
-    l_safe = tl.where(has_keys, l_i, 1.0)
-    out = acc * tl.where(has_keys, 1.0 / l_safe, 0.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))  # x ln 2
-    return out, lse
+__all__ = ["attention_forward", "MaskSpec", "LOG2_E", "dot_precision", "finish_softmax", "online_softmax_step"]
 
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
+               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
                lo, hi,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+               MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over the key blocks [lo, hi) of one query tile."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
+        col_ok = cols < seqlen_k
         # K is loaded as (D, BLOCK_N), ready for q @ k^T.
+        k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
+        v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
         if MASKED:
-            k = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd,
-                        mask=(cols[None, :] < seqlen_k) & d_ok[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
         else:
-            k = tl.load(K + cols[None, :] * stride_ks + offs_d[:, None] * stride_kd, mask=d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        s, _ = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         if MASKED:
-            s = tl.where(tile_mask(offs_m, cols, q_start, k_start, seqlen_k, IS_CAUSAL), s, float("-inf"))
+            seen = col_ok[None, :] & visible(q_pos[:, None], (k_pos0 + cols)[None, :],
+                                             window_left, window_right, LEFT, RIGHT)
+            s = tl.where(seen, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         if MASKED:
-            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd,
-                        mask=(cols[:, None] < seqlen_k) & d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         else:
-            v = tl.load(V + cols[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
+                               "seqlen_q_bucket", "seqlen_k_bucket"])
 def _fwd_kernel(
-    Q, K, V, Out, Lse,
+    Q, K, V, Out, Lse, Sinks, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    seqlen_q, seqlen_k, num_heads, HEAD_DIM: tl.constexpr, group_size,
-    q_start, k_start, qk_scale,
-    IS_CAUSAL: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    seqlen_q, seqlen_k, num_heads, group_size,
+    q_start, k_start, window_left, window_right, softmax_scale, softcap,
+    seqlen_q_bucket, seqlen_k_bucket,
+    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
+    SOFTCAP: tl.constexpr, SINKS: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
-    h = pid_bh % num_heads
+    tile, seq, h = program_tile(seqlen_q, num_heads, BLOCK_M)  # seqlen_q: the longest, if packed
+    batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
+        seq, CuSeqlensQ, CuSeqlensK, PosQ, PosK, seqlen_q, seqlen_k, q_start, k_start, VARLEN)
+    if tile * BLOCK_M >= seqlen_q:  # a tile past the end of a shorter document
+        return
     h_kv = h // group_size  # GQA: query heads [h_kv*g, (h_kv+1)*g) share kv head h_kv
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen_q
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
-    K += b * stride_kb + h_kv * stride_kh
-    V += b * stride_vb + h_kv * stride_vh
+    Q = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
+    K = seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks)
+    V = seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs)
+    q = tl.load(tile_ptrs(Q, offs_m, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    q_hi = tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q)
-    full_end, end = visible_kv_range(pid_m * BLOCK_M, q_hi, q_start, k_start, seqlen_k, IS_CAUSAL)
-    # Whole blocks that every row sees need no mask; the rest (diagonal, tail) do.
-    unmasked_end = (full_end // BLOCK_N) * BLOCK_N
+    q_pos = q_pos0 + offs_m
+    last_row = tl.minimum((tile + 1) * BLOCK_M, seqlen_q) - 1
+    lo, full_lo, full_hi, hi = visible_range(q_pos0 + tile * BLOCK_M, q_pos0 + last_row, k_pos0, seqlen_k,
+                                             window_left, window_right, LEFT, RIGHT, BLOCK_N)
+    # Blocks every row sees need no mask; those on the window's edges and the sequence end do.
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
-                               0, unmasked_end, False, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+                               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
+                               window_left, window_right, lo, full_lo,
+                               True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, q_start, k_start, seqlen_k, HEAD_DIM, qk_scale,
-                               unmasked_end, end, True, IS_CAUSAL, BLOCK_N, DOT_PRECISION)
+                               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
+                               window_left, window_right, full_lo, full_hi,
+                               False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
+                               window_left, window_right, full_hi, hi,
+                               True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
 
     out, lse = finish_softmax(acc, l_i, m_i)
+    if SINKS:
+        # A sink is the partial (out 0, lse sink_h): one merge folds it in.
+        sink = tl.load(Sinks + h).to(tl.float32) + tl.zeros([BLOCK_M], dtype=tl.float32)
+        out, lse = merge_partials(out, lse, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), sink)
 
-    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od
-    lse_ptrs = Lse + b * stride_lb + h * stride_lh + offs_m * stride_ls
+    out_ptrs = tile_ptrs(seq_base(Out, batch, h, q_row0, stride_ob, stride_oh, stride_os),
+                         offs_m, offs_d, stride_os, stride_od, WIDE)
+    lse_ptrs = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls) + offs_m * stride_ls
     if ACCUMULATE:
         # Fold this partial into the running (out, lse) already in Out/Lse.
         out_prev = tl.load(out_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
@@ -164,48 +132,65 @@ def _fwd_kernel(
     tl.store(lse_ptrs, lse, mask=row_ok)
 
 
-def _fwd_configs():
-    configs = []
-    for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                                  (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 4, 2), (128, 128, 8, 2)]:
-        configs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages))
-    return configs
+class MaskSpec:
+    """The one description of which keys a query sees (DESIGN.md), as the kernels take it.
 
+    q_start, k_start: global positions of the first query row and key column (ints), or,
+        with ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents, int32 (N + 1,)),
+        int32 tensors (N,) of each document's first query / key position.
+    causal: keys after the query are invisible (the window's right bound becomes 0).
+    window_size: (left, right) as flash-attn, -1 = unbounded on that side.
+    """
 
-def _prune_fwd_configs(configs, named_args, **kwargs):
-    # Large head dims with large tiles exceed shared memory; keep tiles in proportion.
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if block_d <= 128 or c.kwargs["BLOCK_N"] <= 64]
-    return kept or configs
+    def __init__(self, causal=False, window_size=(-1, -1), q_start=0, k_start=0,
+                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+        left, right = (int(w) for w in window_size)
+        if causal:
+            right = 0 if right < 0 else min(right, 0)
+        self.left, self.right = left, right
+        self.q_start, self.k_start = q_start, k_start
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+        self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
 
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
 
-_fwd_kernel_tuned = triton.autotune(
-    configs=_fwd_configs(),
-    key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "ACCUMULATE"],
-    prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    restore_value=["Out", "Lse"],
-)(_fwd_kernel)
+    def num_seqs(self, batch):
+        return self.cu_seqlens_q.numel() - 1 if self.varlen else batch
 
-# Tiles for the interpreter: big enough to keep the number of programs small,
-# small enough that the test shapes still cross block and diagonal boundaries.
-CPU_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}
+    def lengths(self, seqlen_q, seqlen_k):
+        """(longest query sequence, longest key sequence)."""
+        if self.varlen:
+            return self.max_seqlen_q, self.max_seqlen_k
+        return seqlen_q, seqlen_k
 
+    def kernel_args(self, like):
+        """(CuSeqlensQ, CuSeqlensK, PosQ, PosK, q_start, k_start, window_left, window_right)."""
+        if self.varlen:
+            return (self.cu_seqlens_q, self.cu_seqlens_k, self.q_start, self.k_start, 0, 0,
+                    max(self.left, 0), max(self.right, 0))
+        return like, like, like, like, int(self.q_start), int(self.k_start), max(self.left, 0), max(self.right, 0)
 
-def dot_precision(dtype):
-    """fp32 inputs get true fp32 products (not TF32) so fp32 results match an fp32 reference."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    def constants(self):
+        return {"VARLEN": self.varlen, "LEFT": self.left >= 0, "RIGHT": self.right >= 0}
 
 
 def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_start=0,
-                      out=None, lse=None, accumulate=False):
+                      out=None, lse=None, accumulate=False, mask=None, softcap=0.0, sinks=None):
     """One flash-attention forward over q (B, Sq, H, D) and k, v (B, Sk, Hkv, D).
 
     Returns (out, lse): out (B, Sq, H, D), lse (B, H, Sq) float32 natural log.
+    Visibility: ``mask`` (a MaskSpec), or for the common case ``causal`` with the
+    global positions ``q_start``/``k_start`` of the first query row and key column.
+    With a packed MaskSpec (cu_seqlens), q/k/v are (1, total, H, D) and lse (1, H, total).
+    ``softcap > 0`` caps the logits; ``sinks`` (H,) adds one value-less logit per head.
     ``out``/``lse`` may be given (any strides; out may be float32 to hold a
     running ring result). With ``accumulate=True`` they must hold a partial
     already, and this call's partial is merged into them.
     Inputs are assumed validated by the caller (cpattn's API layer).
     """
+    mask = mask or MaskSpec(causal=causal, q_start=q_start, k_start=k_start)
     batch, seqlen_q, heads, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if softmax_scale is None:
@@ -218,17 +203,19 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
         lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
-    if seqlen_k == 0:
+    if seqlen_k == 0 and not mask.varlen and sinks is None:
         if not accumulate:
             out.zero_()
             lse.fill_(float("-inf"))
         return out, lse
-    args = (q, k, v, out, lse,
+    max_q, max_k = mask.lengths(seqlen_q, seqlen_k)
+    args = (q, k, v, out, lse, q if sinks is None else sinks, *mask.kernel_args(q)[:4],
             *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-            seqlen_q, seqlen_k, heads, head_dim, heads // heads_kv,
-            int(q_start), int(k_start), float(softmax_scale) * LOG2_E)
-    constants = {"IS_CAUSAL": bool(causal), "ACCUMULATE": bool(accumulate),
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": max(16, triton.next_power_of_2(head_dim))}
-    grid = lambda meta: (triton.cdiv(seqlen_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    launch(_fwd_kernel, _fwd_kernel_tuned, grid, args, constants, CPU_CONFIG, q)
+            max_q, seqlen_k, heads, heads // heads_kv,
+            *mask.kernel_args(q)[4:], float(softmax_scale), float(softcap or 1.0),
+            length_bucket(max_q), length_bucket(max_k))
+    constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "SINKS": sinks is not None,
+                 "ACCUMULATE": bool(accumulate), "WIDE": needs_int64(q, k, v, out, lse),
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
+    launch(_fwd_kernel, grid_1d(max_q, mask.num_seqs(batch) * heads), args, constants, q, in_place=accumulate)
     return out, lse

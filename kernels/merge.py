@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
+from .tiles import block_d, grid_1d, needs_int64, program_tile, seq_base, tile_ptrs
 
 
 @triton.jit
@@ -40,37 +41,29 @@ def _merge_kernel(
     stride_lab, stride_lah, stride_las,
     stride_lbb, stride_lbh, stride_lbs,
     stride_ldb, stride_ldh, stride_lds,
-    seqlen, num_heads, HEAD_DIM: tl.constexpr,
+    seqlen, num_heads, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // num_heads).to(tl.int64)  # int64: batch offsets of large tensors pass 2**31
-    h = pid_bh % num_heads
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile, b, h = program_tile(seqlen, num_heads, BLOCK_M)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
 
-    o_a = tl.load(OutA + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_as + offs_d[None, :] * stride_ad,
-                  mask=tile_ok, other=0.0).to(tl.float32)
-    o_b = tl.load(OutB + b * stride_bb + h * stride_bh + offs_m[:, None] * stride_bs + offs_d[None, :] * stride_bd,
-                  mask=tile_ok, other=0.0).to(tl.float32)
-    lse_a = tl.load(LseA + b * stride_lab + h * stride_lah + offs_m * stride_las, mask=row_ok, other=float("-inf"))
-    lse_b = tl.load(LseB + b * stride_lbb + h * stride_lbh + offs_m * stride_lbs, mask=row_ok, other=float("-inf"))
+    o_a = tl.load(tile_ptrs(seq_base(OutA, b, h, 0, stride_ab, stride_ah, stride_as), offs_m, offs_d,
+                            stride_as, stride_ad, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
+    o_b = tl.load(tile_ptrs(seq_base(OutB, b, h, 0, stride_bb, stride_bh, stride_bs), offs_m, offs_d,
+                            stride_bs, stride_bd, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
+    lse_a = tl.load(seq_base(LseA, b, h, 0, stride_lab, stride_lah, stride_las) + offs_m * stride_las,
+                    mask=row_ok, other=float("-inf"))
+    lse_b = tl.load(seq_base(LseB, b, h, 0, stride_lbb, stride_lbh, stride_lbs) + offs_m * stride_lbs,
+                    mask=row_ok, other=float("-inf"))
 
     o, lse = merge_partials(o_a, lse_a, o_b, lse_b)
 
-    tl.store(OutDst + b * stride_db + h * stride_dh + offs_m[:, None] * stride_ds + offs_d[None, :] * stride_dd,
-             o.to(OutDst.dtype.element_ty), mask=tile_ok)
-    tl.store(LseDst + b * stride_ldb + h * stride_ldh + offs_m * stride_lds, lse, mask=row_ok)
-
-
-_merge_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4, 8)],
-    key=["HEAD_DIM"],
-    restore_value=["OutDst", "LseDst"],
-)(_merge_kernel)
+    tl.store(tile_ptrs(seq_base(OutDst, b, h, 0, stride_db, stride_dh, stride_ds), offs_m, offs_d,
+                       stride_ds, stride_dd, WIDE), o.to(OutDst.dtype.element_ty), mask=tile_ok)
+    tl.store(seq_base(LseDst, b, h, 0, stride_ldb, stride_ldh, stride_lds) + offs_m * stride_lds, lse, mask=row_ok)
 
 
 def _check_partial(out, lse, name):
@@ -105,11 +98,10 @@ def merge_attention(out_a, lse_a, out_b, lse_b, inplace=False):
     batch, seqlen, heads, head_dim = out_a.shape
     if out.numel() == 0:
         return out, lse
-    block_d = triton.next_power_of_2(head_dim)
     args = (out_a, lse_a, out_b, lse_b, out, lse,
             *out_a.stride(), *out_b.stride(), *out.stride(),
             *lse_a.stride(), *lse_b.stride(), *lse.stride(),
-            seqlen, heads, head_dim)
-    grid = lambda meta: (triton.cdiv(seqlen, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-    launch(_merge_kernel, _merge_kernel_tuned, grid, args, {"BLOCK_D": block_d}, {"BLOCK_M": 32}, out_a)
+            seqlen, heads)
+    constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out_a, out_b, out), "BLOCK_D": block_d(head_dim)}
+    launch(_merge_kernel, grid_1d(seqlen, batch * heads), args, constants, out_a, in_place=inplace)
     return out, lse

@@ -10,11 +10,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cpattn", "cpattn.kernels"],
+    packages=["cpattn", "cpattn.kernels", "cpattn.integrations", "cpattn.examples"],
     package_dir={"cpattn": "cpattn", "cpattn.kernels": "kernels"},
     install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
+                 "transformers>=5.0,<6; python_version >= '3.10'"],  # transformers 5 needs Python 3.10
+        "transformers": ["transformers>=5.0,<6"],  # tested with 5.0.0 and 5.24.0
         "bench": ["matplotlib"],
     },
 )

@@ -1,0 +1,244 @@
+"""Hugging Face transformers models on cpattn attention, on one device or context parallel.
+
+One device::
+
+    import cpattn.integrations.transformers as cpattn_hf
+    cpattn_hf.register()          # adds the attention implementations "cpattn" and "cpattn_cp"
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="cpattn")
+
+Context parallel: every rank holds the whole model and its share of every sequence::
+
+    cp = cpattn.ContextParallel(ulysses_degree=1, ring_impl="zigzag")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="cpattn_cp")
+    inputs, shift_labels = cpattn_hf.shard_batch(cp, input_ids, labels)
+    with cpattn_hf.context_parallel(cp):
+        logits = model(**inputs, use_cache=False).logits
+        loss = cpattn_hf.causal_lm_loss(logits, shift_labels, cp)   # this rank's share of the mean loss
+        loss.backward()
+    cpattn_hf.all_reduce_gradients(model, cp)
+
+Each layer's attention features come from the keyword arguments transformers
+passes (sliding_window, softcap, s_aux, dropout, attention masks, packed-sequence
+arguments). A feature cpattn does not compute raises NotImplementedError naming
+it; the layer never silently falls back to plain causal attention.
+transformers itself is imported only by ``register``.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import cpattn
+from cpattn.comm import agree_on_inputs
+
+# cpattn keyword argument -> the model feature that needs it. While a name is listed here a model that
+# needs it is refused with NotImplementedError; once cpattn computes it (issue 10: window_size, softcap),
+# deleting its line passes it through to cpattn.flash_attn_func / ContextParallel.attention.
+NOT_SUPPORTED = {
+    "window_size": "sliding-window attention (config.sliding_window shorter than the sequence)",
+    "softcap": "attention logit softcapping (config.attn_logit_softcapping)",
+    "sinks": "attention sinks (s_aux)",
+    "dropout_p": "attention dropout (config.attention_dropout > 0 in training mode)",
+}
+
+# The flash-attention-style arguments of packed sequences (transformers' DataCollatorWithFlattening).
+PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+_active = []  # ContextParallel objects of the enclosing context_parallel() blocks, innermost last
+
+
+def register():
+    """Add "cpattn" and "cpattn_cp" to transformers' attention and attention-mask interfaces (idempotent)."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    except ImportError as exc:
+        raise ImportError("cpattn.integrations.transformers needs transformers 5 "
+                          "(pip install 'cpattn[transformers]')") from exc
+    for name, function in (("cpattn", cpattn_attention), ("cpattn_cp", cpattn_cp_attention)):
+        AttentionInterface.register(name, function)
+        # flash-attention's mask: None unless the batch is padded. Without a registered mask function
+        # transformers would drop a padding mask instead of handing it to the attention, which refuses it.
+        AttentionMaskInterface.register(name, flash_attention_mask)
+
+
+class context_parallel:
+    """``with context_parallel(cp):`` runs the "cpattn_cp" layers of models called inside it on ``cp``.
+
+    Run the backward inside the block too when the model recomputes activations
+    (gradient checkpointing); blocks nest, the innermost wins.
+    """
+
+    def __init__(self, cp):
+        if not isinstance(cp, cpattn.ContextParallel):
+            raise TypeError(f"context_parallel: expected a cpattn.ContextParallel, got {type(cp).__name__}")
+        self.cp = cp
+
+    def __enter__(self):
+        _active.append(self.cp)
+        return self.cp
+
+    def __exit__(self, *exc_info):
+        _active.pop()
+
+
+def _layer_name(module):
+    index = getattr(module, "layer_idx", None)
+    return type(module).__name__ + ("" if index is None else f" (layer {index})")
+
+
+def _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where):
+    """(causal, extra cpattn keyword arguments) of one attention call; refuses what cpattn does not compute.
+
+    ``seq_len``: the length of the whole key sequence (all ranks' shards together).
+    """
+    sdpa_hint = "; use attn_implementation='sdpa' for this input"
+    if attention_mask is not None:
+        raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) needs cpattn's varlen "
+                                  f"attention (issue 9), which does not exist yet{sdpa_hint}")
+    packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
+    if packed:
+        raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) need cpattn's varlen attention "
+                                  f"(issue 9), which does not exist yet{sdpa_hint}")
+    if kwargs.get("position_bias") is not None:
+        raise NotImplementedError(f"{where}: an additive position bias is not supported by cpattn{sdpa_hint}")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError(f"{where}: output_attentions=True: cpattn never forms the attention "
+                                  "probabilities; use attn_implementation='eager'")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    extras = {}
+    window = kwargs.get("sliding_window")
+    if window is not None and seq_len > window:  # a window as long as the sequence masks nothing
+        if not causal:
+            raise NotImplementedError(f"{where}: {_layer_name(module)} asks for a bidirectional sliding window, "
+                                      f"which cpattn does not support{sdpa_hint}")
+        extras["window_size"] = (window - 1, 0)  # transformers: key visible iff query_pos - key_pos < window
+    if kwargs.get("softcap"):  # None or 0.0: no softcapping
+        extras["softcap"] = float(kwargs["softcap"])
+    if kwargs.get("s_aux") is not None:
+        extras["sinks"] = kwargs["s_aux"].float()
+    if dropout:
+        extras["dropout_p"] = float(dropout)
+    refused = [NOT_SUPPORTED[name] for name in extras if name in NOT_SUPPORTED]
+    if refused:
+        raise NotImplementedError(f"{where}: {_layer_name(module)} needs {' and '.join(refused)}, which cpattn "
+                                  f"does not compute yet{sdpa_hint}")
+    return causal, extras
+
+
+def _check_positions(position_ids, kv_len):
+    """Refuse position_ids (..., L) that the single-device layer cannot honour (one device sync)."""
+    where, hint = "cpattn attention", "use attn_implementation='sdpa' for this input"
+    if not bool((position_ids[..., 1:] - position_ids[..., :-1] == 1).all()):
+        raise NotImplementedError(f"{where}: position_ids restart inside a row (packed sequences); that needs "
+                                  f"cpattn's varlen attention (issue 9), which does not exist yet; {hint}")
+    # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys.
+    if position_ids.shape[-1] < kv_len and not bool((position_ids[..., -1] == kv_len - 1).all()):
+        raise NotImplementedError(f"{where}: the keys extend past the newest query (e.g. a StaticCache's empty "
+                                  f"slots), which needs an attention mask; use a DynamicCache or {hint}")
+
+
+@torch.library.custom_op("cpattn_hf::check_positions", mutates_args=("position_ids",))
+def _check_positions_in_graph(position_ids: torch.Tensor, kv_len: int) -> None:
+    """``_check_positions`` as an op, so that torch.compile keeps the data-dependent check and it still raises.
+
+    position_ids is declared mutated (it is not) because the compiler removes ops
+    without outputs or side effects. Eager code calls ``_check_positions`` instead:
+    the op bumps the tensor's version counter, which autograd would notice.
+    """
+    _check_positions(position_ids, kv_len)
+
+
+@_check_positions_in_graph.register_fake
+def _(position_ids, kv_len):
+    return None
+
+
+def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function "cpattn": query (B, H, L, D), key/value (B, Hkv, S, D) -> (B, L, H, D)."""
+    where = "cpattn attention"
+    causal, extras = _cpattn_arguments(module, attention_mask, dropout, key.shape[2], kwargs, where)
+    if kwargs.get("position_ids") is not None:
+        check = _check_positions_in_graph if torch.compiler.is_compiling() else _check_positions
+        check(kwargs["position_ids"], key.shape[2])
+    # (B, H, L, D) -> (B, L, H, D) is a view; cpattn reads any strides and k/v keep their fewer heads (GQA).
+    out = cpattn.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                 softmax_scale=scaling, causal=causal, **extras)
+    return out, None
+
+
+def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel."""
+    where = "cpattn_cp attention"
+    if not _active:
+        raise RuntimeError(f"{where}: call the model inside `with cpattn.integrations.transformers."
+                           "context_parallel(cp):` (and its backward too under gradient checkpointing)")
+    cp = _active[-1]
+    error = None
+    try:
+        if query.shape[2] != key.shape[2]:
+            raise NotImplementedError(f"{where}: queries and keys differ in length ({query.shape[2]} vs "
+                                      f"{key.shape[2]}), as with a KV cache; context-parallel layers run whole "
+                                      "sharded sequences: pass use_cache=False (decode with cpattn.ShardedKVCache)")
+        seq_len = query.shape[2] * cp.world_size
+        causal, extras = _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is not None:
+            expected = cp.positions(seq_len).to(position_ids.device).expand_as(position_ids)
+            if not torch.equal(position_ids, expected):
+                raise ValueError(f"{where}: position_ids are not this rank's global token positions "
+                                 f"cp.positions({seq_len}); pass them (shard_batch does), so that RoPE sees the "
+                                 "true positions (packed sequences, whose positions restart, need issue 9)")
+    except (ValueError, NotImplementedError) as exc:
+        error = exc
+    # A padding mask or wrong positions may reach some ranks only: every rank must raise, none may wait.
+    if cp.world_size > 1 and cp.check_across_ranks:
+        agree_on_inputs(cp.group, [], error, where, (), hint=query)
+    elif error is not None:
+        raise error
+    out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                       causal=causal, softmax_scale=scaling, **extras)
+    return out, None
+
+
+def shard_batch(cp, input_ids, labels, ignore_index=-100):
+    """This rank's share of a causal-LM batch: ``(model inputs, shift_labels)``.
+
+    ``input_ids``, ``labels``: (B, S), the whole batch, the same on every rank.
+    The model inputs are this rank's ``input_ids`` and ``position_ids`` (its
+    tokens' global positions, for RoPE). The labels are shifted by one token over
+    the whole sequence before sharding (a token's target is the next token, which
+    may live on another rank); the last token gets ``ignore_index``.
+    """
+    where = "shard_batch"
+    for name, t in (("input_ids", input_ids), ("labels", labels)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{where}: {name} must be a 2-D (batch, seq_len) tensor, "
+                             f"got {getattr(t, 'shape', type(t).__name__)}")
+    if labels.shape != input_ids.shape:
+        raise ValueError(f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    batch, seq_len = input_ids.shape
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    positions = cp.positions(seq_len).to(input_ids.device).expand(batch, -1)
+    return {"input_ids": cp.shard(input_ids, seq_dim=1), "position_ids": positions}, cp.shard(shift_labels, seq_dim=1)
+
+
+def causal_lm_loss(logits, shift_labels, cp, ignore_index=-100):
+    """This rank's share of the batch's mean next-token cross-entropy (float32).
+
+    The sum of this rank's token losses over the number of targets on all ranks
+    (one all-reduce), so the shares of all ranks add up to the single-device loss
+    and backpropagating each rank's share gives every rank its part of the gradient.
+    """
+    count = (shift_labels != ignore_index).sum()
+    dist.all_reduce(count, group=cp.group)
+    local = F.cross_entropy(logits.float().flatten(0, 1), shift_labels.flatten().to(logits.device),
+                            ignore_index=ignore_index, reduction="sum")
+    return local / count.to(local.device)
+
+
+def all_reduce_gradients(model, cp):
+    """Sum every parameter's gradient over the context-parallel group (after the backward of ``causal_lm_loss``)."""
+    for param in model.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad, group=cp.group)

@@ -22,11 +22,6 @@ from reference import rel_err  # noqa: E402
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def registered():
-    cpattn_hf.register()
-
-
 def train_step(model, input_ids, *args, **kwargs):
     """(logits, loss, {name: grad}) of one forward and backward; extra args go to the model."""
     out = model(input_ids, *args, labels=input_ids, use_cache=False, **kwargs)

@@ -37,10 +37,28 @@ def build_model(config, attn_implementation, state_dict=None):
     """A causal LM for ``config`` (copied: transformers writes the implementation into the config it gets)."""
     from transformers import AutoModelForCausalLM
 
+    cpattn_hf.register()  # idempotent; "cpattn" and "cpattn_cp" must be known to from_config
     model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=attn_implementation)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+def context_parallel_step(model, cp, input_ids, labels):
+    """Forward and backward of one whole (B, S) batch, context parallel: the README's recipe.
+
+    Leaves every parameter's gradient summed over the group (the single-device
+    gradient) and returns the batch's mean loss, the same on every rank.
+    """
+    inputs, shift_labels = cpattn_hf.shard_batch(cp, input_ids, labels)
+    with cpattn_hf.context_parallel(cp):
+        logits = model(**inputs, use_cache=False).logits
+        loss = cpattn_hf.causal_lm_loss(logits, shift_labels, cp)  # this rank's share of the mean loss
+        loss.backward()
+    cpattn_hf.all_reduce_gradients(model, cp)
+    total = loss.detach().clone()
+    dist.all_reduce(total, group=cp.group)  # the shares add up to the mean loss
+    return total
 
 
 def main(argv=None):
@@ -57,7 +75,6 @@ def main(argv=None):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
     device = _init_distributed()
     rank = dist.get_rank()
-    cpattn_hf.register()
     cp = cpattn.ContextParallel(ulysses_degree=args.ulysses_degree, ring_impl=args.ring_impl)
 
     torch.manual_seed(0)  # the same weights and data on every rank
@@ -72,16 +89,9 @@ def main(argv=None):
               f"{args.batch} x {args.seq_len} tokens, {cp} on {dist.get_world_size()} rank(s), {device}")
 
     for step in range(1, args.steps + 1):
-        inputs, shift_labels = cpattn_hf.shard_batch(cp, input_ids, input_ids)
-        with cpattn_hf.context_parallel(cp):
-            logits = model(**inputs, use_cache=False).logits
-            loss = cpattn_hf.causal_lm_loss(logits, shift_labels, cp)
-            loss.backward()
-        cpattn_hf.all_reduce_gradients(model, cp)
+        total = context_parallel_step(model, cp, input_ids, input_ids)
         optimizer.step()
         optimizer.zero_grad()
-        total = loss.detach().clone()
-        dist.all_reduce(total, group=cp.group)  # the shares add up to the batch's mean loss
 
         if rank == 0:
             ref_loss = reference(input_ids=input_ids, labels=input_ids, use_cache=False).loss

@@ -6,16 +6,11 @@ One device::
     cpattn_hf.register()          # adds the attention implementations "cpattn" and "cpattn_cp"
     model = AutoModelForCausalLM.from_config(config, attn_implementation="cpattn")
 
-Context parallel: every rank holds the whole model and its share of every sequence::
-
-    cp = cpattn.ContextParallel(ulysses_degree=1, ring_impl="zigzag")
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="cpattn_cp")
-    inputs, shift_labels = cpattn_hf.shard_batch(cp, input_ids, labels)
-    with cpattn_hf.context_parallel(cp):
-        logits = model(**inputs, use_cache=False).logits
-        loss = cpattn_hf.causal_lm_loss(logits, shift_labels, cp)   # this rank's share of the mean loss
-        loss.backward()
-    cpattn_hf.all_reduce_gradients(model, cp)
+Context parallel ("cpattn_cp"): every rank holds the whole model and its share of
+every sequence (``shard_batch``); the model runs inside ``with context_parallel(cp):``,
+the loss is ``causal_lm_loss`` and the gradients are summed by
+``all_reduce_gradients``. The recipe in full: README.md ("Hugging Face
+transformers") and ``cpattn.examples.train_transformers.context_parallel_step``.
 
 Each layer's attention features come from the keyword arguments transformers
 passes (sliding_window, softcap, s_aux, dropout, attention masks, packed-sequence

@@ -70,17 +70,16 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
     qc, kc, vc, oc, dc = (t.to(dtype) for t in (q, k, v, out, dout))
     dq, dk, dv = attention_backward(dc, qc, kc, vc, oc, lse, softmax_scale, delta=delta, mask=mask, softcap=softcap,
                                     compute_dq=compute_dq, compute_dkdv=compute_dkdv)
-    none = q.new_empty(0)
-    return (dq.to(q.dtype) if compute_dq else none, dk.to(k.dtype) if compute_dkdv else none,
-            dv.to(v.dtype) if compute_dkdv else none)
+    # Outputs may not alias each other: every skipped gradient gets its own empty tensor.
+    return (dq.to(q.dtype) if compute_dq else q.new_empty(0), dk.to(k.dtype) if compute_dkdv else q.new_empty(0),
+            dv.to(v.dtype) if compute_dkdv else q.new_empty(0))
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, q_start, k_start, softcap,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k, compute_dq, compute_dkdv):
-    none = q.new_empty(0)
-    return (torch.empty_like(q) if compute_dq else none, torch.empty_like(k) if compute_dkdv else none,
-            torch.empty_like(v) if compute_dkdv else none)
+    return (torch.empty_like(q) if compute_dq else q.new_empty(0), torch.empty_like(k) if compute_dkdv else q.new_empty(0),
+            torch.empty_like(v) if compute_dkdv else q.new_empty(0))
 
 
 @torch.library.custom_op("cpattn::attention_delta", mutates_args=())

@@ -9,9 +9,10 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_qkv(q, k, v, where, layout="flash"):
+def check_qkv(q, k, v, where, layout="flash", same_value_dim=True):
     """Validate q, k, v in flash layout (B, S, H, D) or SDPA layout (B, H, S, D).
 
+    ``same_value_dim=False`` lets v's head dim differ from q's and k's (torch SDPA allows it).
     Returns (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim).
     """
     names = ("q", "k", "v") if layout == "flash" else ("query", "key", "value")
@@ -37,16 +38,16 @@ def check_qkv(q, k, v, where, layout="flash"):
         (batch, heads, seqlen_q, head_dim), (bk, heads_kv, seqlen_k, dk), (bv, hv, sv, dv) = q.shape, k.shape, v.shape
     if not (batch == bk == bv):
         raise ValueError(f"{where}: batch sizes differ: {names[0]} {batch}, {names[1]} {bk}, {names[2]} {bv}")
-    if not (head_dim == dk == dv):
+    if head_dim != dk or (same_value_dim and dk != dv):
         raise ValueError(f"{where}: head dims differ: {names[0]} {head_dim}, {names[1]} {dk}, {names[2]} {dv}")
     if seqlen_k != sv:
         raise ValueError(f"{where}: {names[1]} and {names[2]} lengths differ: {seqlen_k} vs {sv}")
     if heads_kv != hv:
         raise ValueError(f"{where}: {names[1]} and {names[2]} head counts differ: {heads_kv} vs {hv}")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"{where}: head dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
-    if head_dim < 1:
-        raise ValueError(f"{where}: head dim must be at least 1, got {head_dim}")
+    if max(head_dim, dv) > MAX_HEAD_DIM:
+        raise ValueError(f"{where}: head dim {max(head_dim, dv)} is above the supported maximum {MAX_HEAD_DIM}")
+    if min(head_dim, dv) < 1:
+        raise ValueError(f"{where}: head dim must be at least 1, got {min(head_dim, dv)}")
     if heads_kv < 1 or heads % heads_kv != 0:
         raise ValueError(f"{where}: query heads ({heads}) must be a multiple of kv heads ({heads_kv})")
     return batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim
@@ -69,3 +70,78 @@ def positive_int(value, name, where, allow_none=False):
     if value < 1:
         raise ValueError(f"{where}: {name} must be a positive int, got {value}")
     return value
+
+
+def refuse_unsupported(where, dropout_p=0.0, alibi_slopes=None, **others):
+    """NotImplementedError for flash-attn arguments cpattn does not support (never ignored)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"{where}: dropout_p must be a float, got {type(dropout_p).__name__}")
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"{where}: dropout_p={dropout_p} is not supported by cpattn (use 0.0)")
+    if alibi_slopes is not None:
+        raise NotImplementedError(f"{where}: alibi_slopes are not supported by cpattn")
+    for name, value in others.items():
+        if value is not None:
+            raise NotImplementedError(f"{where}: {name} is not supported by cpattn")
+
+
+def check_window(window_size, where):
+    """(left, right) as ints >= -1 (-1: unbounded on that side)."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"{where}: window_size must be a pair (left, right), got {window_size!r}")
+    for side, w in zip(("left", "right"), window_size):
+        if isinstance(w, bool) or not isinstance(w, int):
+            raise TypeError(f"{where}: window_size {side} must be an int, got {type(w).__name__}")
+        if w < -1:
+            raise ValueError(f"{where}: window_size {side} must be >= 0, or -1 for unbounded; got {w}")
+    return int(window_size[0]), int(window_size[1])
+
+
+def check_softcap(softcap, where):
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"{where}: softcap must be a float, got {type(softcap).__name__}")
+    if not softcap >= 0.0 or softcap == float("inf"):
+        raise ValueError(f"{where}: softcap must be a finite value >= 0 (0 disables it), got {softcap}")
+    return float(softcap)
+
+
+def check_sinks(sinks, heads, device, where):
+    """Attention sinks: one float logit per query head, on the inputs' device."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise TypeError(f"{where}: sinks must be a tensor of shape ({heads},), got {type(sinks).__name__}")
+    if not sinks.is_floating_point() or sinks.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{where}: sinks must be float32, float16 or bfloat16, got {sinks.dtype}")
+    if tuple(sinks.shape) != (heads,):
+        raise ValueError(f"{where}: sinks must have shape ({heads},), one per query head, got {tuple(sinks.shape)}")
+    if sinks.device != device:
+        raise ValueError(f"{where}: sinks are on {sinks.device} but the inputs on {device}")
+    return sinks
+
+
+def check_cu_seqlens(cu_seqlens, total, max_seqlen, device, name, where):
+    """cu_seqlens: int32 (N + 1,) from 0, non-decreasing, ending at ``total``; no document
+    longer than ``max_seqlen``. Reads the values back to the host (skipped while compiling)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be an int32 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{where}: {name} must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{where}: {name} must be 1-D with at least one entry, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{where}: {name} is on {cu_seqlens.device} but the inputs on {device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"{where}: the max_seqlen that goes with {name} must be an int >= 0, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{where}: {name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if any(n < 0 for n in lengths):
+        raise ValueError(f"{where}: {name} must be non-decreasing, got {values}")
+    if values[-1] != total:
+        raise ValueError(f"{where}: {name} ends at {values[-1]} but there are {total} tokens")
+    if lengths and max(lengths) > max_seqlen:
+        raise ValueError(f"{where}: a document of {max(lengths)} tokens is longer than max_seqlen {max_seqlen}")

@@ -1,60 +1,153 @@
-"""Single-device attention: the autograd Function over the Triton kernels, and
-the two drop-in entry points (flash-attn layout and torch SDPA layout)."""
+"""Single-device attention: flash-attn's functions (dense and packed/varlen, with
+their qkv/kv-packed variants) and a drop-in for torch's scaled_dot_product_attention.
+
+Each entry point checks its arguments, applies autocast like torch SDPA, turns its
+layout and mask convention into the kernels' one description (``MaskSpec``) and
+calls the custom operator of cpattn/_ops.py, which is differentiable and traceable
+by torch.compile.
+"""
+import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 
-from cpattn.kernels import attention_backward, attention_forward
+from cpattn.kernels import MaskSpec
 
-from ._checks import check_qkv, check_scale
-
-
-def _kernel_dtype(t):
-    # Triton's CPU interpreter computes with numpy, which has no bfloat16 matmul:
-    # on CPU, bf16 inputs run the same kernels in float32 and are rounded back.
-    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
-        return torch.float32
-    return t.dtype
+from . import _ops
+from ._ops import _kernel_dtype  # noqa: F401  (ring.py and the ulysses path import it from here)
+from ._checks import (check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_window,
+                      refuse_unsupported)
 
 
-class FlashAttnFunction(torch.autograd.Function):
-    """out, lse = attention(q, k, v) at given global positions; flash layout.
-
-    ``q_start`` / ``k_start`` are the global positions of the first query row
-    and key column (see DESIGN.md). lse is returned but not differentiable.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, softmax_scale, causal, q_start, k_start):
-        dtype = _kernel_dtype(q)
-        qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        out, lse = attention_forward(qc, kc, vc, softmax_scale, causal, q_start, k_start)
-        ctx.save_for_backward(qc, kc, vc, out, lse)
-        ctx.args = (softmax_scale, causal, q_start, k_start)
-        ctx.mark_non_differentiable(lse)
-        return out.to(q.dtype), lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        softmax_scale, causal, q_start, k_start = ctx.args
-        dq, dk, dv = attention_backward(dout.to(q.dtype), q, k, v, out, lse, softmax_scale, causal, q_start, k_start)
-        dtype = dout.dtype
-        return dq.to(dtype), dk.to(dtype), dv.to(dtype), None, None, None, None
+def _autocast(*tensors):
+    """Cast floating inputs to the autocast dtype when autocast is on for their device, as torch SDPA does."""
+    if not all(isinstance(t, torch.Tensor) for t in tensors):
+        return tensors  # the checks that follow name the culprit
+    device = tensors[0].device.type
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    return tensors
 
 
-def flash_attn_func(q, k, v, causal=False, softmax_scale=None, return_lse=False):
-    """Attention in flash-attn's layout: q (B, Sq, H, D), k and v (B, Sk, Hkv, D).
+def _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads):
+    scale = check_scale(softmax_scale, where)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    softcap = check_softcap(softcap, where)
+    sinks = check_sinks(sinks, heads, q.device, where)
+    return _ops.attention(q, k, v, scale, mask, softcap, sinks)
 
-    Hkv may divide H (GQA/MQA). ``causal`` with Sq != Sk is bottom-right aligned
-    as in flash-attn: query row i sees keys j <= i + Sk - Sq. Returns out
-    (B, Sq, H, D) in q's dtype, and with ``return_lse=True`` also lse (B, H, Sq)
-    float32 in natural log (-inf for rows that see no key).
-    """
-    _, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, "flash_attn_func")
-    softmax_scale = check_scale(softmax_scale, "flash_attn_func")
-    out, lse = FlashAttnFunction.apply(q, k, v, softmax_scale, bool(causal), seqlen_k - seqlen_q, 0)
+
+def _returns(out, lse, return_attn_probs, return_lse):
+    # flash-attn returns (out, softmax_lse, S_dmask); S_dmask only exists with dropout.
+    if return_attn_probs:
+        return out, lse, None
     return (out, lse) if return_lse else out
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False):
+    """flash-attn 2's ``flash_attn_func``: q (B, Sq, H, D), k and v (B, Sk, Hkv, D), H a multiple of Hkv.
+
+    Causal masks and windows are bottom-right aligned when Sq != Sk, as in flash-attn:
+    query row i sits at position i + Sk - Sq and sees keys j with
+    pos - window_left <= j <= pos + window_right (causal: window_right = 0; -1: unbounded).
+    ``softcap > 0`` caps the logits (``softcap * tanh(s / softcap)``). The backward is
+    always deterministic, so ``deterministic`` changes nothing. ``dropout_p > 0`` and
+    ``alibi_slopes`` raise NotImplementedError.
+
+    Returns out (B, Sq, H, D); with ``return_attn_probs=True`` (out, lse, None) and with
+    the cpattn keyword ``return_lse=True`` (out, lse), lse (B, H, Sq) float32, natural log,
+    -inf for rows that see no key. cpattn keyword ``sinks`` (H,): one value-less logit
+    per query head added to every row's softmax (gpt-oss), differentiable.
+    """
+    where = "flash_attn_func"
+    refuse_unsupported(where, dropout_p, alibi_slopes)
+    q, k, v = _autocast(q, k, v)
+    _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where)
+    mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=seqlen_k - seqlen_q)
+    out, lse = _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads)
+    return _returns(out, lse, return_attn_probs, return_lse)
+
+
+def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **extra):
+    """flash-attn's packed variant: qkv (B, S, 3, H, D); q, k, v are views of it (no copy)."""
+    _check_packed(qkv, 3, "qkv", "(batch, seqlen, 3, heads, headdim)", "flash_attn_qkvpacked_func")
+    return flash_attn_func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                           softcap, alibi_slopes, deterministic, return_attn_probs, **extra)
+
+
+def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                             softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **extra):
+    """flash-attn's packed variant: q (B, Sq, H, D), kv (B, Sk, 2, Hkv, D); k, v are views of kv."""
+    _check_packed(kv, 2, "kv", "(batch, seqlen, 2, heads, headdim)", "flash_attn_kvpacked_func")
+    return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs, **extra)
+
+
+def _check_packed(t, parts, name, dims, where, packed_dim=2):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != len(dims.split(",")) or t.shape[packed_dim] != parts:
+        raise ValueError(f"{where}: {name} must be {dims}, got shape {tuple(t.shape)}")
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
+                           deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
+                           return_lse=False):
+    """flash-attn 2's ``flash_attn_varlen_func``: packed documents, each attended separately.
+
+    q (total_q, H, D), k and v (total_k, Hkv, D); ``cu_seqlens_q``/``cu_seqlens_k`` int32
+    (N + 1,) cumulative document lengths from 0; ``max_seqlen_*`` at least the longest
+    document. Inside each document, masks follow ``flash_attn_func`` (bottom-right when
+    its query and key lengths differ). Returns out (total_q, H, D); lse is (H, total_q)
+    float32, as flash-attn's. ``block_table`` (paged KV) is not supported here: see
+    ``cpattn.kernels.decode_attention``.
+    """
+    where = "flash_attn_varlen_func"
+    refuse_unsupported(where, dropout_p, alibi_slopes, block_table=block_table)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{where}: {name} must be a 3-D tensor (total_tokens, heads, headdim), got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    q, k, v = _autocast(q, k, v)
+    q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one "batch" of packed rows
+    _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where)
+    check_cu_seqlens(cu_seqlens_q, total_q, max_seqlen_q, q.device, "cu_seqlens_q", where)
+    check_cu_seqlens(cu_seqlens_k, total_k, max_seqlen_k, q.device, "cu_seqlens_k", where)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{where}: cu_seqlens_q has {cu_seqlens_q.numel() - 1} documents but cu_seqlens_k "
+                         f"{cu_seqlens_k.numel() - 1}")
+    # Positions inside each document: keys from 0, queries bottom-right aligned.
+    lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
+    mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=(lens_k - lens_q).to(torch.int32),
+                    k_start=torch.zeros_like(lens_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_q=max(int(max_seqlen_q), 1), max_seqlen_k=max(int(max_seqlen_k), 1))
+    out, lse = _attention(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads)
+    return _returns(out[0], lse[0], return_attn_probs, return_lse)
+
+
+def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                                     window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False,
+                                     return_attn_probs=False, **extra):
+    """flash-attn's packed varlen variant: qkv (total, 3, H, D)."""
+    _check_packed(qkv, 3, "qkv", "(total, 3, heads, headdim)", "flash_attn_varlen_qkvpacked_func", packed_dim=1)
+    return flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, **extra)
+
+
+def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                                    softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                                    alibi_slopes=None, deterministic=False, return_attn_probs=False, **extra):
+    """flash-attn's packed varlen variant: q (total_q, H, D), kv (total_k, 2, Hkv, D)."""
+    _check_packed(kv, 2, "kv", "(total, 2, heads, headdim)", "flash_attn_varlen_kvpacked_func", packed_dim=1)
+    return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, **extra)
 
 
 _warned = set()
@@ -67,15 +160,58 @@ def _warn_once(reason):
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                                 scale=None, enable_gqa=False):
-    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, layout (B, H, L, D).
+def _sdpa_views(query, key, value, enable_gqa, where):
+    """Torch SDPA's shapes (..., H, L, E) / (N, L, E) as 4-D flash-layout views (B, L, H, E),
+    leading dimensions broadcast and flattened, heads broadcast unless GQA applies.
+    Returns the views and the leading shape of the output."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"{where}: {name} must have at least 3 dimensions (..., L, E), got shape "
+                             f"{tuple(t.shape)}")
+    if len({query.dim(), key.dim(), value.dim()}) != 1:
+        raise ValueError(f"{where}: query, key, value must have the same number of dimensions, got "
+                         f"{query.dim()}, {key.dim()}, {value.dim()}")
+    if query.dim() == 3:  # (N, L, E): one head
+        query, key, value = query.unsqueeze(-3), key.unsqueeze(-3), value.unsqueeze(-3)
+    try:
+        lead = torch.broadcast_shapes(query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{where}: leading (batch) dimensions do not broadcast: query {tuple(query.shape)}, "
+                         f"key {tuple(key.shape)}, value {tuple(value.shape)}") from None
+    heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
+    if heads_k != heads_v:
+        raise ValueError(f"{where}: key and value head counts differ: {heads_k} vs {heads_v}")
+    if heads_q != heads_k and not enable_gqa:
+        if heads_k != 1 and heads_q != 1:
+            raise ValueError(f"{where}: query has {heads_q} heads but key/value have {heads_k}; "
+                             "pass enable_gqa=True for grouped-query attention")
+        heads = max(heads_q, heads_k)  # a single head broadcasts, as in torch
+        heads_q = heads_k = heads_v = heads
 
-    Same semantics as torch: ``is_causal`` with L != S is top-left aligned
-    (query i sees keys j <= i); differing head counts need ``enable_gqa=True``.
-    An explicit ``attn_mask``, ``dropout_p > 0`` or float64 inputs are not
-    accelerated: they go to torch's own SDPA, with a one-time warning.
+    def flash(t, heads):
+        t = t.expand(*lead, heads, *t.shape[-2:])
+        return t.reshape(-1, *t.shape[-3:]).transpose(1, 2)  # a view unless broadcasting forced a copy
+
+    return flash(query, heads_q), flash(key, heads_k), flash(value, heads_v), lead
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False, *, window_size=(-1, -1), softcap=0.0, sinks=None):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``: (..., H, L, E) inputs.
+
+    Same semantics as torch: ``is_causal`` with L != S is top-left aligned (query i sees
+    keys j <= i); leading dimensions broadcast; 3-D inputs (N, L, E) are one head; the
+    value head dim may differ from the query's (computed through a zero-padded copy);
+    differing head counts need ``enable_gqa=True``; autocast casts like torch's.
+    An explicit ``attn_mask``, ``dropout_p > 0`` or float64 inputs are not accelerated:
+    they go to torch's own SDPA, with a one-time warning.
+
+    cpattn keyword extras (not torch arguments): ``window_size=(left, right)`` (positions
+    as above, -1 unbounded), ``softcap``, and ``sinks`` (H,) as in ``flash_attn_func``.
     """
+    where = "scaled_dot_product_attention"
     fallback = None
     if attn_mask is not None:
         fallback = "an explicit attn_mask is not accelerated"
@@ -84,17 +220,27 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     elif all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in (query, key, value)):
         fallback = "float64 is not accelerated"
     if fallback is not None:
+        if tuple(window_size) != (-1, -1) or softcap or sinks is not None:
+            raise NotImplementedError(f"{where}: window_size, softcap and sinks cannot be combined with the torch "
+                                      f"fallback ({fallback})")
         _warn_once(fallback)
         kwargs = {"enable_gqa": enable_gqa} if enable_gqa else {}
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, **kwargs)
 
-    _, _, _, heads, heads_kv, _ = check_qkv(query, key, value, "scaled_dot_product_attention", layout="sdpa")
-    if heads != heads_kv and not enable_gqa:
-        raise ValueError(f"scaled_dot_product_attention: query has {heads} heads but key/value have {heads_kv}; "
-                         "pass enable_gqa=True for grouped-query attention")
-    scale = check_scale(scale, "scaled_dot_product_attention")
-    # (B, H, L, D) -> (B, L, H, D) is a view: the kernels read any strides, no copy.
-    out, _ = FlashAttnFunction.apply(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                     scale, bool(is_causal), 0, 0)
-    return out.transpose(1, 2)
+    q, k, v, lead = _sdpa_views(query, key, value, enable_gqa, where)
+    q, k, v = _autocast(q, k, v)
+    *_, heads, _, head_dim = check_qkv(q, k, v, where, same_value_dim=False)
+    scale = check_scale(scale, where)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    value_dim = v.shape[-1]
+    if value_dim != head_dim:
+        # The kernels hold one head dim: pad the narrower side with zeros (zero columns add
+        # nothing to q.k, and zero value columns are cut off again).
+        width = max(head_dim, value_dim)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
+    mask = MaskSpec(bool(is_causal), check_window(window_size, where))
+    out, _ = _attention(q, k, v, where, scale, mask, softcap, sinks, heads)
+    out = out[..., :value_dim].transpose(1, 2)
+    out = out.reshape(*lead, *out.shape[-3:])  # splits the flattened batch again: a view
+    return out.squeeze(-3) if query.dim() == 3 else out

@@ -208,8 +208,10 @@ def test_sdpa_rejects_bad_input():
     kv = _t(1, 2, 8, 16)
     with pytest.raises(ValueError, match="enable_gqa=True"):
         cpattn.scaled_dot_product_attention(q, kv, kv)
-    with pytest.raises(ValueError, match="must be 4-D"):
+    with pytest.raises(ValueError, match="do not broadcast"):
         cpattn.scaled_dot_product_attention(q[0], kv[0], kv[0], enable_gqa=True)
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        cpattn.scaled_dot_product_attention(q[0, 0], kv[0, 0], kv[0, 0])
     with pytest.raises(ValueError, match="lengths differ"):
         cpattn.scaled_dot_product_attention(q, kv, kv[:, :, :5])
     with pytest.raises(TypeError, match="dtype torch.int64"):

@@ -1,0 +1,145 @@
+"""The attention kernels as PyTorch custom operators.
+
+``cpattn::attention_fwd`` and ``cpattn::attention_bwd`` wrap the Triton forward and
+backward, with fake (meta) implementations and autograd registered, so that
+``torch.compile(fullgraph=True)`` treats a cpattn call as one opaque node (no
+graph break, no tracing into Triton) and autograd works in eager and compiled
+code alike. The same implementation serves CPU tensors (Triton's interpreter)
+and CUDA tensors (compiled kernels).
+
+The mask arguments are those of ``cpattn.kernels.MaskSpec``: the window (-1 =
+unbounded; causal is a right bound of 0), the global positions of the first query row / key column, and
+for packed documents (q, k, v of shape (1, total, H, D)) the cu_seqlens and each
+document's first query / key position.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
+
+
+def _kernel_dtype(t):
+    # Triton's CPU interpreter computes with numpy, which has no bfloat16 matmul:
+    # on CPU, bf16 inputs run the same kernels in float32 and are rounded back.
+    if t.device.type == "cpu" and t.dtype == torch.bfloat16:
+        return torch.float32
+    return t.dtype
+
+
+def _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
+          max_seqlen_q, max_seqlen_k):
+    if cu_seqlens_q is None:
+        return MaskSpec(window_size=(window_left, window_right), q_start=q_start, k_start=k_start)
+    return MaskSpec(False, (window_left, window_right), pos_q, pos_k, cu_seqlens_q, cu_seqlens_k,
+                    max_seqlen_q, max_seqlen_k)
+
+
+@torch.library.custom_op("cpattn::attention_fwd", mutates_args=())
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_left: int, window_right: int,
+                  q_start: int, k_start: int, softcap: float, sinks: Optional[Tensor],
+                  cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], pos_q: Optional[Tensor],
+                  pos_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int) -> Tuple[Tensor, Tensor]:
+    """(out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 natural log)."""
+    mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
+                 max_seqlen_q, max_seqlen_k)
+    dtype = _kernel_dtype(q)
+    out, lse = attention_forward(q.to(dtype), k.to(dtype), v.to(dtype), softmax_scale, mask=mask, softcap=softcap,
+                                 sinks=sinks)
+    return out.to(q.dtype), lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, softmax_scale, window_left, window_right, q_start, k_start, softcap, sinks,
+      cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k):
+    batch, seqlen_q, heads, _ = q.shape
+    return torch.empty_like(q), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("cpattn::attention_bwd", mutates_args=())
+def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, delta: Tensor, lse: Tensor,
+                  softmax_scale: float, window_left: int, window_right: int, q_start: int,
+                  k_start: int, softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
+                  pos_q: Optional[Tensor], pos_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
+                  compute_dq: bool, compute_dkdv: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); a gradient not asked for is an empty tensor (its kernel does not run)."""
+    mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
+                 max_seqlen_q, max_seqlen_k)
+    dtype = _kernel_dtype(q)
+    qc, kc, vc, oc, dc = (t.to(dtype) for t in (q, k, v, out, dout))
+    dq, dk, dv = attention_backward(dc, qc, kc, vc, oc, lse, softmax_scale, delta=delta, mask=mask, softcap=softcap,
+                                    compute_dq=compute_dq, compute_dkdv=compute_dkdv)
+    # Outputs may not alias each other: every skipped gradient gets its own empty tensor.
+    return (dq.to(q.dtype) if compute_dq else q.new_empty(0), dk.to(k.dtype) if compute_dkdv else q.new_empty(0),
+            dv.to(v.dtype) if compute_dkdv else q.new_empty(0))
+
+
+@attention_bwd.register_fake
+def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, q_start, k_start, softcap,
+      cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k, compute_dq, compute_dkdv):
+    return (torch.empty_like(q) if compute_dq else q.new_empty(0), torch.empty_like(k) if compute_dkdv else q.new_empty(0),
+            torch.empty_like(v) if compute_dkdv else q.new_empty(0))
+
+
+@torch.library.custom_op("cpattn::attention_delta", mutates_args=())
+def attention_delta(out: Tensor, dout: Tensor) -> Tensor:
+    """rowsum(dout * out) as (B, H, Sq) float32: the backward's per-row term."""
+    dtype = _kernel_dtype(out)
+    return attention_backward_delta(out.to(dtype), dout.to(dtype))
+
+
+@attention_delta.register_fake
+def _(out, dout):
+    batch, seqlen, heads, _ = out.shape
+    return out.new_empty((batch, heads, seqlen), dtype=torch.float32)
+
+
+_MASK_ARGS = ("softmax_scale", "window_left", "window_right", "q_start", "k_start", "softcap")
+_PACKING_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "pos_q", "pos_k", "max_seqlen_q", "max_seqlen_k")
+_SINKS_INDEX = 3 + len(_MASK_ARGS)  # after q, k, v and the mask arguments
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, *rest = inputs
+    args = dict(zip(_MASK_ARGS + ("sinks",) + _PACKING_ARGS, rest))
+    out, lse = output
+    ctx.sinks = args.pop("sinks")
+    ctx.args = args
+    ctx.save_for_backward(q, k, v, out, lse, ctx.sinks)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, sinks = ctx.saved_tensors
+    needs_q, needs_k, needs_v = ctx.needs_input_grad[:3]
+    delta = attention_delta(out, dout)
+    if dlse is not None:
+        # d lse / d score = p, so a gradient reaching lse enters the backward as a shift of delta.
+        delta = delta - dlse
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, delta, lse, **ctx.args,
+                               compute_dq=needs_q, compute_dkdv=needs_k or needs_v)
+    dsinks = None
+    if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX]:
+        # The sink's probability is exp(sink - lse); d out / d sink = -p_sink * out per row.
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+        dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+    grads = [dq if needs_q else None, dk if needs_k else None, dv if needs_v else None]
+    rest = [None] * (len(_MASK_ARGS) + 1 + len(_PACKING_ARGS))
+    rest[_SINKS_INDEX - 3] = dsinks
+    return (*grads, *rest)
+
+
+torch.library.register_autograd("cpattn::attention_fwd", _backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, softmax_scale, mask, softcap=0.0, sinks=None):
+    """Differentiable (out, lse) of the kernels for a MaskSpec ``mask``, through the custom ops."""
+    if mask.varlen:
+        packing = (mask.cu_seqlens_q, mask.cu_seqlens_k, mask.q_start, mask.k_start,
+                   int(mask.max_seqlen_q), int(mask.max_seqlen_k))
+        q_start = k_start = 0
+    else:
+        packing = (None, None, None, None, 0, 0)
+        q_start, k_start = int(mask.q_start), int(mask.k_start)
+    return attention_fwd(q, k, v, float(softmax_scale), mask.left, mask.right, q_start, k_start,
+                         float(softcap), sinks, *packing)

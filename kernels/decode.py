@@ -100,10 +100,9 @@ def _decode_kernel(
     first_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), 0)
     last_pos = tl.max(tl.where(row_ok, q_pos, -2147483647), 0)
     key_end = tl.where(seqlen_k > 0, _slot_position(seqlen_k - 1, pos_stripe, pos_stride, pos_offset) + 1, 0)
-    lo_pos, _, _, hi_pos = visible_range(first_pos, last_pos, 0, key_end, window_left, window_right,
-                                         LEFT, RIGHT, 1)
-    slot_lo = _slots_before(lo_pos, pos_stripe, pos_stride, pos_offset)
-    slot_hi = _slots_before(hi_pos, pos_stripe, pos_stride, pos_offset)
+    seen_pos = visible_range(first_pos, last_pos, 0, key_end, window_left, window_right, LEFT, RIGHT, 1)
+    slot_lo = _slots_before(seen_pos[0], pos_stripe, pos_stride, pos_offset)  # [0], [3]: the outer bounds
+    slot_hi = _slots_before(seen_pos[3], pos_stripe, pos_stride, pos_offset)
     # This split's share, in whole key tiles: every sequence spreads its own visible keys over all
     # splits, and a split with no share loops zero times and writes the empty partial.
     per_split = tl.cdiv(tl.cdiv(slot_hi - slot_lo, num_splits), BLOCK_N) * BLOCK_N
@@ -133,7 +132,7 @@ def _decode_kernel(
             k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
             v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
         k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s, _ = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
+        s = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)[0]
         key_pos = _slot_position(cols, pos_stripe, pos_stride, pos_offset)
         seen = col_ok[None, :] & visible(q_pos[:, None], key_pos[None, :], window_left, window_right, LEFT, RIGHT)
         s = tl.where(seen, s, float("-inf"))

@@ -336,9 +336,9 @@ class ShardedKVCache:
         self._advance(rows, -num_tokens)
 
     # ---- reading -------------------------------------------------------------------------------------
-    def local_view(self, rows):
-        """(k, v, block_table) of this rank's shard for sequences ``rows``, as the decode kernel takes them."""
-        dev_rows = self._device_rows(rows)
+    def local_view(self, dev_rows):
+        """(k, v, block_table) of this rank's shard for sequences ``dev_rows`` (device int64), as the decode
+        kernel takes them."""
         if self.paged:
             return self.k, self.v, self.block_table if dev_rows is self._all_rows else self.block_table[dev_rows]
         if dev_rows is self._all_rows:

@@ -116,26 +116,73 @@ def _rows(t, lo, hi, dim=1):
     return t if lo == 0 and hi == t.shape[dim] else t.narrow(dim, lo, hi - lo)
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale):
+def _cached_rows():
+    """A ``_rows`` that builds each view once: a ring call meets the same ranges of the same tensors at
+    every step (host time: a view costs more than a dict lookup)."""
+    made = {}
+
+    def rows(t, lo, hi, dim=1):
+        key = (id(t), lo, hi)
+        view = made.get(key)
+        if view is None:
+            view = made[key] = _rows(t, lo, hi, dim)
+        return view
+    return rows
+
+
+def forward_step(q, k, v, calls, out, lse, softmax_scale, rows=_rows):
     """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
     for c in calls:
-        attention_forward(_rows(q, c.q_lo, c.q_hi), _rows(k, c.k_lo, c.k_hi), _rows(v, c.k_lo, c.k_hi),
+        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
                           softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
-                          out=_rows(out, c.q_lo, c.q_hi), lse=_rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
+                          out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
-def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale):
+def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, compute_dq=True,
+                  compute_dkdv=True, rows=_rows):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta`` is ``attention_backward_delta(out, dout)`` of the local queries, computed once.
+    ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
     """
     for c in calls:
         q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
-        attention_backward(_rows(dout, q_lo, q_hi), _rows(q, q_lo, q_hi), _rows(k, k_lo, k_hi),
-                           _rows(v, k_lo, k_hi), _rows(out, q_lo, q_hi), _rows(lse, q_lo, q_hi, 2),
+        attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
+                           rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
                            softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
-                           delta=_rows(delta, q_lo, q_hi, 2), dq=_rows(dq, q_lo, q_hi), dk=_rows(dk, k_lo, k_hi),
-                           dv=_rows(dv, k_lo, k_hi), accumulate=True)
+                           delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
+                           dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
+                           dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
+                           compute_dq=compute_dq, compute_dkdv=compute_dkdv)
+
+
+class _KVRotation:
+    """The kv chunks a ring call visits, and what it sends at each step.
+
+    Step 0 sends the caller's k and v as two messages (no stacked copy; they
+    are never written) into the halves of one (2, ...) receive buffer; later
+    steps send that buffer as one message. Two receive buffers take turns.
+    """
+
+    def __init__(self, k, v, comm):
+        self.comm, self.kv, self._message = comm, (k, v), (k, v)
+        self._buffers, self._halves = [], []
+
+    def post(self, step, tag):
+        """Post the transfer that brings the next step's kv; returns what to wait for."""
+        if len(self._buffers) < 2:
+            k = self.kv[0]
+            self._buffers.append(torch.empty((2, *k.shape), dtype=k.dtype, device=k.device))
+            self._halves.append((self._buffers[-1][0], self._buffers[-1][1]))
+        incoming = step % 2
+        recv = self._halves[incoming] if step == 0 else (self._buffers[incoming],)
+        self._next = incoming
+        return self.comm.exchange(self._message, recv, tag)
+
+    def advance(self, pending, on_cpu):
+        """Wait for ``post``'s transfer; the kv now visiting is what arrived."""
+        self.comm.wait(pending, on_cpu)
+        self.kv, self._message = self._halves[self._next], (self._buffers[self._next],)
 
 
 def _empty_result(q):
@@ -149,25 +196,17 @@ def ring_forward(q, k, v, layout, ring_index, comm, causal, softmax_scale):
     """Forward over the ring; q, k, v hold this ring rank's whole piece.
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
-    k and v travel as two messages (no stacked copy); they are never written:
-    what arrives goes to two receive buffers used in turn.
     """
     plan = ring_plan(layout, ring_index, q.shape[1], causal)
     out, lse = _empty_result(q)
-    kv = (k, v) if comm is None else (k.contiguous(), v.contiguous())
-    spares, on_cpu = [], q.device.type == "cpu"
+    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
+    on_cpu, rows = q.device.type == "cpu", _cached_rows()
     for step, (_, calls) in enumerate(plan):
-        pending = None
-        if step + 1 < len(plan):
-            if len(spares) < 2:
-                spares.append((torch.empty_like(kv[0]), torch.empty_like(kv[1])))
-            incoming = spares[step % 2]
-            pending = comm.exchange(kv, incoming, KV_TAG)
+        pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring forward", step)
-        forward_step(q, *kv, calls, out, lse, softmax_scale)
+        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, rows)
         if pending is not None:
-            comm.wait(pending, on_cpu)
-            kv = incoming
+            kv.advance(pending, on_cpu)
     return out, lse
 
 
@@ -175,40 +214,41 @@ def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, causal, sof
     """Gradients (fp32 dq, dk, dv) of ``ring_forward`` from the final out and lse.
 
     The dk/dv of a kv chunk travel with it and reach its owner after R hops.
-    Two fp32 dk/dv buffers take turns: at each step one receives the gradient
-    accumulated upstream (and this rank's kernels add to it once it is there)
-    while the other is sent on. The kv transfer for the next step overlaps the
-    kernels; the dk/dv hop between steps does not (the price of two buffers
-    instead of three).
+    Two fp32 dk/dv buffers take turns: while one is sent on, the other
+    receives the gradient accumulated upstream for the kv chunk now visiting,
+    and this rank's dk/dv kernels add to it once it is there. The dq kernels
+    need nothing from upstream, so they run first, while it arrives; the kv
+    transfer for the next step overlaps the whole step.
     """
     plan = ring_plan(layout, ring_index, q.shape[1], causal)
     delta = attention_backward_delta(out, dout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv = (k, v) if comm is None else (k.contiguous(), v.contiguous())
+    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
     dkv = [torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)]
     if comm is not None:
         dkv.append(torch.empty_like(dkv[0]))
-    spares, on_cpu, current, dkv_pending = [], q.device.type == "cpu", 0, None
+    halves = [(buffer[0], buffer[1]) for buffer in dkv]
+    on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_rows(), 0, None
     for step, (_, calls) in enumerate(plan):
-        kv_pending = None
-        if step + 1 < len(plan):
-            if len(spares) < 2:
-                spares.append((torch.empty_like(kv[0]), torch.empty_like(kv[1])))
-            incoming = spares[step % 2]
-            kv_pending = comm.exchange(kv, incoming, KV_TAG)
-        if dkv_pending is not None:
-            comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
+        kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring backward", step)
-        backward_step(dout, q, *kv, out, lse, delta, calls, dq, dkv[current][0], dkv[current][1], softmax_scale)
+        visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
+        if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, rows=rows)
+        else:
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale,
+                          compute_dkdv=False, rows=rows)
+            comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
+            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale,
+                          compute_dq=False, rows=rows)
         if kv_pending is not None:
-            comm.wait(kv_pending, on_cpu)
-            kv = incoming
+            kv.advance(kv_pending, on_cpu)
         if comm is not None:
             dkv_pending = comm.exchange((dkv[current],), (dkv[1 - current],), DKV_TAG)
             current = 1 - current
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
-    return dq, dkv[current][0], dkv[current][1]
+    return dq, halves[current][0], halves[current][1]
 
 
 # ----------------------------------------------------------------------------- simulation

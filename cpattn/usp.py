@@ -49,14 +49,16 @@ def _forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse):
         q, k, v = scatter_heads((q, k, v), mesh.ulysses)
         fault_point("ulysses forward")
     dtype = _kernel_dtype(q)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if dtype != in_dtype:
+        q, k, v = (t.to(dtype) for t in (q, k, v))
     if mesh.ring is not None:  # sent as they are: contiguous once, here, and saved so
         k, v = k.contiguous(), v.contiguous()
     out, lse = ring_forward(q, k, v, mesh.layout, mesh.ring_index, mesh.ring, causal, softmax_scale)
     out = out.to(dtype)
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (mesh, causal, softmax_scale, heads, heads_kv, in_dtype)
-    out = out.to(in_dtype)
+    if dtype != in_dtype:
+        out = out.to(in_dtype)
     if mesh.ulysses is not None:
         (out,) = gather_heads([out], [heads], mesh.ulysses)
         if return_lse:  # (B, H/U, S) as a (B, S, H/U, 1) "tensor"

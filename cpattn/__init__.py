@@ -2,7 +2,7 @@
 
 Single device:        flash_attn_func (+ qkv/kv-packed), flash_attn_varlen_func (+ packed), scaled_dot_product_attention
 Context parallelism:  ContextParallel (ring, zigzag ring, Ulysses, USP), add_context_parallel_args
-Inference:            ShardedKVCache, prefill, decode, decode_step, split_chunk
+Inference:            ShardedKVCache, prefill, decode, decode_step, split_chunk, transfer_cache
 Kernels:              cpattn.kernels
 """
 from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
@@ -11,6 +11,7 @@ from .context_parallel import ContextParallel, add_context_parallel_args, auto_u
 from .inference import decode, decode_step, prefill, split_chunk
 from .kv_cache import ShardedKVCache
 from .ring import simulate_ring_attention, simulate_ring_attention_backward
+from .transfer import transfer_cache
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,5 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "scaled_dot_product_attention",
     "ContextParallel", "add_context_parallel_args", "auto_ulysses_degree",
     "simulate_ring_attention", "simulate_ring_attention_backward",
-    "ShardedKVCache", "prefill", "decode", "decode_step", "split_chunk",
+    "ShardedKVCache", "prefill", "decode", "decode_step", "split_chunk", "transfer_cache",
 ]

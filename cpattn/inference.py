@@ -378,7 +378,7 @@ def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
     q_positions = q_pos_host.to(cache.device)
     # Each rank's shard, padded to the largest share (rank 0 holds the most), so buffers match in size.
     num_slots = int(cache.layout.local_lengths(lens.max(), 0))
-    shard = torch.stack(cache.read(dev_rows, num_slots))
+    shard = torch.stack(cache.read(dev_rows, torch.arange(num_slots, device=cache.device)))
     partials = []
     for step in range(world):
         src = (rank - step) % world

@@ -345,18 +345,18 @@ class ShardedKVCache:
             return self.k, self.v, None
         return self.k[dev_rows], self.v[dev_rows], None
 
-    def read(self, rows, num_slots):
-        """This rank's first ``num_slots`` slots of sequences ``rows`` (device int64), contiguous:
-        k, v (len(rows), num_slots, Hkv, D); slots past a sequence's local length hold junk."""
-        slots = torch.arange(num_slots, device=self.device)[None, :].expand(len(rows), -1)
+    def read(self, rows, slots):
+        """k, v (len(rows), n, Hkv, D) at this rank's slots ``slots`` ((n,) or (len(rows), n)) of sequences
+        ``rows`` (device int64), contiguous; slots past a sequence's local length hold junk."""
+        slots = slots.expand(len(rows), -1)
         index = self._flat_rows(rows, slots).reshape(-1)
-        shape = (len(rows), num_slots, self.num_kv_heads, self.head_dim)
+        shape = (*slots.shape, self.num_kv_heads, self.head_dim)
         return self._k_rows[index].view(shape), self._v_rows[index].view(shape)
 
     def gather(self):
         """The whole unsharded cache on every rank: k, v (batch, max(seqlens), Hkv, D), zero past each
         sequence's length. A collective; meant for checks and debugging, not for the hot path."""
-        k_local, v_local = self.read(self._all_rows, self.local_capacity)
+        k_local, v_local = self.read(self._all_rows, torch.arange(self.local_capacity, device=self.device))
         mine = torch.arange(self.local_capacity)[None, :] < self.local_lengths()[:, None]
         mine = mine.to(self.device)[..., None, None]
         k_local = torch.where(mine, k_local, 0).contiguous()

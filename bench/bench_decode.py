@@ -6,7 +6,7 @@
 Latency (group size 1, one GPU, one new token per sequence):
   kernel    cpattn.kernels.decode_attention over the paged cache (the attention alone)
   step      cpattn.decode: stores the new k, v into the paged cache, then the attention
-            (the cache length is put back after each call, so every call writes the same slot)
+            (``cache.rewind(1)`` after each call, so every call writes the same slot)
   sdpa      torch.nn.functional.scaled_dot_product_attention (default backend choice, enable_gqa)
             over the same keys and values held contiguously in its native (B, Hkv, L, D) layout
 Times: triton.testing.do_bench, median, in microseconds; ``x_sdpa`` = sdpa time / kernel time.
@@ -15,7 +15,11 @@ The largest output difference to SDPA is saved as a sanity check.
 Memory (calculated, not measured): the K and V bytes each rank holds for a
 sequence of L tokens when the cache is sharded over P = 1, 2, 4, 8 ranks in
 page-interleaved stripes (ShardedKVCache's layout, whole pages), and the bytes
-each rank all-gathers per decode step (every rank's fp32 partial out and lse).
+each rank sends per decode step to merge the partials across ranks:
+``merge_bytes_per_step`` by cpattn.inference.decode_merge_bytes (what cpattn.decode
+does: an all-gather for P = 2, an all-to-all of 1/P of the rows plus an all-gather
+of the merged rows for P > 2), next to ``allgather_bytes_per_step``, what
+all-gathering every rank's fp32 partial would send (P - 1 copies).
 """
 import math
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 
 import _common as C
 import cpattn
+from cpattn.inference import decode_merge_bytes
 from cpattn.kernels import decode_attention
 
 
@@ -66,7 +71,7 @@ def latency_row(s, seqlen, device):
 
     def step():
         out = cpattn.decode(cache, q, new_k, new_v)
-        cache.seqlens.fill_(seqlen)  # write the same slot again next call
+        cache.rewind(1)  # write the same slot again next call
         return out
 
     out_step = step()
@@ -97,7 +102,7 @@ def latency_row(s, seqlen, device):
 
 
 def memory_rows(s, ranks):
-    """K+V bytes per rank (whole pages, page-interleaved) and per-step all-gather bytes, by calculation."""
+    """K+V bytes per rank (whole pages, page-interleaved) and per-step merge bytes, by calculation."""
     elem = torch.finfo(C.DTYPES[s["dtype"]]).bits // 8
     page, batch, kv_heads, head_dim, heads = s["page_size"], s["batch"], s["kv_heads"], s["head_dim"], s["heads"]
     rows = []
@@ -105,9 +110,11 @@ def memory_rows(s, ranks):
         for p in ranks:
             pages = math.ceil(seqlen / (page * p))  # the most pages any rank holds for one sequence
             kv = 2 * batch * pages * page * kv_heads * head_dim * elem
-            gathered = p * batch * heads * (head_dim + 1) * 4 if p > 1 else 0  # fp32 out + lse from every rank
+            partial = batch * heads * (head_dim + 1) * 4  # one rank's fp32 out + lse for one new token
             rows.append({"seqlen": seqlen, "ranks": p, "batch": batch, "kv_bytes_per_rank": kv,
-                         "kv_GiB_per_rank": kv / 2 ** 30, "allgather_bytes_per_step": gathered})
+                         "kv_GiB_per_rank": kv / 2 ** 30,
+                         "merge_bytes_per_step": decode_merge_bytes(p, batch * heads, head_dim),
+                         "allgather_bytes_per_step": (p - 1) * partial})
     return rows
 
 
@@ -129,7 +136,8 @@ def main():
                          ("max_abs_diff_vs_sdpa", "max diff")],
                   title=f"decode latency, group size 1, {env['device']}" + (" [--quick: NOT timing]" if args.quick else ""))
     C.print_table(mem, [("seqlen", "cache"), ("ranks", "P"), ("kv_GiB_per_rank", "KV GiB/rank"),
-                        ("allgather_bytes_per_step", "gather B/step")], title="KV cache per rank (calculated)")
+                        ("merge_bytes_per_step", "merge B/step"), ("allgather_bytes_per_step", "all-gather B/step")],
+                  title="KV cache and decode merge traffic per rank (calculated)")
     C.print_saved(paths, args.quick)
 
 

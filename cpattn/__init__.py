@@ -2,13 +2,13 @@
 
 Single device:        flash_attn_func (+ qkv/kv-packed), flash_attn_varlen_func (+ packed), scaled_dot_product_attention
 Context parallelism:  ContextParallel (ring, zigzag ring, Ulysses, USP), add_context_parallel_args
-Inference:            ShardedKVCache, prefill, decode, split_chunk
+Inference:            ShardedKVCache, prefill, decode, decode_step, split_chunk
 Kernels:              cpattn.kernels
 """
 from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
                         flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, scaled_dot_product_attention)
 from .context_parallel import ContextParallel, add_context_parallel_args, auto_ulysses_degree
-from .inference import decode, prefill, split_chunk
+from .inference import decode, decode_step, prefill, split_chunk
 from .kv_cache import ShardedKVCache
 from .ring import simulate_ring_attention, simulate_ring_attention_backward
 
@@ -19,5 +19,5 @@ __all__ = [
     "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "scaled_dot_product_attention",
     "ContextParallel", "add_context_parallel_args", "auto_ulysses_degree",
     "simulate_ring_attention", "simulate_ring_attention_backward",
-    "ShardedKVCache", "prefill", "decode", "split_chunk",
+    "ShardedKVCache", "prefill", "decode", "decode_step", "split_chunk",
 ]

@@ -145,3 +145,13 @@ def check_cu_seqlens(cu_seqlens, total, max_seqlen, device, name, where):
         raise ValueError(f"{where}: {name} ends at {values[-1]} but there are {total} tokens")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"{where}: a document of {max(lengths)} tokens is longer than max_seqlen {max_seqlen}")
+
+
+def check_int_tensor(t, name, shape, device, where, dtype=torch.int32):
+    """An integer index/length tensor of exactly ``shape`` and ``dtype`` on ``device``."""
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != tuple(shape):
+        raise TypeError(f"{where}: {name} must be an {str(dtype).replace('torch.', '')} tensor of shape "
+                        f"{tuple(shape)}, got {getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    if t.device != torch.device(device):
+        raise ValueError(f"{where}: {name} is on {t.device}, the queries on {device}")
+    return t

@@ -1,16 +1,33 @@
 """Process groups and collectives for context parallelism.
 
-* ``build_mesh_comms``: the ring and Ulysses communication of a P = R x U mesh.
-* ``RingComm``: one step of the ring, "send to the next ring rank, receive
-  from the previous one", posted as a batch and waited for later.
+* ``Communicator``: where one ContextParallel communicates. cpattn creates its
+  own process groups over the given group's ranks, with a timeout: one over
+  all of them (ring P2P, agreement, gather) and one per Ulysses group. Each is
+  created once per distinct set of ranks, shared by every Communicator over
+  those ranks, and destroyed when the last of them is closed. A failed call
+  closes them (``Communicator.fail``, see faults.py).
+  Creating a group is collective. When the given group spans the world every
+  process takes part (plain ``new_group``, in the same order everywhere);
+  otherwise only its members do (``use_local_synchronization``), which torch
+  can do only when they hold the same number of process groups (it names the
+  new group after that number); when they do not, the Communicator uses the
+  given group itself, and its Ulysses all-to-all sends zero-size parts to the
+  ranks outside the Ulysses group.
+* ``RingComm``: one step of a ring, "send to the next ring rank, receive from
+  the previous one", posted at once and waited for later.
 * ``UlyssesComm``: the all-to-all inside one Ulysses group.
-* ``agree_on_inputs``: every rank learns whether every other rank accepted
-  its inputs, so a bad input raises on every rank instead of leaving the
-  others blocked in a collective.
+* ``gather_rows`` / ``check_agreement`` / ``agree_on_inputs``: every rank
+  learns whether every other rank accepted its inputs, so a bad input raises
+  on every rank instead of leaving the others blocked in a collective.
 * ``check_backend``: NCCL for CUDA tensors, gloo for CPU tensors.
 """
+import collections
+import datetime
+
 import torch
 import torch.distributed as dist
+
+from .faults import CommError, PeerFailure, close_connections, describe, group_store, record_first_failure
 
 # Stable small ints for dtypes, so ranks can compare them inside a signature.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -26,95 +43,249 @@ def global_ranks(group):
     return [dist.get_global_rank(group, i) for i in range(dist.get_world_size(group))]
 
 
-def build_mesh_comms(group, ulysses_degree):
-    """(RingComm or None, UlyssesComm or None) of this rank; None where that axis has one rank.
+def backend_name(group):
+    return str(dist.get_backend(group)).lower()
 
-    The mesh is rank = ring_index * ulysses_degree + ulysses_index (group ranks),
-    so each Ulysses group is a run of adjacent ranks.
 
-    The ring needs no subgroup: P2P ops on ``group`` name their peers. The
-    Ulysses all-to-all gets its own subgroup when ``group`` spans the whole
-    world, where every process can call new_group (it is collective over the
-    default group) for every Ulysses group, in the same order. A smaller
-    ``group`` cannot make subgroups safely (processes outside it never get
-    here, and gloo's local-synchronisation groups hang after a group that left
-    some ranks out), so its all-to-all runs on ``group`` itself, with zero-size
-    parts for the ranks outside this Ulysses group.
+# ----------------------------------------------------------------------------- shared process groups
+
+class _SharedGroup:
+    """A process group cpattn created over ``key``'s ranks; ``pg`` is None where this rank is not a member."""
+
+    def __init__(self, key, pg, serial):
+        self.key, self.pg, self.users, self.failure = key, pg, 0, None
+        self.failure_key = f"cpattn/failure/{serial}"  # a record per creation: a re-created group starts clean
+
+
+_shared = {}                      # (backend, ranks, timeout) -> _SharedGroup
+_creations = collections.Counter()  # (backend, ranks, timeout) -> groups created so far
+
+
+def live_groups():
+    """{(backend, global ranks, timeout): users} of the groups cpattn holds now (for tests and debugging)."""
+    return {key: entry.users for key, entry in _shared.items()}
+
+
+def _acquire(rank_sets, backend, timeout, everyone):
+    """The shared group over each of ``rank_sets`` (sorted tuples of global ranks), created where missing.
+
+    Collective: with ``everyone`` every process calls it with the same sets in
+    the same order; otherwise the members of each set call it with the sets
+    they belong to.
     """
-    ranks = global_ranks(group)
-    size, rank = len(ranks), dist.get_rank(group)
-    ring_degree = size // ulysses_degree
-    ring_index, ulysses_index = divmod(rank, ulysses_degree)
-    ring = None
-    if ring_degree > 1:
-        ring = RingComm(group, [ranks[r * ulysses_degree + ulysses_index] for r in range(ring_degree)])
-    if ulysses_degree == 1:
-        return ring, None
-    if ulysses_degree == size:
-        return ring, UlyssesComm(group, ulysses_degree)
-    if size == dist.get_world_size():
-        backend = dist.get_backend(group)
-        mine = None
-        for r in range(ring_degree):
-            subgroup = dist.new_group(ranks[r * ulysses_degree:(r + 1) * ulysses_degree], backend=backend)
-            if r == ring_index:
-                mine = subgroup
-        return ring, UlyssesComm(mine, ulysses_degree)
-    return ring, UlyssesComm(group, ulysses_degree, first=ring_index * ulysses_degree)
+    entries = []
+    for ranks in rank_sets:
+        key = (backend, ranks, timeout)
+        entry = _shared.get(key)
+        if entry is None:
+            member = dist.get_rank() in ranks
+            pg = dist.new_group(list(ranks), timeout=datetime.timedelta(seconds=timeout), backend=backend,
+                                use_local_synchronization=not everyone)
+            _creations[key] += 1
+            entry = _shared[key] = _SharedGroup(key, pg if member else None, _creations[key])
+        entry.users += 1
+        entries.append(entry)
+    return entries
 
 
-class UlyssesComm:
-    """The all-to-all among the ``degree`` Ulysses ranks [first, first + degree) of ``group``."""
-
-    def __init__(self, group, degree, first=0):
-        self.group, self.degree = group, degree
-        size = dist.get_world_size(group)
-        # Along dim 0 of the exchanged tensor: one slice per Ulysses rank, none for the others.
-        self.splits = None if size == degree else [int(first <= r < first + degree) for r in range(size)]
-
-    def all_to_all(self, x):
-        """x (degree, ...) contiguous; returns y with y[i] = Ulysses rank i's x[this rank's index]."""
-        y = torch.empty_like(x)
-        dist.all_to_all_single(y, x, self.splits, self.splits, group=self.group)
-        return y
+def _destroy(entry):
+    if _shared.get(entry.key) is entry:
+        del _shared[entry.key]
+    if entry.pg is not None:
+        try:
+            dist.destroy_process_group(entry.pg)
+        except (ValueError, RuntimeError):  # already gone with the default group
+            pass
 
 
-class _Pending:
-    """Outstanding P2P works of one ring step."""
+def _group_count():
+    # torch names a group made with use_local_synchronization after the number of groups this
+    # process holds (torch.distributed.distributed_c10d._hash_ranks_to_str): members can make one
+    # together only when that number is the same on all of them.
+    return len(getattr(dist.distributed_c10d, "_world").pg_names)
 
-    def __init__(self, works):
-        self.works = works
 
-    def wait(self):
-        for work in self.works:
-            work.wait()
+class Communicator:
+    """The process groups one ContextParallel uses, their timeout, and the error path of its calls.
 
+    ``parent``: the process group; ``timeout``: seconds; ``parts``: the
+    Ulysses groups, lists of group ranks of ``parent`` that partition it (or
+    None). Collective over ``parent``. ``group`` carries the ring P2P and the
+    small collectives, ``subgroup`` (None when ``parent`` is used itself) this
+    rank's Ulysses all-to-all.
+    """
+
+    def __init__(self, parent, timeout, parts=None):
+        self.parent, self.timeout = parent, float(timeout)
+        self.backend = backend_name(parent)
+        self._bound = datetime.timedelta(seconds=self.timeout)
+        self._failed = None
+        ranks, me = global_ranks(parent), dist.get_rank()
+        everyone = len(ranks) == dist.get_world_size()
+        self.own_groups = everyone or len({row[0] for row in gather_rows(parent, [_group_count()], comm=self)}) == 1
+        parts = [sorted(ranks[r] for r in part) for part in parts or ()]
+        if self.own_groups:
+            wanted = [tuple(sorted(ranks))] + [tuple(p) for p in parts if everyone or me in p]
+            self._entries = _acquire(wanted, self.backend, self.timeout, everyone)
+            self.group = self._entries[0].pg
+            mine = [e for e, p in zip(self._entries[1:], wanted[1:]) if me in p]
+            self.subgroup = mine[0].pg if mine else None
+            self._failure_key = self._entries[0].failure_key
+        else:
+            self._entries, self.group, self.subgroup = [], parent, None
+            key = (self.backend, tuple(ranks), self.timeout)
+            _creations[key] += 1
+            self._failure_key = f"cpattn/failure/parent/{_creations[key]}"
+        self._store = group_store(self.group)
+
+    def describe(self):
+        if self.own_groups:
+            return f"cpattn's own process groups (timeout {self.timeout:g} s, shared by ContextParallels over these ranks)"
+        return (f"the given group itself (its ranks hold different numbers of process groups, so they cannot "
+                f"create groups among themselves); waits on CPU are bounded by {self.timeout:g} s")
+
+    def wait(self, works, on_cpu):
+        """Wait for ``works``: on gloo at most ``timeout`` (NCCL waits only order streams; its watchdog bounds them)."""
+        if on_cpu:
+            for work in works:
+                work.wait(self._bound)
+        else:
+            for work in works:
+                work.wait()
+
+    # -------------------------------------------------------------- failures
+
+    def check(self, where):
+        """Raise PeerFailure if an earlier call failed: these communicators are closed."""
+        failure = self._failed or next((e.failure for e in self._entries if e.failure), None)
+        if failure is not None:
+            raise PeerFailure(f"{where}: the communicators of this ContextParallel were closed after a failure "
+                              f"({failure}); build a new ContextParallel", rank=_rank_of(failure))
+
+    def fail(self, where, exc):
+        """The error path of a call that raised ``exc`` here: record it, close the communicators, raise.
+
+        The rank at fault re-raises its own exception; a rank that only saw a
+        collective fail (``CommError``) raises PeerFailure naming the failure
+        recorded first.
+        """
+        if isinstance(exc, PeerFailure):
+            raise exc
+        symptom = isinstance(exc, CommError)
+        text = f"rank {dist.get_rank()} {'could not complete' if symptom else 'failed in'} {where}: {describe(exc)}"
+        first = record_first_failure(self._store, self._failure_key, text) if self._store is not None else text
+        self._close_after_failure(first)
+        closed = "this ContextParallel's communicators are closed: build a new one to go on"
+        if not symptom:
+            exc.add_note(f"cpattn: the other ranks of the group were told and raise PeerFailure; {closed}")
+            raise exc
+        if first == text:
+            first += " (no rank reported a failure: one may have died, hung, or skipped the call)"
+        raise PeerFailure(f"{where}: {first}. {closed[0].upper()}{closed[1:]}.", rank=_rank_of(first)) from exc
+
+    def _close_after_failure(self, reason):
+        self._failed = reason
+        if not self._entries:
+            close_connections(self.group, self.backend)
+        for entry in self._entries:
+            if entry.failure is None:
+                entry.failure = reason
+                if entry.pg is not None:
+                    close_connections(entry.pg, self.backend)
+                _destroy(entry)
+
+    def close(self):
+        """Give back the shared groups (destroyed when no other Communicator uses them). Local; idempotent."""
+        entries, self._entries = self._entries, []
+        self._failed = self._failed or "closed by close()"
+        for entry in entries:
+            entry.users -= 1
+            if entry.users == 0 and entry.failure is None:
+                _destroy(entry)
+
+
+def _rank_of(record):
+    """The rank a failure record ("rank 3 failed in ...") names, or None."""
+    words = record.split(" ", 2)
+    return int(words[1]) if len(words) > 2 and words[0] == "rank" and words[1].isdigit() else None
+
+
+# ----------------------------------------------------------------------------- ring and Ulysses
 
 class RingComm:
-    """P2P along one ring: rank i sends to i+1 and receives from i-1 (mod ring size).
+    """P2P along one ring of ``comm.group``: rank i sends to i+1 and receives from i-1 (mod ring size).
 
     ``exchange`` only posts the transfers; the caller launches its kernels and
     waits afterwards, so communication overlaps computation.
     """
 
-    def __init__(self, group, members):
+    def __init__(self, comm, members):
         """``members``: global ranks of the ring, in ring order; this process is one of them."""
-        self.group = group
-        self.size = len(members)
+        self.comm, self.size = comm, len(members)
         self.index = members.index(dist.get_rank())
         self.next_rank = members[(self.index + 1) % self.size]
         self.prev_rank = members[(self.index - 1) % self.size]
+        self._pg = comm.group
+        self._next = dist.get_group_rank(self._pg, self.next_rank)
+        self._prev = dist.get_group_rank(self._pg, self.prev_rank)
+        self._coalesce = "nccl" in comm.backend
 
-    def exchange(self, send, recv, tag=0):
-        """Post: send ``send`` to the next rank, receive the previous rank's into ``recv``."""
-        ops = [dist.P2POp(dist.isend, send, self.next_rank, self.group, tag),
-               dist.P2POp(dist.irecv, recv, self.prev_rank, self.group, tag)]
-        return _Pending(dist.batch_isend_irecv(ops))
+    def exchange(self, sends, recvs, tag):
+        """Post: send each of ``sends`` to the next rank, receive the previous rank's into ``recvs``."""
+        pg = self._pg
+        try:
+            if self._coalesce:
+                # What dist.batch_isend_irecv does on NCCL, without its per-call Python checks: one
+                # group call, else a send and a receive between the same two ranks can deadlock.
+                device = sends[0].device
+                pg._start_coalescing(device)
+                for t in sends:
+                    pg.send([t], self._next, tag)
+                for t in recvs:
+                    pg.recv([t], self._prev, tag)
+                return [pg._end_coalescing(device)]
+            return [pg.send([t], self._next, tag) for t in sends] + [pg.recv([t], self._prev, tag) for t in recvs]
+        except Exception as exc:
+            raise self._error(exc) from exc
 
+    def wait(self, works, on_cpu):
+        try:
+            self.comm.wait(works, on_cpu)
+        except Exception as exc:
+            raise self._error(exc) from exc
+
+    def _error(self, exc):
+        return CommError(f"ring exchange (send to rank {self.next_rank}, receive from rank {self.prev_rank}): "
+                         f"{describe(exc)}")
+
+
+class UlyssesComm:
+    """The all-to-all among the ranks ``members`` (global ranks, ascending) of one Ulysses group."""
+
+    def __init__(self, comm, members):
+        self.comm, self.members, self.degree = comm, members, len(members)
+        if comm.subgroup is not None:
+            self.group, self.splits = comm.subgroup, None
+        else:  # the group itself: one part for each Ulysses rank, none for the others
+            self.group = comm.group
+            self.splits = [int(r in members) for r in global_ranks(self.group)]
+
+    def all_to_all(self, x):
+        """x (degree, ...) contiguous; returns y with y[i] = Ulysses rank i's x[this rank's index]."""
+        y = torch.empty_like(x)
+        try:
+            work = dist.all_to_all_single(y, x, self.splits, self.splits, group=self.group, async_op=True)
+            self.comm.wait([work], x.device.type == "cpu")
+        except Exception as exc:
+            raise CommError(f"Ulysses all-to-all among ranks {self.members}: {describe(exc)}") from exc
+        return y
+
+
+# ----------------------------------------------------------------------------- agreement
 
 def check_backend(group, device, where):
     """Raise ValueError if ``group``'s backend cannot move tensors on ``device``."""
-    backend = str(dist.get_backend(group)).lower()
+    backend = backend_name(group)
     if device.type == "cuda" and "nccl" not in backend:
         raise ValueError(f"{where}: CUDA tensors need an NCCL process group, this group's backend is {backend!r}")
     if device.type == "cpu" and "gloo" not in backend:
@@ -122,11 +293,50 @@ def check_backend(group, device, where):
 
 
 def _exchange_device(group, hint):
-    backend = str(dist.get_backend(group)).lower()
+    backend = backend_name(group)
     on_cuda = isinstance(hint, torch.Tensor) and hint.device.type == "cuda"
     if "nccl" in backend and (on_cuda or "gloo" not in backend):
         return hint.device if on_cuda else torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def gather_rows(group, row, hint=None, comm=None):
+    """Collective: every rank's ``row`` (ints; the same length on every rank), in group-rank order.
+
+    ``hint``: a tensor on the device the backend needs; ``comm``: bounds the wait by its timeout.
+    """
+    size = dist.get_world_size(group)
+    device = _exchange_device(group, hint)
+    mine = torch.tensor(row, dtype=torch.int64, device=device)
+    # Prefilled with this rank's row, so that a backend that moves nothing (torch's "fake"
+    # backend, used by the host-overhead benchmark) reads as agreement.
+    everyone = [mine.clone() for _ in range(size)]
+    work = dist.all_gather(everyone, mine, group=group, async_op=True)
+    if comm is None:
+        work.wait()
+    else:
+        comm.wait([work], device.type == "cpu")
+    return torch.stack(everyone).tolist()
+
+
+def check_agreement(rows, error, where, field_names):
+    """Raise on every rank alike after ``gather_rows`` of [failed flag, *signature].
+
+    A rank whose own check failed (``error``) re-raises it; the others raise a
+    ValueError naming it; signatures that differ raise a ValueError showing both.
+    """
+    if error is not None:
+        raise error
+    failed = [rank for rank, row in enumerate(rows) if row[0]]
+    if failed:
+        raise ValueError(f"{where}: rank(s) {failed} of the context-parallel group rejected their inputs "
+                         "(see the error raised there)")
+    differing = [rank for rank, row in enumerate(rows) if row != rows[0]]
+    if differing:
+        def describe_row(row):
+            return ", ".join(f"{name}={value}" for name, value in zip(field_names, row[1:]))
+        raise ValueError(f"{where}: ranks disagree on their inputs: rank 0 has {describe_row(rows[0])}; "
+                         f"rank {differing[0]} has {describe_row(rows[differing[0]])}")
 
 
 def agree_on_inputs(group, signature, error, where, field_names, hint=None):
@@ -137,21 +347,5 @@ def agree_on_inputs(group, signature, error, where, field_names, hint=None):
     must call this with signatures of the same length. A rank whose own check
     failed re-raises its error; the others raise a ValueError naming it.
     """
-    size = dist.get_world_size(group)
-    device = _exchange_device(group, hint)
-    mine = torch.tensor([0 if error is None else 1, *signature], dtype=torch.int64, device=device)
-    everyone = [torch.empty_like(mine) for _ in range(size)]
-    dist.all_gather(everyone, mine, group=group)
-    rows = [t.tolist() for t in everyone]
-    if error is not None:
-        raise error
-    failed = [rank for rank, row in enumerate(rows) if row[0]]
-    if failed:
-        raise ValueError(f"{where}: rank(s) {failed} of the context-parallel group rejected their inputs "
-                         "(see the error raised there)")
-    differing = [rank for rank, row in enumerate(rows) if row != rows[0]]
-    if differing:
-        def describe(row):
-            return ", ".join(f"{name}={value}" for name, value in zip(field_names, row[1:]))
-        raise ValueError(f"{where}: ranks disagree on their inputs: rank 0 has {describe(rows[0])}; "
-                         f"rank {differing[0]} has {describe(rows[differing[0]])}")
+    rows = gather_rows(group, [0 if error is None else 1, *signature], hint)
+    check_agreement(rows, error, where, field_names)

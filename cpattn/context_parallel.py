@@ -2,64 +2,77 @@
 configuration (``from_config``) and the matching argparse options.
 
 A ``ContextParallel`` object is a mesh over a process group: P ranks =
-ring_degree x ulysses_degree, rank = ring_index * ulysses_degree + ulysses_index.
-It sets up its communication (and subgroups) once, at construction. Every
-method that communicates first checks its inputs on every rank and exchanges a
-small summary of them, so a bad input raises on every rank instead of leaving
-some blocked in a collective.
+ring_degree x ulysses_degree (``mesh.py`` says which rank is where). It sets up
+its communication once, at construction (``comm.Communicator``: process groups
+shared with every other ContextParallel over the same ranks, freed by
+``close()``). Every call that communicates checks its inputs locally and, the
+first time each distinct call signature is seen, exchanges a small summary of
+them with the other ranks, so a bad input raises on every rank instead of
+leaving some blocked in a collective; later calls with a known signature do no
+collective and no device-to-host copy besides the attention itself. A failure
+inside a call makes every rank raise within ``timeout`` (faults.py).
 """
 import argparse
-import os
+import math
+import struct
 
 import torch
 import torch.distributed as dist
 
 from ._checks import check_qkv, check_scale, positive_int
-from .comm import agree_on_inputs, build_mesh_comms, check_backend, dtype_code
+from .comm import Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
+    global_ranks
+from .faults import CommError, describe
 from .layout import RING_IMPLS, Layout
+from .mesh import auto_ulysses_degree, node_of_this_process, plan_mesh
 from .ulysses import check_heads
-from .usp import usp_attention
+from .usp import MeshComms, usp_attention
+
+__all__ = ["ContextParallel", "add_context_parallel_args", "auto_ulysses_degree", "CP_ALGOS"]
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
-_SIGNATURE_FIELDS = (*[f"{name}.shape[{i}]" for name in ("q", "k", "v") for i in range(4)], "dtype", "causal")
+DEFAULT_TIMEOUT = 30.0
+
+_CONSTRUCTION_FIELDS = ("ulysses_degree (-1: auto)", "ring_impl index", "num_heads", "num_kv_heads", "timeout ms")
+# A call's signature: what must be the same on every rank. Later arguments (window_size, softcap, sinks,
+# cu_seqlens: a hash of its host copy) join by appending fields here and in _attention_signature.
+_ATTENTION_FIELDS = (*[f"{name}.shape[{i}]" for name in ("q", "k", "v") for i in range(4)], "dtype", "causal",
+                     "return_lse", "needs grad", "softmax_scale bits", "sdpa layout")
+_GATHER_FIELDS = ("dtype", "ndim", "seq_dim", *[f"size[{i}]" for i in range(8)])
+_MAX_SIGNATURES = 4096  # agreed signatures kept per object (shapes that change every call would grow it)
 
 
-def auto_ulysses_degree(world_size, num_heads, num_kv_heads=None, local_world_size=None):
-    """The Ulysses degree ``ulysses_degree="auto"`` picks.
-
-    The largest d that divides the group size, the query head count and the
-    ranks per node (LOCAL_WORLD_SIZE, or the group size when unset), and for
-    which the kv heads split or replicate evenly (d divides Hkv or Hkv divides
-    d). The all-to-all then stays inside a node (Ulysses ranks are adjacent)
-    and the ring, whose P2P traffic is lighter and overlapped, spans the rest.
-    """
-    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if local_world_size is None:
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    for degree in range(min(world_size, local_world_size), 0, -1):
-        if (world_size % degree == 0 and local_world_size % degree == 0 and num_heads % degree == 0
-                and (num_kv_heads % degree == 0 or degree % num_kv_heads == 0)):
-            return degree
-    return 1
-
-
-def _resolve_ulysses_degree(ulysses_degree, world_size, num_heads, num_kv_heads):
+def _check_ulysses_degree(ulysses_degree, world_size, num_heads, where):
+    """``ulysses_degree`` as given ("auto" or a valid int); raises TypeError/ValueError."""
     if ulysses_degree == "auto":
         if num_heads is None:
-            raise ValueError("ContextParallel: ulysses_degree='auto' needs num_heads (the query head count) "
+            raise ValueError(f"{where}: ulysses_degree='auto' needs num_heads (the query head count) "
                              "to choose a degree that splits the heads")
-        return auto_ulysses_degree(world_size, num_heads, num_kv_heads)
+        return ulysses_degree
     if isinstance(ulysses_degree, str):
-        raise ValueError(f"ContextParallel: ulysses_degree must be a positive int or 'auto', got {ulysses_degree!r}")
+        raise ValueError(f"{where}: ulysses_degree must be a positive int or 'auto', got {ulysses_degree!r}")
     if isinstance(ulysses_degree, bool) or not isinstance(ulysses_degree, int):
-        raise TypeError(f"ContextParallel: ulysses_degree must be a positive int or 'auto', "
+        raise TypeError(f"{where}: ulysses_degree must be a positive int or 'auto', "
                         f"got {type(ulysses_degree).__name__}")
     if ulysses_degree < 1:
-        raise ValueError(f"ContextParallel: ulysses_degree must be a positive int, got {ulysses_degree}")
+        raise ValueError(f"{where}: ulysses_degree must be a positive int, got {ulysses_degree}")
     if world_size % ulysses_degree:
-        raise ValueError(f"ContextParallel: ulysses_degree {ulysses_degree} does not divide the group size "
-                         f"{world_size}")
+        raise ValueError(f"{where}: ulysses_degree {ulysses_degree} does not divide the group size {world_size}")
     return ulysses_degree
+
+
+def _check_options(check_across_ranks, timeout, where):
+    if not (check_across_ranks is True or check_across_ranks is False or check_across_ranks == "always"):
+        raise ValueError(f"{where}: check_across_ranks must be True, False or 'always', got {check_across_ranks!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+
+
+def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout):
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    scale_bits = 0 if scale is None else struct.unpack("<q", struct.pack("<d", scale))[0]
+    return (*q.shape, *k.shape, *v.shape, dtype_code(q.dtype), int(causal), int(return_lse), int(needs_grad),
+            scale_bits, int(sdpa_layout))
 
 
 class ContextParallel:
@@ -67,18 +80,24 @@ class ContextParallel:
 
     ``group``: a torch.distributed process group (None: the default group).
     ``ulysses_degree``: ranks per Ulysses (head all-to-all) group, a divisor of
-    the group size, or "auto" (see ``auto_ulysses_degree``; needs ``num_heads``).
+    the group size, or "auto" (needs ``num_heads``): the largest degree whose
+    Ulysses groups fit inside nodes, learned from the ranks (``mesh.py``).
     ``ring_impl``: "zigzag" (load-balanced causal shards) or "ring" (contiguous).
     ``num_heads``/``num_kv_heads``: optional; checked early, used by "auto".
-    ``check_across_ranks``: the constructor and every communicating call
-    all-gather a few ints describing each rank's arguments, so arguments that
-    differ between ranks (or fail on one rank only) raise everywhere instead
-    of leaving the other ranks hanging. On CUDA that costs a host sync per
-    call; turn it off once shapes are known to agree.
+    ``check_across_ranks``: True (default): the first call with each distinct
+    signature (shapes, dtype, flags) all-gathers a few ints describing every
+    rank's arguments, so arguments that differ between ranks (or fail on one
+    rank only) raise everywhere; later calls with that signature skip it.
+    "always": every call does (debugging; on CUDA a host sync per call).
+    False: never.
+    ``timeout``: seconds after which a rank waiting for a failed or missing
+    peer gives up (the bound of faults.py).
+    Collective: every rank of ``group`` constructs it with the same arguments.
+    ``close()`` (or ``with ContextParallel(...) as cp:``) frees its communicators.
     """
 
     def __init__(self, group=None, ulysses_degree=1, ring_impl="zigzag", *, num_heads=None, num_kv_heads=None,
-                 check_across_ranks=True):
+                 check_across_ranks=True, timeout=DEFAULT_TIMEOUT):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ContextParallel: torch.distributed is not initialised (call init_process_group first)")
         self.group = dist.group.WORLD if group is None else group
@@ -86,25 +105,51 @@ class ContextParallel:
         if self.rank < 0:
             raise ValueError("ContextParallel: this process is not a member of the given group")
         self.world_size = dist.get_world_size(self.group)
-        self.check_across_ranks = bool(check_across_ranks)
         where = "ContextParallel"
-        error, signature = None, [0, 0]
+        error, row = None, [0] * len(_CONSTRUCTION_FIELDS)
         try:
             if ring_impl not in RING_IMPLS:
                 raise ValueError(f"{where}: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+            _check_options(check_across_ranks, timeout, where)
             num_heads = positive_int(num_heads, "num_heads", where, allow_none=True)
             num_kv_heads = positive_int(num_kv_heads, "num_kv_heads", where, allow_none=True)
-            degree = _resolve_ulysses_degree(ulysses_degree, self.world_size, num_heads, num_kv_heads)
-            if num_heads is not None:
-                check_heads(num_heads, num_kv_heads or num_heads, degree, where)
-            signature = [degree, RING_IMPLS.index(ring_impl)]
+            requested = _check_ulysses_degree(ulysses_degree, self.world_size, num_heads, where)
+            if num_heads is not None and requested != "auto":
+                check_heads(num_heads, num_kv_heads or num_heads, requested, where)
+            row = [-1 if requested == "auto" else requested, RING_IMPLS.index(ring_impl), num_heads or 0,
+                   num_kv_heads or 0, round(timeout * 1000)]
         except (TypeError, ValueError) as exc:
             error = exc
-        # Every rank must build the same mesh (e.g. "auto" reads LOCAL_WORLD_SIZE, which could differ).
-        self._agree(signature, error, where, ("ulysses_degree", "ring_impl index"), None)
+        # Every rank must build the same mesh; "auto" needs every rank's node.
+        node = node_of_this_process(dist.get_rank())
+        rows = [[0 if error is None else 1, *row, *node]]
+        if self.world_size > 1:
+            rows = gather_rows(self.group, rows[0])
+        check_agreement([r[:1 + len(row)] for r in rows], error, where, _CONSTRUCTION_FIELDS)
+        self.check_across_ranks, self.timeout = check_across_ranks, float(timeout)
+        self._plan = plan_mesh(requested, [tuple(r[-2:]) for r in rows], num_heads, num_kv_heads)
+        degree = self._plan.ulysses_degree
         self.layout = Layout(self.world_size // degree, degree, ring_impl)
-        self.ring_index, self.ulysses_index = divmod(self.rank, degree)
-        self._ring_comm, self._ulysses_comm = build_mesh_comms(self.group, degree)
+        self.mesh_rank = self._plan.order.index(self.rank)
+        self.ring_index, self.ulysses_index = divmod(self.mesh_rank, degree)
+        self._mesh_ranks = [self._plan.order.index(g) for g in range(self.world_size)]  # of each group rank
+        self._agreed = {}  # keys of the calls checked here and agreed on across ranks
+        self._closed = False
+        self._comm = None
+        if self.world_size > 1:
+            self._comm = Communicator(self.group, self.timeout, self._plan.ulysses_groups() if degree > 1 else None)
+        self._mesh = self._build_mesh()
+
+    def _build_mesh(self):
+        comm, degree, ring_degree = self._comm, self.ulysses_degree, self.ring_degree
+        ring = ulysses = None
+        if comm is not None:
+            ranks, order = global_ranks(self.group), self._plan.order
+            if ring_degree > 1:
+                ring = RingComm(comm, [ranks[order[r * degree + self.ulysses_index]] for r in range(ring_degree)])
+            if degree > 1:
+                ulysses = UlyssesComm(comm, [ranks[g] for g in self._plan.ulysses_groups()[self.ring_index]])
+        return MeshComms(self.layout, self.ring_index, comm, ring, ulysses)
 
     ring_degree = property(lambda self: self.layout.ring_degree)
     ulysses_degree = property(lambda self: self.layout.ulysses_degree)
@@ -114,12 +159,41 @@ class ContextParallel:
         return (f"ContextParallel(ring_degree={self.ring_degree}, ulysses_degree={self.ulysses_degree}, "
                 f"ring_impl={self.ring_impl!r}, rank={self.rank})")
 
+    def describe(self):
+        """The mesh and why: degrees, every Ulysses group and ring (global ranks), nodes, communicators."""
+        ranks, order, degree = global_ranks(self.group), self._plan.order, self.ulysses_degree
+        return {
+            "ring_degree": self.ring_degree, "ulysses_degree": degree, "ring_impl": self.ring_impl,
+            "rank": self.rank, "mesh_rank": self.mesh_rank, "ring_index": self.ring_index,
+            "ulysses_index": self.ulysses_index,
+            "ulysses_groups": [[ranks[g] for g in group] for group in self._plan.ulysses_groups()],
+            "rings": [[ranks[order[r * degree + u]] for r in range(self.ring_degree)] for u in range(degree)],
+            "node_of_rank": {ranks[g]: node for g, node in enumerate(self._plan.nodes)},
+            "communicators": "none (one rank)" if self._comm is None else self._comm.describe(),
+            "why": self._plan.reason,
+        }
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self):
+        """Give back the communicators (destroyed when no other ContextParallel uses them). Local; idempotent."""
+        self._closed = True
+        if self._comm is not None:
+            self._comm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
     # ------------------------------------------------------------------ configuration
 
     @classmethod
     def from_config(cls, context_parallel_size=None, context_parallel_algo="ulysses_cp_algo",
                     ulysses_degree_in_cp=None, *, group=None, ring_impl="zigzag", num_heads=None,
-                    num_kv_heads=None, tensor_parallel_size=1, check_across_ranks=True):
+                    num_kv_heads=None, tensor_parallel_size=1, check_across_ranks=True,
+                    timeout=DEFAULT_TIMEOUT):
         """Build from MindSpeed-style options.
 
         ``context_parallel_algo``: "ulysses_cp_algo" (all ranks in one Ulysses
@@ -173,7 +247,7 @@ class ContextParallel:
                                      f"tensor_parallel_size {tp}")
                 kv_heads = num_kv_heads // tp
         return cls(group, degree, ring_impl, num_heads=heads, num_kv_heads=kv_heads,
-                   check_across_ranks=check_across_ranks)
+                   check_across_ranks=check_across_ranks, timeout=timeout)
 
     @classmethod
     def from_args(cls, args, **kwargs):
@@ -194,7 +268,7 @@ class ContextParallel:
 
     def positions(self, seq_len):
         """Global positions (CPU LongTensor) of this rank's tokens of a ``seq_len`` sequence, in local order."""
-        return self.layout.positions(seq_len, self.rank)
+        return self.layout.positions(seq_len, self.mesh_rank)
 
     def shard(self, x, seq_dim=1):
         """This rank's tokens of the full tensor ``x`` (a copy), in the order the mesh needs."""
@@ -205,36 +279,86 @@ class ContextParallel:
     def gather(self, x, seq_dim=1):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable)."""
         where = "ContextParallel.gather"
-        error, signature = None, [0] * 11
+        self._check_open(where)
+        error, signature = None, None
         try:
             seq_dim = self._seq_dim(x, seq_dim, where)
             if x.dim() > 8:
                 raise ValueError(f"{where}: at most 8 dimensions are supported, got {x.dim()}")
             check_backend(self.group, x.device, where)
             self.layout.check_seq_len(x.shape[seq_dim] * self.world_size, where)
-            signature = [dtype_code(x.dtype), x.dim(), seq_dim, *x.shape, *[0] * (8 - x.dim())]
+            signature = (dtype_code(x.dtype), x.dim(), seq_dim, *x.shape, *[0] * (8 - x.dim()))
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(signature, error, where, ("dtype", "ndim", "seq_dim", *[f"size[{i}]" for i in range(8)]), x)
-        pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(self.world_size)]
-        dist.all_gather(pieces, x.contiguous(), group=self.group)
-        stacked = torch.cat(pieces, dim=seq_dim)  # rank after rank: tokens at positions layout.order
-        order = self.layout.order(stacked.shape[seq_dim]).to(x.device)
+        self._agree(("gather", signature), signature, error, where, _GATHER_FIELDS, x)
+        pieces = [x]
+        if self._comm is not None:
+            pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(self.world_size)]
+            try:
+                work = dist.all_gather(pieces, x.contiguous(), group=self._comm.group, async_op=True)
+                self._comm.wait([work], x.device.type == "cpu")
+            except Exception as exc:
+                self._comm.fail(where, _comm_error("all-gather", exc))
+        stacked = torch.cat(pieces, dim=seq_dim)  # group rank after group rank
+        order = self.layout.order(stacked.shape[seq_dim], self._mesh_ranks).to(x.device)
         return torch.empty_like(stacked).index_copy_(seq_dim, order, stacked)
 
-    def _agree(self, signature, error, where, field_names, hint):
-        if self.world_size > 1 and self.check_across_ranks:
-            agree_on_inputs(self.group, signature, error, where, field_names, hint)
-        elif error is not None:
-            raise error
+    # ------------------------------------------------------------------ agreement
+
+    def _check_open(self, where):
+        if self._closed:
+            raise RuntimeError(f"{where}: this ContextParallel was closed")
+        if self._comm is not None:
+            self._comm.check(where)
+
+    def _agree(self, key, signature, error, where, field_names, hint):
+        """Make every rank reach the same verdict on a call (see ``check_across_ranks``); raises like
+        ``comm.check_agreement``. ``key``: what identifies the call here; ``signature``: ints, None on error."""
+        mode = self.check_across_ranks
+        if self._comm is None or mode is False:
+            if error is not None:
+                raise error
+            return
+        if error is None and mode is True and key in self._agreed:
+            return
+        if error is not None and mode is True and self._agreed:
+            # The other ranks may know their signature already and skip the exchange: rather than
+            # wait for them in it, close the communicators, which makes them raise at once.
+            self._comm.fail(where, error)
+        try:
+            rows = gather_rows(self._comm.group, [0 if error is None else 1, *(signature or [0] * len(field_names))],
+                               hint, self._comm)
+        except Exception as exc:
+            self._comm.fail(where, error if error is not None else _comm_error("agreement all-gather", exc))
+        check_agreement(rows, error, where, field_names)
+        if len(self._agreed) >= _MAX_SIGNATURES:
+            self._agreed.clear()
+        self._agreed[key] = True
 
     # ------------------------------------------------------------------ attention
 
-    def _check_attention(self, q, k, v, causal, softmax_scale, where, layout, enable_gqa=True):
+    def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True):
+        """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
+        self._check_open(where)
+        try:  # what the local checks depend on; a new key is checked and agreed on
+            key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, bool(causal),
+                   softmax_scale, bool(return_lse), enable_gqa, sdpa_layout,
+                   torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+            known = self.check_across_ranks != "always" and key in self._agreed
+        except (AttributeError, TypeError):  # not tensors, or an unhashable argument
+            key, known = None, False
+        if not known:
+            softmax_scale = self._check_attention(key, q, k, v, causal, softmax_scale, return_lse, where,
+                                                  sdpa_layout, enable_gqa)
+        if sdpa_layout:  # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return usp_attention(q, k, v, self._mesh, bool(causal), softmax_scale, bool(return_lse), where)
+
+    def _check_attention(self, key, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa):
         """Local checks, then the cross-rank agreement; returns the softmax scale."""
-        error, signature = None, [0] * len(_SIGNATURE_FIELDS)
+        error, signature = None, None
         try:
-            _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, layout)
+            _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, "sdpa" if sdpa_layout else "flash")
             softmax_scale = check_scale(softmax_scale, where)
             if heads != heads_kv and not enable_gqa:
                 raise ValueError(f"{where}: query has {heads} heads but key/value have {heads_kv}; "
@@ -245,31 +369,34 @@ class ContextParallel:
             check_backend(self.group, q.device, where)
             check_heads(heads, heads_kv, self.ulysses_degree, where)
             self.layout.check_seq_len(seqlen_q * self.world_size, where)
-            signature = [*q.shape, *k.shape, *v.shape, dtype_code(q.dtype), int(bool(causal))]
+            signature = _attention_signature(q, k, v, causal, softmax_scale, return_lse, sdpa_layout)
         except (TypeError, ValueError) as exc:
             error = exc
-        self._agree(signature, error, where, _SIGNATURE_FIELDS, q)
+        self._agree(key, signature, error, where, _ATTENTION_FIELDS, q if error is None else None)
         return softmax_scale
 
-    def attention(self, q, k, v, causal=False, softmax_scale=None):
+    def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False):
         """Attention of local shards in flash layout: q (B, S/P, H, D), k and v (B, S/P, Hkv, D).
 
         The shards must come from ``shard`` (or follow its order). ``causal``
         uses the global positions of the tokens (as on one device). Returns the
-        local shard of the output, (B, S/P, H, D); differentiable in q, k, v.
+        local shard of the output, (B, S/P, H, D), differentiable in q, k, v;
+        with ``return_lse`` also lse (B, H, S/P) float32, natural log: the rows
+        of single-device attention's lse for this rank's tokens (not differentiable).
         """
-        softmax_scale = self._check_attention(q, k, v, causal, softmax_scale, "ContextParallel.attention", "flash")
-        return usp_attention(q, k, v, self.layout, self.ring_index, self._ring_comm, self._ulysses_comm,
-                             bool(causal), softmax_scale)
+        return self._attention(q, k, v, causal, softmax_scale, return_lse, "ContextParallel.attention", False)
 
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False):
         """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
-        where = "ContextParallel.scaled_dot_product_attention"
-        scale = self._check_attention(query, key, value, is_causal, scale, where, "sdpa", enable_gqa)
-        # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides.
-        out = usp_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), self.layout,
-                            self.ring_index, self._ring_comm, self._ulysses_comm, bool(is_causal), scale)
+        out = self._attention(query, key, value, is_causal, scale, False,
+                              "ContextParallel.scaled_dot_product_attention", True, enable_gqa)
         return out.transpose(1, 2)
+
+
+def _comm_error(what, exc):
+    error = CommError(f"{what}: {describe(exc)}")
+    error.__cause__ = exc
+    return error
 
 
 def _ulysses_degree_arg(text):

@@ -3,71 +3,66 @@
 Serving a long context runs out of KV-cache memory on one device. Here the
 cache of every attention layer is sharded along the sequence over a process
 group (``ShardedKVCache``, one per layer), and attention over it is computed
-where the keys live: queries travel, keys and values stay put.
-
-```python
-import cpattn
-
-# one cache per attention layer; page_size=None gives contiguous storage
-cache = cpattn.ShardedKVCache(batch, capacity, num_kv_heads, head_dim, dtype=torch.float16,
-                              device="cuda", group=None, page_size=64)
-
-# prefill, one chunk of n tokens at a time; each rank passes its tokens of the chunk
-cp = cpattn.ContextParallel(group=None, ring_impl="zigzag")   # or cpattn.split_chunk(x, cache)
-index = cp.positions(n)                     # which tokens of the chunk this rank holds
-x_local = cp.shard(x_chunk)                 # (B, n_local, ...)
-pos = cache.positions(n, index)             # (B, n_local) global positions, for RoPE
-out_local = cpattn.prefill(cache, q_local, k_local, v_local, token_index=index)   # (B, n_local, H, D)
-
-# decode: the new token(s) of every sequence, the same on every rank
-pos = cache.seqlens[:, None]                # position of the new token, for RoPE
-out = cpattn.decode(cache, q, k, v)         # (B, n_new, H, D), the same on every rank
-```
+where the keys live.
 
 * **Layout**: positions are dealt out in stripes of ``page_size`` (or
   ``stripe``) tokens round-robin over the ranks, so every rank holds ~L/P keys
   of every sequence at every length L (balanced decode work and memory).
-  ``cache.owner(pos)``, ``cache.local_slot(pos)``.
 * **Prefill** of a chunk of n tokens (each rank passes the same number of them,
-  at indices ``token_index`` into the chunk): every rank all-gathers the chunk's
-  q, k, v, stores the keys and values it owns, and attends *all* n queries to
-  its own shard, which now holds its share of the history and of the chunk,
-  causal by global position (the chunk starts at each sequence's length). The
-  partials (out, lse) go back to the ranks that own the queries (all-to-all)
-  and are merged there by their log-sum-exp. A chunk therefore sees every
-  earlier key, and chunked prefill equals one prefill. Why not the ring of
-  ``cpattn.ContextParallel``: after the first chunk the history is in the
-  cache, and a ring would move the whole cache past every rank for every
-  chunk; moving the chunk's queries and outputs costs O(chunk), not O(context).
-  The work is balanced whatever split of the chunk the ranks hold, because the
-  keys are striped.
-* **Decode**: the n_new query tokens (1, or more for speculative decoding) and
-  their keys and values are replicated on every rank; each rank stores the new
-  keys it owns, runs the split-KV decode kernel on its shard, and the partials
-  are all-gathered and merged, so every rank returns the same output.
-* Sequences may differ in length: ``batch_index`` restricts a call to some
-  sequences (e.g. prefill prompts of different lengths one by one); decode
-  then runs the whole batch, each sequence at its own length.
+  at indices ``token_index`` into the chunk): every rank all-gathers the
+  chunk's k, v and stores the ones it owns. Then one of two exact strategies:
+  - *pass-Q*: the chunk's queries are all-gathered too; every rank attends all n
+    queries to its own shard (its share of the history and of the chunk), and
+    the partials (out, lse) go back to the ranks that hold those queries
+    (all-to-all) to be merged by their log-sum-exp. Moves O(chunk).
+  - *pass-KV*: every rank keeps its queries; the shards travel round the ring
+    (the transfer of step s+1 posted before step s's kernel) and each rank merges
+    its partials locally. Moves O(history + chunk) of keys and values, but no
+    queries and no outputs.
+  ``strategy="auto"`` picks the one that moves fewer bytes (``prefill_bytes``):
+  pass-KV when the new tokens are a large enough share of the context,
+  new / (new + cached) above roughly Hkv / H (the key/value heads are fewer
+  than the query heads, and pass-Q also returns fp32 outputs).
+* **Decode**: the new token(s) and their keys and values are replicated on
+  every rank; each rank stores the keys it owns, runs the split-KV kernel on its
+  shard, and the partials are merged across ranks (``decode_merge_bytes``):
+  with 2 ranks one all-gather of the packed fp32 (out, lse) and a fold in rank
+  order; with more, an all-to-all hands each rank 1/P of the rows of every
+  rank's partial, it folds them in rank order, and an all-gather returns the
+  merged rows: 2 (P-1)/P copies of a partial per rank instead of P-1. Either
+  way every rank ends with the same bits.
+* **No host round trip in decode**: ``decode_step`` reads and writes only
+  device state with fixed shapes and launches a fixed grid, so it can run
+  under ``torch.compile(fullgraph=True)`` or be captured in a CUDA graph;
+  ``decode`` adds the per-call checks, the page allocation (host bookkeeping,
+  no device read) and the cross-rank agreement on the inputs.
+* **Local attention**: ``window_size`` (flash-attn's (left, right); prefill and
+  decode are causal, so only ``left`` matters), ``softcap`` and ``sinks`` as in
+  cpattn's attention. A rank whose shard holds no key inside the window of any
+  query launches no kernel in ``prefill``/``decode`` (its partial is the empty
+  one); under ``decode_step`` its programs exit at once. A sink is folded in
+  exactly once (rank 0's partial in pass-Q and decode, the local step in pass-KV).
 * Errors: wrong shapes, dtypes, devices, head counts, overflow of the capacity
   or of the page pool raise ``ValueError``/``TypeError`` before anything is
-  written, on every rank alike (the checks use replicated state or a small
-  all-gather of the shapes; ``check_across_ranks=False`` drops the latter), so
-  the cache is unchanged and no rank hangs.
-* Group size 1 (or no ``torch.distributed`` at all) is plain single-device
-  paged decoding with no collectives.
+  written, on every rank alike, so the cache is unchanged and no rank hangs.
 """
+import math
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 from cpattn.kernels import decode_attention, merge_splits
 
-from ._checks import check_scale
+from ._checks import check_scale, check_sinks, check_softcap, check_window
 from .attention import _kernel_dtype
 from .comm import agree_on_inputs
 from .kv_cache import ShardedKVCache
 
+STRATEGIES = ("auto", "pass-q", "pass-kv")
 
+
+# ---- checks -------------------------------------------------------------------------------------------
 def _check_q(cache, q, k, v, batch, where):
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"{where}: q must be a torch.Tensor, got {type(q).__name__}")
@@ -90,6 +85,17 @@ def _check_q(cache, q, k, v, batch, where):
         raise ValueError(f"{where}: q, k, v hold no tokens")
 
 
+class _Options:
+    """The attention options of one call, checked: scale, window, softcap, sinks (no host read)."""
+
+    def __init__(self, cache, q, softmax_scale, window_size, softcap, sinks, where):
+        self.scale = check_scale(softmax_scale, where)
+        left, _ = check_window(window_size, where)
+        self.window = (left, 0)  # prefill and decode are causal: right = 0
+        self.softcap = check_softcap(softcap, where)
+        self.sinks = check_sinks(sinks, q.shape[2], cache.device, where)
+
+
 def _agree(cache, check, values, where, hint):
     """Run the local ``check``, then make every rank reach the same verdict.
 
@@ -98,7 +104,7 @@ def _agree(cache, check, values, where, hint):
     check passed and ``values()``, a few ints that must match (shapes, sequences),
     through ``comm.agree_on_inputs``, and all raise together.
     """
-    error, signature = None, [0] * _num_values(cache)
+    error, signature = None, [0] * (3 + cache.batch)
     try:
         check()
         signature = values()
@@ -108,12 +114,8 @@ def _agree(cache, check, values, where, hint):
         if error is not None:
             raise error
         return
-    field_names = ["tokens", "heads", "default token_index"] + [f"order of sequence {b}" for b in range(cache.batch)]
+    field_names = ["tokens", "heads", "flag"] + [f"order of sequence {b}" for b in range(cache.batch)]
     agree_on_inputs(cache.group, signature, error, where, field_names, hint)
-
-
-def _num_values(cache):
-    return 3 + cache.batch
 
 
 def _call_values(n_tokens, heads, flag, rows, batch):
@@ -124,6 +126,7 @@ def _call_values(n_tokens, heads, flag, rows, batch):
     return [n_tokens, heads, flag] + order
 
 
+# ---- attention on this rank's shard ---------------------------------------------------------------------
 def _pack(out, lse):
     """(out (B, n, H, D) fp32, lse (B, H, n)) -> one (B, n, H, D + 1) tensor: one collective instead of two."""
     return torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
@@ -134,20 +137,149 @@ def _unpack(packed):
     return packed[..., :-1], packed[..., -1].transpose(-1, -2)
 
 
-def _attend_shard(cache, rows, q, q_start, softmax_scale):
-    """Partial attention of q (len(rows), n, H, D) at positions q_start[b] + t over this rank's shard.
+def _empty_partial(q):
+    batch, n, heads, _ = q.shape
+    return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+            torch.full((batch, heads, n), float("-inf"), device=q.device))
 
-    Returns (out fp32, lse), the empty partial (0, -inf) where the shard holds no visible key."""
-    k, v, table = cache.local_view(rows)
+
+def _sees_nothing(layout, rank, lens, first_pos, last_pos, window_left):
+    """Host check: does ``rank`` hold no key that a query at positions [first_pos, last_pos] (host int64
+    tensors per sequence) can see, for global lengths ``lens``? Then it may skip its kernel."""
+    hi = torch.minimum(last_pos + 1, lens)
+    lo = (first_pos - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(first_pos)
+    return bool((layout.local_lengths(hi, rank) <= layout.local_lengths(torch.minimum(lo, hi), rank)).all())
+
+
+def _attend(q, k, v, lens, q_positions, block_table, slot_positions, options, sinks):
+    """Partial attention (out fp32, lse) of q at ``q_positions`` over one shard of keys (device tensors)."""
     dtype = _kernel_dtype(q)  # bf16 on CPU runs in fp32 (the interpreter has no bf16 matmul)
-    lens = cache.local_lengths(cache.seqlens[rows])
     return decode_attention(
-        q.to(dtype), k.to(dtype), v.to(dtype),
-        lens.to(torch.int32).to(cache.device), q_start=q_start.to(torch.int32).to(cache.device),
-        block_table=table, softmax_scale=softmax_scale, causal=True, slot_positions=cache.slot_positions,
-        max_seqlen=int(lens.max()), validate=False, out_dtype=torch.float32)
+        q.to(dtype), k.to(dtype), v.to(dtype), lens.to(torch.int32), q_positions=q_positions.to(torch.int32),
+        block_table=block_table, softmax_scale=options.scale, causal=True, slot_positions=slot_positions,
+        validate=False, out_dtype=torch.float32, window_size=options.window, softcap=options.softcap, sinks=sinks)
 
 
+def _attend_local(cache, dev_rows, q, q_positions, options, sinks):
+    """Partial attention over this rank's own shard of sequences ``dev_rows``."""
+    k, v, table = cache.local_view(dev_rows)
+    lens = cache.layout.local_lengths(cache.seqlens_device[dev_rows], cache.rank)
+    return _attend(q, k, v, lens, q_positions, table, cache.slot_positions, options, sinks)
+
+
+# ---- the decode merge across ranks ------------------------------------------------------------------------
+# Functional collectives: torch.compile traces them; wait_tensor hands the kernels a plain tensor.
+def _all_gather(x, group):
+    return funcol.wait_tensor(funcol.all_gather_single(x, 0, group))
+
+
+def _all_to_all(x, group):
+    return funcol.wait_tensor(funcol.all_to_all_single(x, None, None, group))
+
+
+def decode_merge_bytes(world, rows, head_dim):
+    """Bytes each rank sends (and receives) to merge one decode step's partials across ``world`` ranks:
+    ``rows`` = batch x new tokens x query heads, each an fp32 (out, lse) of head_dim + 1 values.
+
+    World 2: an all-gather of the whole partial. More: an all-to-all of 1/P of the rows to
+    each rank and an all-gather of the merged rows, 2 (P-1)/P copies instead of P-1."""
+    row_bytes = (head_dim + 1) * 4
+    if world == 1:
+        return 0
+    if world == 2:
+        return rows * row_bytes
+    return 2 * (world - 1) * math.ceil(rows / world) * row_bytes
+
+
+def _merge_across_ranks(out, lse, group, world):
+    """Exact LSE merge of every rank's partial (out fp32 (B, n, H, D), lse (B, H, n)); the same bits on
+    every rank. Functional collectives: traceable by torch.compile, capturable on CUDA."""
+    batch, n, heads, head_dim = out.shape
+    packed = _pack(out, lse)
+    if world == 2:
+        every = _all_gather(packed.unsqueeze(0), group)  # (world, B, n, H, D + 1), in rank order
+        return merge_splits(*_unpack(every))
+    rows = packed.reshape(-1, head_dim + 1)
+    per = math.ceil(rows.shape[0] / world)
+    rows = torch.nn.functional.pad(rows, (0, 0, 0, per * world - rows.shape[0]))
+    # Rank j receives every rank's partial of rows [j * per, (j + 1) * per), stacked in rank order.
+    mine = _all_to_all(rows, group).view(world, 1, per, 1, head_dim + 1)
+    o, l = merge_splits(*_unpack(mine))
+    merged = _all_gather(_pack(o, l).reshape(per, head_dim + 1), group)
+    return _unpack(merged[: batch * n * heads].view(batch, n, heads, head_dim + 1))
+
+
+def _decode_core(cache, dev_rows, q, k, v, options, attend=True):
+    """Store the new tokens and attend (or, without ``attend``, contribute the empty partial):
+    device state only, fixed shapes, no host read."""
+    positions = cache.seqlens_device[dev_rows][:, None] + torch.arange(q.shape[1], device=cache.device)
+    cache._store(dev_rows, positions, k, v)
+    cache.seqlens_device[dev_rows] += q.shape[1]
+    if attend:
+        out, lse = _attend_local(cache, dev_rows, q, positions, options, options.sinks if cache.rank == 0 else None)
+    else:
+        out, lse = _empty_partial(q)
+    if cache.world_size > 1:
+        out, lse = _merge_across_ranks(out, lse, cache.group or dist.group.WORLD, cache.world_size)
+    return out, lse
+
+
+def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None, return_lse=False,
+           window_size=(-1, -1), softcap=0.0, sinks=None):
+    """Attention of new tokens over the whole sharded cache; stores their k, v.
+
+    q (B, n_new, H, D), k, v (B, n_new, Hkv, D), the same on every rank, for
+    sequences ``batch_index`` (default all). New token t of sequence b sits at
+    position ``cache.seqlens[b] + t`` and sees every key up to its own position
+    (within ``window_size[0]`` tokens back when that is >= 0). ``softcap``,
+    ``sinks`` (H,) float32: as in cpattn's attention. Returns out (B, n_new, H, D)
+    in q's dtype, identical on every rank (and with ``return_lse`` also lse
+    (B, H, n_new) float32). Collective. Checks its inputs (across ranks with
+    ``cache.check_across_ranks``) and takes pages as needed, from host state only.
+    """
+    where = "decode"
+    state = {}
+
+    def check():
+        rows = state["rows"] = cache._rows(batch_index)
+        _check_q(cache, q, k, v, len(rows), where)
+        state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+        cache.check_room(rows, q.shape[1], where)
+
+    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], 0, state["rows"], cache.batch), where, q)
+    rows, options = state["rows"], state["options"]
+    cache._reserve(rows, q.shape[1], where)
+    lens = cache._host_seqlens()[rows]
+    # A rank holding no key the new tokens can see (a sliding window) launches no kernel.
+    attend = (options.sinks is not None and cache.rank == 0) or not _sees_nothing(
+        cache.layout, cache.rank, lens + q.shape[1], lens, lens + q.shape[1] - 1, options.window[0])
+    out, lse = _decode_core(cache, cache._device_rows(rows), q, k, v, options, attend)
+    cache._host_seqlens()[rows] += q.shape[1]
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def decode_step(cache: ShardedKVCache, q, k, v, softmax_scale=None, return_lse=False, window_size=(-1, -1),
+                softcap=0.0, sinks=None):
+    """``decode`` of every sequence of the cache, with no host round trip: for CUDA graphs and torch.compile.
+
+    Reads and writes device state only (the lengths, block table and keys live there),
+    with fixed shapes and a fixed kernel grid; checks only what needs no device data
+    (shapes, dtypes, options) and does not agree with the other ranks first. It
+    allocates nothing: call ``cache.reserve(n)`` beforehand for the tokens the steps
+    will add (a step past the reservation stores nothing, and the next read of
+    ``cache.seqlens`` raises). Collective, like ``decode``.
+    """
+    where = "decode_step"
+    _check_q(cache, q, k, v, cache.batch, where)
+    options = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+    out, lse = _decode_core(cache, cache._all_rows, q, k, v, options)
+    cache._seqlens_stale = True  # the host copy of the lengths is refreshed on its next use
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# ---- prefill ----------------------------------------------------------------------------------------------
 def split_chunk(x, cache, seq_dim=1):
     """This rank's contiguous piece of a full chunk ``x`` and its token indices, for ``prefill``.
 
@@ -159,14 +291,128 @@ def split_chunk(x, cache, seq_dim=1):
     return x.narrow(seq_dim, cache.rank * per, per), torch.arange(cache.rank * per, (cache.rank + 1) * per)
 
 
-def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, softmax_scale=None):
+def prefill_bytes(strategy, world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size):
+    """Bytes each rank receives in one prefill of ``new_tokens`` (summed over the sequences) after
+    ``cached_tokens`` already in the cache, by ``strategy`` ("pass-q" or "pass-kv"); an estimate that
+    ignores the token indices and the padding of uneven shards.
+
+    Both all-gather the chunk's keys and values (each rank stores the ones it owns). pass-Q also
+    all-gathers the queries and all-to-alls the fp32 partials back; pass-KV sends every rank's shard
+    of keys and values (history and chunk) round the ring."""
+    share = (world - 1) / world
+    kv = 2 * kv_heads * head_dim * elem_size  # bytes of one token's keys and values
+    moved = share * new_tokens * kv
+    if strategy == "pass-q":
+        return moved + share * new_tokens * heads * (head_dim * elem_size + (head_dim + 1) * 4)
+    if strategy == "pass-kv":
+        return moved + share * (new_tokens + cached_tokens) * kv
+    raise ValueError(f"prefill_bytes: strategy must be 'pass-q' or 'pass-kv', got {strategy!r}")
+
+
+def choose_prefill_strategy(world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size):
+    """"pass-kv" when it moves fewer bytes than "pass-q" (``prefill_bytes``), else "pass-q".
+
+    With the shared term removed: pass-KV wins when
+    (new + cached) * 2 * Hkv * D * e < new * H * (D * e + 4 * (D + 1)), e the element size,
+    i.e. new / (new + cached) > 2 Hkv D e / (H (D e + 4 (D + 1))), about Hkv / H for fp32 and
+    2/3 Hkv / H for 16-bit caches. A single rank moves nothing: pass-q (one kernel call)."""
+    if world == 1:
+        return "pass-q"
+    args = (world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size)
+    return "pass-kv" if prefill_bytes("pass-kv", *args) < prefill_bytes("pass-q", *args) else "pass-q"
+
+
+def _gather_chunk(cache, tensors, every_index, n):
+    """All ranks' tokens of the chunk (``every_index``: each rank's token indices) as full (B, n, ...)
+    tensors in chunk order."""
+    order = torch.cat(every_index)
+    fulls = []
+    for t in tensors:
+        parts = [t]
+        if cache.world_size > 1:
+            parts = [torch.empty_like(t) for _ in range(cache.world_size)]
+            dist.all_gather(parts, t.contiguous(), group=cache.group)
+        full = torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=t.device)
+        full[:, order] = torch.cat(parts, dim=1)
+        fulls.append(full)
+    return fulls
+
+
+def _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options):
+    """Every rank attends the whole chunk's queries to its shard; partials go back to their owners."""
+    world, n = cache.world_size, q.shape[1] * cache.world_size
+    (q_full,) = _gather_chunk(cache, [q], every_index, n)
+    positions = start[:, None] + torch.arange(n)
+    lens = cache._host_seqlens()[rows]
+    sinks = options.sinks if cache.rank == 0 else None
+    if sinks is None and _sees_nothing(cache.layout, cache.rank, lens, start, start + n - 1, options.window[0]):
+        out_all, lse_all = _empty_partial(q_full)
+    else:
+        out_all, lse_all = _attend_local(cache, dev_rows, q_full, positions.to(cache.device), options, sinks)
+    if world == 1:
+        return out_all
+    # Rank r receives every rank's partial for the queries it holds, then merges them.
+    packed = _pack(out_all, lse_all)
+    send = torch.stack([packed[:, idx.to(cache.device)] for idx in every_index])
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=cache.group)
+    out, _ = merge_splits(*_unpack(recv))
+    return out
+
+
+def _ring_exchange(cache, send, recv):
+    """Post: ``send`` to the next rank of the cache's group, the previous rank's into ``recv``.
+
+    (The pass-KV ring's own two P2P ops: comm.RingComm belongs to ContextParallel's communicators.)"""
+    group, world = cache.group, cache.world_size
+    peer = lambda r: dist.get_global_rank(group, r) if group is not None else r  # noqa: E731
+    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer((cache.rank + 1) % world), group),
+                                   dist.P2POp(dist.irecv, recv, peer((cache.rank - 1) % world), group)])
+
+
+def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
+    """Every rank keeps its queries; the ranks' shards of keys and values travel round the ring."""
+    world, rank = cache.world_size, cache.rank
+    lens = cache._host_seqlens()[rows]
+    q_pos_host = start[:, None] + token_index.cpu()[None, :]
+    q_positions = q_pos_host.to(cache.device)
+    # Each rank's shard, padded to the largest share (rank 0 holds the most), so buffers match in size.
+    num_slots = int(cache.layout.local_lengths(lens.max(), 0))
+    shard = torch.stack(cache.read(dev_rows, num_slots))
+    partials = []
+    for step in range(world):
+        src = (rank - step) % world
+        if step + 1 < world:
+            incoming = torch.empty_like(shard)
+            pending = _ring_exchange(cache, shard, incoming)  # the next shard travels while this one is used
+        sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
+        if sinks is not None or not _sees_nothing(cache.layout, src, lens, q_pos_host.min(1).values,
+                                                  q_pos_host.max(1).values, options.window[0]):
+            src_lens = cache.layout.local_lengths(lens, src).to(cache.device)
+            partials.append(_attend(q, shard[0], shard[1], src_lens, q_positions, None,
+                                    cache.layout.slot_positions(src), options, sinks))
+        if step + 1 < world:
+            for work in pending:
+                work.wait()
+            shard = incoming
+    if not partials:
+        return _empty_partial(q)[0]
+    out, _ = merge_splits(torch.stack([p[0] for p in partials]), torch.stack([p[1] for p in partials]))
+    return out
+
+
+def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, softmax_scale=None,
+            strategy="auto", window_size=(-1, -1), softcap=0.0, sinks=None):
     """Causal attention of a prompt chunk's local tokens over everything before them; stores the chunk's k, v.
 
     q (B, n_local, H, D), k, v (B, n_local, Hkv, D): this rank's n_local tokens of
     the next chunk of n = n_local * group size tokens, at indices ``token_index``
     (n_local distinct ints in [0, n); default: rank r holds [r * n_local, (r + 1) * n_local),
     as ``split_chunk`` gives) for sequences ``batch_index`` (default all; B = their
-    number). Token i of the chunk sits at position ``cache.seqlens[b] + i``.
+    number). Token i of the chunk sits at position ``cache.seqlens[b] + i``: a chunk
+    after a cached prefix (a prefix hit) sees the prefix. ``strategy``: "pass-q",
+    "pass-kv" or "auto" (module docstring; both exact). ``window_size``, ``softcap``,
+    ``sinks``: as in ``decode``.
     Returns out (B, n_local, H, D) in q's dtype, for this rank's tokens.
     Collective: every rank of the cache's group must call it with the same n_local.
     """
@@ -177,7 +423,9 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     def check():
         rows = state["rows"] = cache._rows(batch_index)
         _check_q(cache, q, k, v, len(rows), where)
-        state["scale"] = check_scale(softmax_scale, where)
+        state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
         n_local = q.shape[1]
         index = torch.arange(cache.rank * n_local, (cache.rank + 1) * n_local) if token_index is None \
             else torch.as_tensor(token_index).reshape(-1)
@@ -187,77 +435,31 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         state["index"] = index.to(torch.int64).to(cache.device)
         cache.check_room(rows, n_local * world, where)
 
-    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], token_index is None, state["rows"],
-                                              cache.batch), where, q)
-    rows, softmax_scale, token_index = state["rows"], state["scale"], state["index"]
+    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], STRATEGIES.index(strategy),
+                                              state["rows"], cache.batch), where, q)
+    rows, options, token_index = state["rows"], state["options"], state["index"]
     n = q.shape[1] * world
 
     if world > 1:
         every_index = [torch.empty_like(token_index) for _ in range(world)]
         dist.all_gather(every_index, token_index, group=cache.group)
-        order = torch.cat(every_index)
-        if not torch.equal(order.sort().values.cpu(), torch.arange(n)):
-            raise ValueError(f"{where}: the ranks' token_index must together be a permutation of range({n}), "
-                             f"got {[t.tolist() for t in every_index]}")
-        chunk = []
-        for t in (q, k, v):
-            parts = [torch.empty_like(t) for _ in range(world)]
-            dist.all_gather(parts, t.contiguous(), group=cache.group)
-            full = torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=t.device)
-            full[:, order] = torch.cat(parts, dim=1)
-            chunk.append(full)
-        q_full, k_full, v_full = chunk
     else:
-        if not torch.equal(token_index.sort().values.cpu(), torch.arange(n)):
-            raise ValueError(f"{where}: token_index must be a permutation of range({n}), got {token_index.tolist()}")
-        order = token_index
-        q_full, k_full, v_full = (torch.empty_like(t) for t in (q, k, v))
-        q_full[:, order], k_full[:, order], v_full[:, order] = q, k, v
+        every_index = [token_index]
+    if not torch.equal(torch.cat(every_index).sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"{where}: the ranks' token_index must together be a permutation of range({n}), "
+                         f"got {[t.tolist() for t in every_index]}")
 
-    q_start = cache.seqlens[rows].clone()
-    cache._write(rows, k_full, v_full)
-    cache.seqlens[rows] += n
-    out_all, lse_all = _attend_shard(cache, rows, q_full, q_start, softmax_scale)
-    if world == 1:
-        return out_all.to(q.dtype)
-    # Rank r receives every rank's partial for the queries it holds, then merges them.
-    packed = _pack(out_all, lse_all)
-    send = torch.stack([packed[:, idx] for idx in every_index])
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=cache.group)
-    out, _ = merge_splits(*_unpack(recv), out=torch.empty(q.shape, dtype=torch.float32, device=q.device))
+    start = cache._host_seqlens()[rows].clone()
+    if strategy == "auto":
+        strategy = choose_prefill_strategy(world, len(rows) * n, int(start.sum()), q.shape[2], cache.num_kv_heads,
+                                           cache.head_dim, q.element_size())
+    k_full, v_full = _gather_chunk(cache, [k, v], every_index, n)
+    cache._reserve(rows, n, where)
+    dev_rows = cache._device_rows(rows)
+    cache._store(dev_rows, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
+    cache._advance(rows, n)
+    if strategy == "pass-q":
+        out = _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options)
+    else:
+        out = _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options)
     return out.to(q.dtype)
-
-
-def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None, return_lse=False):
-    """Attention of new tokens over the whole sharded cache; stores their k, v.
-
-    q (B, n_new, H, D), k, v (B, n_new, Hkv, D), the same on every rank, for
-    sequences ``batch_index`` (default all). New token t of sequence b sits at
-    position ``cache.seqlens[b] + t`` and sees every key up to its own position.
-    Returns out (B, n_new, H, D) in q's dtype, identical on every rank (and with
-    ``return_lse`` also lse (B, H, n_new) float32). Collective.
-    """
-    where = "decode"
-    state = {}
-
-    def check():
-        rows = state["rows"] = cache._rows(batch_index)
-        _check_q(cache, q, k, v, len(rows), where)
-        state["scale"] = check_scale(softmax_scale, where)
-        cache.check_room(rows, q.shape[1], where)
-
-    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], 0, state["rows"], cache.batch), where, q)
-    rows, softmax_scale = state["rows"], state["scale"]
-    q_start = cache.seqlens[rows].clone()
-    cache._write(rows, k, v)
-    cache.seqlens[rows] += q.shape[1]
-    out, lse = _attend_shard(cache, rows, q, q_start, softmax_scale)
-    if cache.world_size > 1:
-        packed = _pack(out, lse)
-        every = [torch.empty_like(packed) for _ in range(cache.world_size)]
-        dist.all_gather(every, packed, group=cache.group)
-        # Every rank folds the same partials in the same order: bitwise the same result everywhere.
-        out, lse = merge_splits(*_unpack(torch.stack(every)))
-    out = out.to(q.dtype)
-    return (out, lse) if return_lse else out

@@ -1,7 +1,8 @@
 """Which tokens of a sequence each rank holds: the one place for shard order.
 
-A context-parallel mesh of P = ring_degree x ulysses_degree ranks, with
-rank = ring_index * ulysses_degree + ulysses_index (Ulysses ranks adjacent).
+A context-parallel mesh of P = ring_degree x ulysses_degree ranks, with mesh
+rank = ring_index * ulysses_degree + ulysses_index (Ulysses ranks adjacent in
+mesh order; ``mesh.py`` maps group ranks to mesh ranks).
 
 * The sequence is cut into chunks of equal length. ``ring``: R chunks, ring
   rank r holds chunk r. ``zigzag``: 2R chunks, ring rank r holds chunks r and
@@ -71,7 +72,7 @@ class Layout:
         return [(c * chunk_len, chunk_len) for c in self.ring_chunk_ids(ring_index)]
 
     def positions(self, seq_len, rank):
-        """Global positions (LongTensor) of the tokens rank ``rank`` holds, in local order."""
+        """Global positions (LongTensor) of the tokens mesh rank ``rank`` holds, in local order."""
         self.check_seq_len(seq_len, "positions")
         ring_index, ulysses_index = divmod(rank, self.ulysses_degree)
         piece = torch.cat([torch.arange(start, start + length)
@@ -79,6 +80,7 @@ class Layout:
         part_len = seq_len // self.world_size
         return piece[ulysses_index * part_len:(ulysses_index + 1) * part_len]
 
-    def order(self, seq_len):
-        """Global positions of all ranks' tokens, rank after rank: a permutation of range(seq_len)."""
-        return torch.cat([self.positions(seq_len, rank) for rank in range(self.world_size)])
+    def order(self, seq_len, ranks=None):
+        """Global positions of the tokens of mesh ranks ``ranks`` (default all, in mesh order), rank after rank."""
+        ranks = range(self.world_size) if ranks is None else ranks
+        return torch.cat([self.positions(seq_len, rank) for rank in ranks])

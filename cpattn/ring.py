@@ -13,17 +13,20 @@ rank (ring_index - s) mod R. Computation and communication are separate:
   With zigzag shards, steps other than the first are one half-size call on
   every rank: kv from an earlier rank is seen by both query chunks through its
   early chunk only; kv from a later rank by the late query chunk only.
+* ``ring_plan``: every step's calls of one ring rank, computed once per shape
+  (cached), so a steady-state call does no planning.
 * ``forward_step`` / ``backward_step``: run a plan's calls, accumulating into
   fp32 buffers (fused LSE merge in the forward kernel).
 * ``ring_forward`` / ``ring_backward``: the loops with P2P double buffering:
   the transfer for step s+1 is posted before step s's kernels, waited after.
   The backward uses the final out and lse; dk/dv accumulate in fp32 buffers
   that travel with their kv and arrive back at the owner after R hops; dq
-  stays local.
+  stays local. Each step passes a ``fault_point`` (see faults.py).
 * ``simulate_ring_attention`` / ``simulate_ring_attention_backward``: one
   process plays every rank, running the same ``plan_step`` and step functions
   (for tests of many shapes and for benchmarks on one device).
 """
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +35,7 @@ from cpattn.kernels import attention_backward, attention_backward_delta, attenti
 
 from ._checks import check_qkv
 from .attention import _kernel_dtype
+from .faults import fault_point
 from .layout import Layout
 
 KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart on gloo
@@ -91,24 +95,94 @@ def plan_step(q_chunks, kv_chunks, causal):
     return calls
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale):
+@functools.lru_cache(maxsize=512)
+def ring_plan(layout, ring_index, piece_len, causal, offset=0):
+    """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
+
+    ``offset`` shifts every global position (the sequence starts there).
+    """
+    def chunks(index):
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, piece_len)]
+    q_chunks = chunks(ring_index)
+    steps = []
+    for step in range(layout.ring_degree):
+        kv_index = (ring_index - step) % layout.ring_degree
+        steps.append((kv_index, tuple(plan_step(q_chunks, chunks(kv_index), causal))))
+    return tuple(steps)
+
+
+def _rows(t, lo, hi, dim=1):
+    """Rows [lo, hi) of ``t`` along ``dim``; ``t`` itself when that is all of it (no view to build)."""
+    return t if lo == 0 and hi == t.shape[dim] else t.narrow(dim, lo, hi - lo)
+
+
+def _cached_rows():
+    """A ``_rows`` that builds each view once: a ring call meets the same ranges of the same tensors at
+    every step (host time: a view costs more than a dict lookup)."""
+    made = {}
+
+    def rows(t, lo, hi, dim=1):
+        key = (id(t), lo, hi)
+        view = made.get(key)
+        if view is None:
+            view = made[key] = _rows(t, lo, hi, dim)
+        return view
+    return rows
+
+
+def forward_step(q, k, v, calls, out, lse, softmax_scale, rows=_rows):
     """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
     for c in calls:
-        attention_forward(q[:, c.q_lo:c.q_hi], k[:, c.k_lo:c.k_hi], v[:, c.k_lo:c.k_hi], softmax_scale,
-                          c.causal, c.q_start, c.k_start, out=out[:, c.q_lo:c.q_hi], lse=lse[:, :, c.q_lo:c.q_hi],
-                          accumulate=True)
+        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
+                          softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
+                          out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
-def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale):
+def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, compute_dq=True,
+                  compute_dkdv=True, rows=_rows):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta`` is ``attention_backward_delta(out, dout)`` of the local queries, computed once.
+    ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
     """
     for c in calls:
-        qs, ks = slice(c.q_lo, c.q_hi), slice(c.k_lo, c.k_hi)
-        attention_backward(dout[:, qs], q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, :, qs], softmax_scale,
-                           c.causal, c.q_start, c.k_start, delta=delta[:, :, qs],
-                           dq=dq[:, qs], dk=dk[:, ks], dv=dv[:, ks], accumulate=True)
+        q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
+        attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
+                           rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
+                           softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
+                           delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
+                           dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
+                           dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
+                           compute_dq=compute_dq, compute_dkdv=compute_dkdv)
+
+
+class _KVRotation:
+    """The kv chunks a ring call visits, and what it sends at each step.
+
+    Step 0 sends the caller's k and v as two messages (no stacked copy; they
+    are never written) into the halves of one (2, ...) receive buffer; later
+    steps send that buffer as one message. Two receive buffers take turns.
+    """
+
+    def __init__(self, k, v, comm):
+        self.comm, self.kv, self._message = comm, (k, v), (k, v)
+        self._buffers, self._halves = [], []
+
+    def post(self, step, tag):
+        """Post the transfer that brings the next step's kv; returns what to wait for."""
+        if len(self._buffers) < 2:
+            k = self.kv[0]
+            self._buffers.append(torch.empty((2, *k.shape), dtype=k.dtype, device=k.device))
+            self._halves.append((self._buffers[-1][0], self._buffers[-1][1]))
+        incoming = step % 2
+        recv = self._halves[incoming] if step == 0 else (self._buffers[incoming],)
+        self._next = incoming
+        return self.comm.exchange(self._message, recv, tag)
+
+    def advance(self, pending, on_cpu):
+        """Wait for ``post``'s transfer; the kv now visiting is what arrived."""
+        self.comm.wait(pending, on_cpu)
+        self.kv, self._message = self._halves[self._next], (self._buffers[self._next],)
 
 
 def _empty_result(q):
@@ -123,117 +197,101 @@ def ring_forward(q, k, v, layout, ring_index, comm, causal, softmax_scale):
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
     """
-    ring_degree, piece_len = layout.ring_degree, q.shape[1]
-    q_chunks = layout.ring_chunks(ring_index, piece_len)
+    plan = ring_plan(layout, ring_index, q.shape[1], causal)
     out, lse = _empty_result(q)
-    kv = torch.stack((k, v))  # one message per step; a copy, so the inputs are never written
-    spare = torch.empty_like(kv) if ring_degree > 1 else None
-    for step in range(ring_degree):
-        kv_index = (ring_index - step) % ring_degree
-        incoming = comm.exchange(kv, spare, KV_TAG) if step + 1 < ring_degree else None
-        calls = plan_step(q_chunks, layout.ring_chunks(kv_index, piece_len), causal)
-        forward_step(q, kv[0], kv[1], calls, out, lse, softmax_scale)
-        if incoming is not None:
-            incoming.wait()
-            kv, spare = spare, kv
+    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
+    on_cpu, rows = q.device.type == "cpu", _cached_rows()
+    for step, (_, calls) in enumerate(plan):
+        pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
+        fault_point("ring forward", step)
+        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, rows)
+        if pending is not None:
+            kv.advance(pending, on_cpu)
     return out, lse
 
 
 def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, causal, softmax_scale):
-    """Gradients (fp32 dq, dk, dv) of ``ring_forward`` from the final out and lse."""
-    ring_degree, piece_len = layout.ring_degree, q.shape[1]
-    q_chunks = layout.ring_chunks(ring_index, piece_len)
+    """Gradients (fp32 dq, dk, dv) of ``ring_forward`` from the final out and lse.
+
+    The dk/dv of a kv chunk travel with it and reach its owner after R hops.
+    Two fp32 dk/dv buffers take turns: while one is sent on, the other
+    receives the gradient accumulated upstream for the kv chunk now visiting,
+    and this rank's dk/dv kernels add to it once it is there. The dq kernels
+    need nothing from upstream, so they run first, while it arrives; the kv
+    transfer for the next step overlaps the whole step.
+    """
+    plan = ring_plan(layout, ring_index, q.shape[1], causal)
     delta = attention_backward_delta(out, dout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv = torch.stack((k, v))
-    spare = torch.empty_like(kv) if ring_degree > 1 else None
-    dkv_in = torch.empty(kv.shape, dtype=torch.float32, device=kv.device) if ring_degree > 1 else None
-    dkv_pending = None
-    for step in range(ring_degree):
-        kv_index = (ring_index - step) % ring_degree
-        kv_pending = comm.exchange(kv, spare, KV_TAG) if step + 1 < ring_degree else None
-        # This rank's share of the visiting kv's gradient goes to a fresh buffer, so the
-        # kernels need not wait for the gradient accumulated upstream (it is in flight).
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)
-        calls = plan_step(q_chunks, layout.ring_chunks(kv_index, piece_len), causal)
-        backward_step(dout, q, kv[0], kv[1], out, lse, delta, calls, dq, dkv[0], dkv[1], softmax_scale)
-        if dkv_pending is not None:
-            dkv_pending.wait()
-            dkv += dkv_in
+    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
+    dkv = [torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)]
+    if comm is not None:
+        dkv.append(torch.empty_like(dkv[0]))
+    halves = [(buffer[0], buffer[1]) for buffer in dkv]
+    on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_rows(), 0, None
+    for step, (_, calls) in enumerate(plan):
+        kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
+        fault_point("ring backward", step)
+        visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
+        if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, rows=rows)
+        else:
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale,
+                          compute_dkdv=False, rows=rows)
+            comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
+            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale,
+                          compute_dq=False, rows=rows)
         if kv_pending is not None:
-            kv_pending.wait()
-            kv, spare = spare, kv
-        if ring_degree > 1:
-            # After R hops (the last one after the last step) dkv is back with its owner.
-            dkv_pending = comm.exchange(dkv, dkv_in, DKV_TAG)
+            kv.advance(kv_pending, on_cpu)
+        if comm is not None:
+            dkv_pending = comm.exchange((dkv[current],), (dkv[1 - current],), DKV_TAG)
+            current = 1 - current
     if dkv_pending is not None:
-        dkv_pending.wait()
-        dkv = dkv_in
-    return dq, dkv[0], dkv[1]
-
-
-class RingAttentionFunction(torch.autograd.Function):
-    """out = attention over the ring, differentiable in q, k, v (flash layout, local pieces)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, layout, ring_index, comm, causal, softmax_scale):
-        dtype = _kernel_dtype(q)
-        qc, kc, vc = (t.to(dtype) for t in (q, k, v))
-        out, lse = ring_forward(qc, kc, vc, layout, ring_index, comm, causal, softmax_scale)
-        out = out.to(dtype)
-        ctx.save_for_backward(qc, kc, vc, out, lse)
-        ctx.args = (layout, ring_index, comm, causal, softmax_scale)
-        return out.to(q.dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.to(q.dtype), q, k, v, out, lse, *ctx.args)
-        return dq.to(dout.dtype), dk.to(dout.dtype), dv.to(dout.dtype), None, None, None, None, None
+        comm.wait(dkv_pending, on_cpu)
+    return dq, halves[current][0], halves[current][1]
 
 
 # ----------------------------------------------------------------------------- simulation
 
-def ring_schedule(seq_len, ring_degree, ring_impl, causal):
+def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0):
     """schedule[ring_index][step] = (kv ring index, [KernelCall]) for a ring of full length ``seq_len``.
 
     Exactly what each rank of ``ring_forward``/``ring_backward`` computes at
-    each step; benchmarks can replay it on one device.
+    each step; benchmarks can replay it on one device. ``offset``: the global
+    position of the first token.
     """
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seq_len, "ring_schedule")
     piece_len = seq_len // ring_degree
-    schedule = []
-    for ring_index in range(ring_degree):
-        q_chunks = layout.ring_chunks(ring_index, piece_len)
-        steps = []
-        for step in range(ring_degree):
-            kv_index = (ring_index - step) % ring_degree
-            steps.append((kv_index, plan_step(q_chunks, layout.ring_chunks(kv_index, piece_len), causal)))
-        schedule.append(steps)
-    return schedule
+    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, piece_len, causal, offset)]
+            for r in range(ring_degree)]
 
 
-def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, where):
+def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, where):
     _, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where)
     if seqlen_q != seqlen_k:
         raise ValueError(f"{where}: q and k/v must have the same sequence length, got {seqlen_q} and {seqlen_k}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"{where}: position_offset must be a non-negative int, got {offset!r}")
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seqlen_q, where)
     positions = [layout.positions(seqlen_q, r).to(q.device) for r in range(ring_degree)]
-    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal), positions
+    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset), positions
 
 
-def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=False, softmax_scale=None):
+def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=False, softmax_scale=None,
+                            position_offset=0):
     """Ring attention with one process playing all ``ring_degree`` ranks.
 
-    q (B, S, H, D), k and v (B, S, Hkv, D): full sequences in natural order.
+    q (B, S, H, D), k and v (B, S, Hkv, D): full sequences in natural order,
+    whose first token sits at global position ``position_offset``.
     Each simulated rank takes its shard (``Layout``) and runs, step by step,
     the same ``plan_step`` + ``forward_step`` as ``ring_forward``, with the kv
     shard it would hold at that step. Returns (out in q's dtype, lse fp32
     (B, H, S)) in natural order, equal to single-device attention.
     """
-    schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, "simulate_ring_attention")
+    schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
+                                             "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out_full, lse_full = _empty_result(q)
@@ -249,7 +307,7 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
 
 
 def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl="zigzag", causal=False,
-                                     softmax_scale=None):
+                                     softmax_scale=None, position_offset=0):
     """Gradients (dq, dk, dv) of ``simulate_ring_attention``, one process playing all ranks.
 
     Full tensors in natural order; ``out``/``lse`` are the final forward
@@ -258,7 +316,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     added straight into that shard's owner's buffer (the distributed path
     carries them round the ring instead).
     """
-    schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal,
+    schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
                                              "simulate_ring_attention_backward")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))

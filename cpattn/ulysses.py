@@ -1,14 +1,17 @@
 """Ulysses: all-to-all between a sequence split and a head split.
 
-Over a Ulysses group of U ranks, ``seq_to_head`` turns this rank's
-(B, S/U, H, D) into (B, S, H/U, D): rank u gets heads [u*H/U, (u+1)*H/U) of the
-whole (group's) sequence, parts concatenated in Ulysses-rank order.
-``head_to_seq`` is its inverse, and each is the other's backward.
+Over a Ulysses group of U ranks, ``scatter_heads`` turns this rank's
+(B, S/U, H, D) sequence part into (B, S, H/U, D): rank u gets heads
+[u*H/U, (u+1)*H/U) of the whole (group's) sequence, parts concatenated in
+Ulysses-rank order. ``gather_heads`` is its inverse. Several tensors of one
+dtype travel in ONE all-to-all (q, k and v forward; dq, dk and dv backward),
+packed side by side along the head axis of a single send buffer, so the
+packing is the only copy before the transfer.
 
 GQA: rank u's query heads use kv heads [u*Hkv/U, (u+1)*Hkv/U) when U divides
-Hkv. When Hkv divides U instead (fewer kv heads than ranks), each kv head is
-repeated U/Hkv times before the all-to-all, so every rank receives exactly the
-one kv head its query heads share; the repeat's backward sums the copies'
+Hkv. When Hkv divides U instead (fewer kv heads than ranks), rank u is sent kv
+head u // (U/Hkv), the one its query heads share (the packing reads it U/Hkv
+times; nothing is materialised), and ``gather_heads`` sums the U/Hkv copies'
 gradients. Other head counts cannot be split evenly and raise ValueError.
 """
 import torch
@@ -23,58 +26,65 @@ def check_heads(heads, heads_kv, ulysses_degree, where):
                          "(one of the kv head count and the Ulysses degree must divide the other)")
 
 
-def kv_heads_for_ranks(kv, ulysses_degree):
-    """Repeat kv heads so the head all-to-all hands each rank the kv heads it needs, and no more."""
-    heads_kv = kv.shape[2]
-    if heads_kv % ulysses_degree == 0:
-        return kv
-    return kv.repeat_interleave(ulysses_degree // heads_kv, dim=2)
+def _heads_per_rank(heads, degree):
+    return heads // degree if heads % degree == 0 else 1
 
 
-def _seq_to_head(x, comm):
+def _pack(dst, t, degree):
+    """dst (U, B, S/U, w, D)[i] = the heads of ``t`` (B, S/U, H, D) that rank i attends with."""
+    batch, part, heads, dim = t.shape
+    if heads % degree == 0:
+        dst.copy_(t.view(batch, part, degree, heads // degree, dim).permute(2, 0, 1, 3, 4))
+    else:  # rank i gets head i // (degree // heads): broadcast each head over its ranks
+        dst.unflatten(0, (heads, degree // heads)).copy_(t.permute(2, 0, 1, 3)[:, None, :, :, None, :])
+
+
+def _unpack(src, heads, degree):
+    """src (U, B, S/U, w, D)[i] = rank i's heads of this sequence part -> (B, S/U, heads, D); copies summed."""
+    degree_, batch, part, width, dim = src.shape
+    if heads % degree == 0:
+        return src.permute(1, 2, 0, 3, 4).reshape(batch, part, heads, dim)
+    summed = src.unflatten(0, (heads, degree // heads)).sum(1, dtype=torch.float32).to(src.dtype)
+    return summed[..., 0, :].permute(1, 2, 0, 3)
+
+
+def scatter_heads(tensors, comm):
+    """Sequence parts (B, S/U, H_i, D) -> head groups (B, S, H_i/U or 1, D), in one all-to-all over ``comm``.
+
+    The tensors share dtype, batch, length and head dim. Returns views of the received buffer.
+    """
     degree = comm.degree
-    batch, part_len, heads, head_dim = x.shape
-    x = x.reshape(batch, part_len, degree, heads // degree, head_dim).permute(2, 0, 1, 3, 4).contiguous()
-    y = comm.all_to_all(x)  # (U, B, S/U, H/U, D): y[i] is rank i's sequence part
-    return y.permute(1, 0, 2, 3, 4).reshape(batch, degree * part_len, heads // degree, head_dim)
+    batch, part, _, dim = tensors[0].shape
+    widths = [_heads_per_rank(t.shape[2], degree) for t in tensors]
+    send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
+    col = 0
+    for t, width in zip(tensors, widths):
+        _pack(send[..., col:col + width, :], t, degree)
+        col += width
+    recv = comm.all_to_all(send)  # recv[i]: rank i's sequence part, this rank's heads
+    # (U, B, S/U, w, D) -> (B, S, w, D): a view when B == 1, one copy otherwise
+    full = recv.permute(1, 0, 2, 3, 4).reshape(batch, degree * part, sum(widths), dim)
+    return list(full.split(widths, dim=2))
 
 
-def _head_to_seq(x, comm):
+def gather_heads(tensors, heads, comm):
+    """Head groups (B, S, w_i, D) -> sequence parts (B, S/U, heads[i], D), in one all-to-all over ``comm``.
+
+    The inverse of ``scatter_heads``; where a head was replicated (its
+    ``heads[i]`` divides U) the copies are summed, as gradients must be.
+    """
     degree = comm.degree
-    batch, seqlen, heads, head_dim = x.shape
-    part_len = seqlen // degree
-    x = x.reshape(batch, degree, part_len, heads, head_dim).permute(1, 0, 2, 3, 4).contiguous()
-    y = comm.all_to_all(x)  # (U, B, S/U, H/U, D): y[i] is rank i's head group
-    return y.permute(1, 2, 0, 3, 4).reshape(batch, part_len, degree * heads, head_dim)
-
-
-class _SeqToHead(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return _seq_to_head(x, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _head_to_seq(grad, ctx.comm), None
-
-
-class _HeadToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return _head_to_seq(x, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _seq_to_head(grad, ctx.comm), None
-
-
-def seq_to_head(x, comm):
-    """(B, S/U, H, D) sequence part -> (B, S, H/U, D) head group over a ``UlyssesComm``, differentiable."""
-    return _SeqToHead.apply(x, comm)
-
-
-def head_to_seq(x, comm):
-    """(B, S, H/U, D) head group -> (B, S/U, H, D) sequence part over a ``UlyssesComm``, differentiable."""
-    return _HeadToSeq.apply(x, comm)
+    batch, seqlen, _, dim = tensors[0].shape
+    part = seqlen // degree
+    widths = [t.shape[2] for t in tensors]
+    send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
+    col = 0
+    for t, width in zip(tensors, widths):
+        send[..., col:col + width, :].copy_(t.view(batch, degree, part, width, dim).permute(1, 0, 2, 3, 4))
+        col += width
+    recv = comm.all_to_all(send)  # recv[i]: rank i's heads of this rank's sequence part
+    parts, col = [], 0
+    for count, width in zip(heads, widths):
+        parts.append(_unpack(recv[..., col:col + width, :], count, degree))
+        col += width
+    return parts

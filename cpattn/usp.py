@@ -1,26 +1,105 @@
-"""USP: Ulysses inside each Ulysses group, ring across the ring group.
+"""USP: Ulysses inside each Ulysses group, ring across the ring group, as one autograd Function.
 
+Forward: one all-to-all turns this rank's sequence part of q, k and v into
+its ring rank's whole piece for H/U heads (the shard order in ``layout.py``
+makes it so), the ring runs over that piece with the global positions
+``Layout.ring_chunks`` gives, and one all-to-all turns the output back (a
+second, small one the lse when asked). Backward mirrors it: one all-to-all for
+dout, the ring backward, one all-to-all for dq, dk and dv together.
 Pure ring (ulysses_degree 1) and pure Ulysses (ring_degree 1) are the two
 degenerate meshes of the same path: an axis of one rank does no communication.
-After the Ulysses all-to-all every rank holds its ring rank's whole piece (the
-shard order in ``layout.py`` makes it so) for a subset of heads, and the ring
-runs over that piece with the global positions ``Layout.ring_chunks`` gives.
+A failure inside forward or backward goes through ``Communicator.fail``, so
+every rank raises (faults.py).
 """
-from .ring import RingAttentionFunction
-from .ulysses import head_to_seq, kv_heads_for_ranks, seq_to_head
+from dataclasses import dataclass
+
+import torch
+
+from .attention import _kernel_dtype
+from .comm import Communicator, RingComm, UlyssesComm
+from .faults import fault_point
+from .layout import Layout
+from .ring import ring_backward, ring_forward
+from .ulysses import gather_heads, scatter_heads
 
 
-def usp_attention(q, k, v, layout, ring_index, ring_comm, ulysses_comm, causal, softmax_scale):
-    """Attention of local shards (flash layout) over the mesh; differentiable in q, k, v.
+@dataclass(frozen=True)
+class MeshComms:
+    """What one rank needs to run attention over its mesh; the comms are None on an axis of one rank."""
+    layout: Layout
+    ring_index: int
+    comm: Communicator = None
+    ring: RingComm = None
+    ulysses: UlyssesComm = None
 
-    ``ring_comm``: a ``RingComm`` or None (ring degree 1); ``ulysses_comm``: a
-    process group or None (Ulysses degree 1). Inputs are assumed validated.
-    """
-    if ulysses_comm is not None:
-        k = kv_heads_for_ranks(k, layout.ulysses_degree)
-        v = kv_heads_for_ranks(v, layout.ulysses_degree)
-        q, k, v = (seq_to_head(t, ulysses_comm) for t in (q, k, v))
-    out = RingAttentionFunction.apply(q, k, v, layout, ring_index, ring_comm, causal, softmax_scale)
-    if ulysses_comm is not None:
-        out = head_to_seq(out, ulysses_comm)
-    return out
+
+def _guarded(mesh, where, fn, *args):
+    if mesh.comm is None:
+        return fn(*args)
+    mesh.comm.check(where)
+    try:
+        return fn(*args)
+    except Exception as exc:
+        mesh.comm.fail(where, exc)
+
+
+def _forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse):
+    heads, heads_kv, in_dtype = q.shape[2], k.shape[2], q.dtype
+    if mesh.ulysses is not None:
+        q, k, v = scatter_heads((q, k, v), mesh.ulysses)
+        fault_point("ulysses forward")
+    dtype = _kernel_dtype(q)
+    if dtype != in_dtype:
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+    if mesh.ring is not None:  # sent as they are: contiguous once, here, and saved so
+        k, v = k.contiguous(), v.contiguous()
+    out, lse = ring_forward(q, k, v, mesh.layout, mesh.ring_index, mesh.ring, causal, softmax_scale)
+    out = out.to(dtype)
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.args = (mesh, causal, softmax_scale, heads, heads_kv, in_dtype)
+    if dtype != in_dtype:
+        out = out.to(in_dtype)
+    if mesh.ulysses is not None:
+        (out,) = gather_heads([out], [heads], mesh.ulysses)
+        if return_lse:  # (B, H/U, S) as a (B, S, H/U, 1) "tensor"
+            (lse,) = gather_heads([lse.transpose(1, 2).unsqueeze(-1)], [heads], mesh.ulysses)
+            lse = lse[..., 0].transpose(1, 2)
+    return out, (lse if return_lse else None)
+
+
+def _backward(ctx, dout):
+    q, k, v, out, lse = ctx.saved_tensors
+    mesh, causal, softmax_scale, heads, heads_kv, in_dtype = ctx.args
+    if mesh.ulysses is not None:
+        (dout,) = scatter_heads([dout], mesh.ulysses)
+        fault_point("ulysses backward")
+    dq, dk, dv = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, mesh.ring_index, mesh.ring,
+                               causal, softmax_scale)
+    grads = [g.to(in_dtype) for g in (dq, dk, dv)]
+    if mesh.ulysses is not None:
+        grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses)
+    return grads
+
+
+class USPAttention(torch.autograd.Function):
+    """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse, where):
+        ctx.where = where
+        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, mesh, causal, softmax_scale, return_lse)
+        if lse is not None:
+            ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        mesh = ctx.args[0]
+        dq, dk, dv = _guarded(mesh, f"{ctx.where} backward", _backward, ctx, dout)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def usp_attention(q, k, v, mesh, causal, softmax_scale, return_lse=False, where="usp_attention"):
+    """Attention of local shards (flash layout) over the mesh; (out, lse) with ``return_lse``. Inputs are validated."""
+    out, lse = USPAttention.apply(q, k, v, mesh, causal, softmax_scale, return_lse, where)
+    return (out, lse) if return_lse else out

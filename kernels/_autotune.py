@@ -51,7 +51,7 @@ SPECS = {
     "_merge_kernel": (_ROWS, ["HEAD_DIM"], None, {"BLOCK_M": 32}),
     # Not split_len: it changes with the cache length, and every decode step would re-tune.
     # CPU key tiles of 32 straddle 16-token pages, so the tests cross page boundaries.
-    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "IS_CAUSAL"], None,
+    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "LEFT", "RIGHT", "SOFTCAP"], None,
                        {"BLOCK_M": 16, "BLOCK_N": 32}),
     "_merge_splits_kernel": (_SPLIT_ROWS, ["num_splits", "num_heads", "HEAD_DIM"], None, {"BLOCK_M": 16}),
 }

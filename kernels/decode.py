@@ -7,83 +7,115 @@ decoding or a prefill chunk) attend to a cache of keys and values:
               int32: sequence b's slot j at [block_table[b, j // page_size], j % page_size]
 ``cache_seqlens[b]`` (int32) slots of sequence b are valid.
 
-Positions (DESIGN.md, "the one rule of causality"): query token t of sequence b
-sits at global position ``q_start[b] + t``; cache slot j holds the key at
+Positions: query token t of sequence b sits at global position ``q_positions[b, t]``
+(by default ``cache_seqlens[b] - Sq + t``); cache slot j holds the key at
     key_pos(j) = pos_offset + (j // pos_stripe) * pos_stride + j % pos_stripe,
 i.e. the slots are runs of ``pos_stripe`` consecutive positions, run i starting
 at ``pos_offset + i * pos_stride``. The default (1, 1, 0) is key_pos(j) = j; a
 sequence-sharded cache whose rank holds every P-th stripe of S tokens passes
-(S, P * S, rank * S). A key is visible when key_pos <= query_pos.
+(S, P * S, rank * S). Which keys a query sees is the one visibility rule of
+kernels/mask.py (causal, sliding window); this slot -> position map is decode's own.
 
-One program handles one (sequence, kv head, split of the slots, tile of query
-rows). Its rows are the (token, query head) pairs of the query heads that share
-that kv head (GQA): row r is token r // group_size, head h_kv * group_size +
-r % group_size, so each key/value tile is loaded once for the whole group and
-the dot products have at least 16 rows even for a single token. Each split
-writes a partial (out, lse); ``merge_splits`` folds the partials with the one
-LSE merge of kernels/merge.py. Notation as in flash_fwd.py (m_i, l_i, acc, base 2).
+One program handles one (sequence, kv head, tile of query rows, split). Its rows
+are the (token, query head) pairs of the query heads that share that kv head
+(GQA): row r is token r // group_size, head h_kv * group_size + r % group_size,
+so each key/value tile is loaded once for the whole group and the dot products
+have at least 16 rows even for a single token. The grid is fixed by the shapes
+(``num_splits`` splits per tile), never by the lengths: each program finds the
+slots its rows can see on the device and takes its split's share of them (none:
+it writes the empty partial), so a decode step launches the same grid every step
+and reads nothing back to the host (CUDA graphs, torch.compile). Each split
+writes a partial (out, lse); ``merge_splits`` folds them with the one LSE merge
+of kernels/merge.py. Notation as in flash_fwd.py (m_i, l_i, acc, base 2).
+
+Both launches are torch custom operators, so torch.compile traces through them
+without entering Triton.
 """
 import math
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._launch import launch
-from .flash_fwd import LOG2_E, dot_precision, finish_softmax, online_softmax_step
+from .mask import visible, visible_range
 from .merge import merge_partials
-from .tiles import block_d, is_power_of_two
+from .softmax import dot_precision, finish_softmax, online_softmax_step, scores
+from .tiles import block_d, grid_1d, is_power_of_two, needs_int64, offsets, program_tile, seq_base, tile_ptrs
 
 
 @triton.jit
+def _pair_ptrs(base, tok, head, offs_d, stride_s, stride_h, stride_d, WIDE: tl.constexpr):
+    """Pointers to a tile whose row r is the (token tok[r], head head[r]) pair of the slice at ``base``."""
+    return tile_ptrs(base, tok, offs_d, stride_s, stride_d, WIDE) + offsets(head, stride_h, WIDE)[:, None]
+
+
+@triton.jit
+def _slot_position(slot, pos_stripe, pos_stride, pos_offset):
+    """Global position of the key in cache slot ``slot``."""
+    return pos_offset + (slot // pos_stripe) * pos_stride + slot % pos_stripe
+
+
+@triton.jit
+def _slots_before(pos, pos_stripe, pos_stride, pos_offset):
+    """How many slots hold keys at positions below ``pos`` (slots are in position order)."""
+    rel = pos - pos_offset
+    return tl.where(rel <= 0, 0, (rel // pos_stride) * pos_stripe + tl.minimum(rel % pos_stride, pos_stripe))
+
+
+@triton.jit(do_not_specialize=["seqlen_q", "pos_offset", "window_left", "window_right"])
 def _decode_kernel(
-    Q, K, V, Out, Lse, SeqLens, QStart, BlockTable,
+    Q, K, V, Out, Lse, SeqLens, QPos, BlockTable, Sinks,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_osplit, stride_ob, stride_os, stride_oh, stride_od,
     stride_lsplit, stride_lb, stride_lh, stride_ls,
-    stride_btb,
-    seqlen_q, num_heads_kv, group_size, HEAD_DIM: tl.constexpr, split_len,
-    pos_stripe, pos_stride, pos_offset, qk_scale,
-    PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_pb, stride_ps, stride_btb,
+    seqlen_q, num_heads_kv, group_size, num_splits,
+    pos_stripe, pos_stride, pos_offset, window_left, window_right, softmax_scale, softcap,
+    HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, LEFT: tl.constexpr,
+    RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    b = pid_bh // num_heads_kv
-    h_kv = pid_bh % num_heads_kv
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile, b, h_kv = program_tile(seqlen_q * group_size, num_heads_kv, BLOCK_M)
+    split = tl.program_id(1)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < seqlen_q * group_size
     tok = rows // group_size
-    head = h_kv * group_size + rows % group_size
+    head = rows % group_size  # the query head within kv head h_kv's group
+    h0 = h_kv * group_size
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    row_ok = rows < seqlen_q * group_size
     d_ok = offs_d < HEAD_DIM
     tile_ok = row_ok[:, None] & d_ok[None, :]
 
-    b64 = b.to(tl.int64)  # caches can exceed 2**31 elements
-    q = tl.load(Q + b64 * stride_qb + tok[:, None] * stride_qs + head[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=tile_ok, other=0.0)
+    q = tl.load(_pair_ptrs(seq_base(Q, b, h0, 0, stride_qb, stride_qh, stride_qs), tok, head, offs_d,
+                           stride_qs, stride_qh, stride_qd, WIDE), mask=tile_ok, other=0.0)
+    q_pos = tl.load(seq_base(QPos, b, 0, 0, stride_pb, 0, 0) + tok * stride_ps, mask=row_ok, other=0)
     seqlen_k = tl.load(SeqLens + b)
-    q_pos = tl.load(QStart + b) + tok
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seqlen_k)
-    if IS_CAUSAL:
-        # Skip the slots no row of the tile can see: those past the last row's position.
-        # Slots with key_pos <= p: full runs below p, plus the start of p's run.
-        last = tl.load(QStart + b) + (tl.minimum((pid_m + 1) * BLOCK_M, seqlen_q * group_size) - 1) // group_size
-        rel = last - pos_offset
-        n_visible = tl.where(rel < 0, 0, (rel // pos_stride) * pos_stripe + tl.minimum(rel % pos_stride + 1, pos_stripe))
-        hi = tl.minimum(hi, n_visible)
 
-    K += h_kv * stride_kh
-    V += h_kv * stride_vh
-    if not PAGED:
-        K += b64 * stride_kb
-        V += b64 * stride_vb
+    # The key positions some row of the tile can see (the one rule), then the slots holding them.
+    first_pos = tl.min(tl.where(row_ok, q_pos, 2147483647), 0)
+    last_pos = tl.max(tl.where(row_ok, q_pos, -2147483647), 0)
+    key_end = tl.where(seqlen_k > 0, _slot_position(seqlen_k - 1, pos_stripe, pos_stride, pos_offset) + 1, 0)
+    seen_pos = visible_range(first_pos, last_pos, 0, key_end, window_left, window_right, LEFT, RIGHT, 1)
+    slot_lo = _slots_before(seen_pos[0], pos_stripe, pos_stride, pos_offset)  # [0], [3]: the outer bounds
+    slot_hi = _slots_before(seen_pos[3], pos_stripe, pos_stride, pos_offset)
+    # This split's share, in whole key tiles: every sequence spreads its own visible keys over all
+    # splits, and a split with no share loops zero times and writes the empty partial.
+    per_split = tl.cdiv(tl.cdiv(slot_hi - slot_lo, num_splits), BLOCK_N) * BLOCK_N
+    lo = slot_lo + split * per_split
+    hi = tl.minimum(lo + per_split, slot_hi)
+
+    if PAGED:
+        K = seq_base(K, 0, h_kv, 0, stride_kb, stride_kh, stride_ks)
+        V = seq_base(V, 0, h_kv, 0, stride_vb, stride_vh, stride_vs)
+        table = seq_base(BlockTable, b, 0, 0, stride_btb, 0, 0)
+    else:
+        K = seq_base(K, b, h_kv, 0, stride_kb, stride_kh, stride_ks)
+        V = seq_base(V, b, h_kv, 0, stride_vb, stride_vh, stride_vs)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -93,30 +125,34 @@ def _decode_kernel(
         col_ok = cols < hi
         if PAGED:
             # Each column looks up its own page, so a tile may straddle pages.
-            page = tl.load(BlockTable + b64 * stride_btb + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
-            k_off = page * stride_kb + (cols % PAGE_SIZE) * stride_ks
-            v_off = page * stride_vb + (cols % PAGE_SIZE) * stride_vs
+            page = tl.load(table + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
+            k_ptrs = tile_ptrs(K + (page * stride_kb)[None, :], offs_d, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
+            v_ptrs = tile_ptrs(V + (page * stride_vb)[:, None], cols % PAGE_SIZE, offs_d, stride_vs, stride_vd, WIDE)
         else:
-            k_off = cols.to(tl.int64) * stride_ks
-            v_off = cols.to(tl.int64) * stride_vs
-        k = tl.load(K + k_off[None, :] + offs_d[:, None] * stride_kd, mask=col_ok[None, :] & d_ok[:, None], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
-        visible = col_ok[None, :]
-        if IS_CAUSAL:
-            key_pos = pos_offset + (cols // pos_stripe) * pos_stride + cols % pos_stripe
-            visible = visible & (key_pos[None, :] <= q_pos[:, None])
-        s = tl.where(visible, s, float("-inf"))
+            k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
+            v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
+        k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        s = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)[0]
+        key_pos = _slot_position(cols, pos_stripe, pos_stride, pos_offset)
+        seen = col_ok[None, :] & visible(q_pos[:, None], key_pos[None, :], window_left, window_right, LEFT, RIGHT)
+        s = tl.where(seen, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        v = tl.load(V + v_off[:, None] + offs_d[None, :] * stride_vd, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
     # An empty split (or rows with no visible key) gives out = 0, lse = -inf: the merge's identity.
     out, lse = finish_softmax(acc, l_i, m_i)
-    Out += split * stride_osplit + b64 * stride_ob
-    Lse += split * stride_lsplit + b64 * stride_lb
-    tl.store(Out + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
+    if SINKS:
+        # A sink is the partial (out 0, lse sink_h); split 0 alone folds it in, so it counts once.
+        sink = tl.load(Sinks + h0 + head, mask=row_ok, other=float("-inf")).to(tl.float32)
+        sink = tl.where(split == 0, sink, float("-inf"))
+        out, lse = merge_partials(out, lse, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), sink)
+    # (split, sequence, first head of the group) through seq_base's three int64 index/stride pairs.
+    out_base = seq_base(Out, split, b, h0, stride_osplit, stride_ob, stride_oh)
+    lse_base = seq_base(Lse, split, b, h0, stride_lsplit, stride_lb, stride_lh)
+    tl.store(_pair_ptrs(out_base, tok, head, offs_d, stride_os, stride_oh, stride_od, WIDE),
              out.to(Out.dtype.element_ty), mask=tile_ok)
-    tl.store(Lse + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
+    tl.store(lse_base + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE), lse, mask=row_ok)
 
 
 @triton.jit
@@ -126,96 +162,170 @@ def _merge_splits_kernel(
     stride_lpsplit, stride_lpb, stride_lph, stride_lps,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    num_splits, seqlen, num_heads, HEAD_DIM: tl.constexpr,
+    num_splits, seqlen, num_heads, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Rows are (token, head) pairs of one sequence, so a decode step's few tokens still fill a tile.
-    b = tl.program_id(0).to(tl.int64)
-    pid_m = tl.program_id(1)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    tile, b, _ = program_tile(seqlen * num_heads, 1, BLOCK_M)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     tok = rows // num_heads
     head = rows % num_heads
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen * num_heads
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    part = OutP + b * stride_pb + tok[:, None] * stride_ps + head[:, None] * stride_ph + offs_d[None, :] * stride_pd
-    part_lse = LseP + b * stride_lpb + head * stride_lph + tok * stride_lps
+    part = _pair_ptrs(seq_base(OutP, b, 0, 0, stride_pb, 0, 0), tok, head, offs_d, stride_ps, stride_ph, stride_pd,
+                      WIDE)
+    part_lse = seq_base(LseP, b, 0, 0, stride_lpb, 0, 0) + offsets(head, stride_lph, WIDE) + \
+        offsets(tok, stride_lps, WIDE)
 
     o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (0, -inf): the empty partial
-    for split in range(0, num_splits):
-        o_s = tl.load(part + split * stride_psplit, mask=tile_ok, other=0.0).to(tl.float32)
-        lse_s = tl.load(part_lse + split * stride_lpsplit, mask=row_ok, other=float("-inf"))
+    for _ in range(0, num_splits):
+        o_s = tl.load(part, mask=tile_ok, other=0.0).to(tl.float32)
+        lse_s = tl.load(part_lse, mask=row_ok, other=float("-inf"))
         o, lse = merge_partials(o, lse, o_s, lse_s)
-    tl.store(Out + b * stride_ob + tok[:, None] * stride_os + head[:, None] * stride_oh + offs_d[None, :] * stride_od,
-             o.to(Out.dtype.element_ty), mask=tile_ok)
-    tl.store(Lse + b * stride_lb + head * stride_lh + tok * stride_ls, lse, mask=row_ok)
+        part += stride_psplit  # pointers are 64-bit: no overflow however many splits
+        part_lse += stride_lpsplit
+    tl.store(_pair_ptrs(seq_base(Out, b, 0, 0, stride_ob, 0, 0), tok, head, offs_d, stride_os, stride_oh, stride_od,
+                        WIDE), o.to(Out.dtype.element_ty), mask=tile_ok)
+    tl.store(seq_base(Lse, b, 0, 0, stride_lb, 0, 0) + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE),
+             lse, mask=row_ok)
+
+
+def _merge_splits_into(out_parts, lse_parts, out, lse):
+    num_splits, batch, seqlen, heads, head_dim = out_parts.shape
+    if out.numel() == 0:
+        return out, lse
+    args = (out_parts, lse_parts, out, lse, *out_parts.stride(), *lse_parts.stride(), *out.stride(), *lse.stride(),
+            num_splits, seqlen, heads)
+    constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out_parts[0], lse_parts[0], out, lse),
+                 "BLOCK_D": block_d(head_dim)}
+    launch(_merge_splits_kernel, grid_1d(seqlen * heads, batch), args, constants, out_parts)
+    return out, lse
+
+
+def _merge_splits_new(out_parts: torch.Tensor, lse_parts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen, heads = out_parts.shape[1:4]
+    out = torch.empty(out_parts.shape[1:], dtype=out_parts.dtype, device=out_parts.device)
+    lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=out_parts.device)
+    return _merge_splits_into(out_parts, lse_parts, out, lse)
+
+
+_merge_splits_op = torch.library.custom_op("cpattn::merge_splits", _merge_splits_new, mutates_args=())
+
+
+@_merge_splits_op.register_fake
+def _(out_parts, lse_parts):
+    batch, seqlen, heads = out_parts.shape[1:4]
+    return out_parts.new_empty(out_parts.shape[1:]), out_parts.new_empty((batch, heads, seqlen), dtype=torch.float32)
+
+
+def _call(op, fn, *args):
+    """The custom operator ``op`` while torch.compile traces, its function ``fn`` otherwise: eager calls
+    skip the dispatcher, and a process that never compiles never imports torch._dynamo."""
+    return op(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
 def merge_splits(out_parts, lse_parts, out=None, lse=None):
     """Merge N partials stacked on dim 0: out_parts (N, B, S, H, D), lse_parts (N, B, H, S) fp32.
 
     Returns (out, lse): out (B, S, H, D) in ``out``'s dtype (default out_parts'),
-    lse (B, H, S) float32. The fold is the LSE merge of kernels/merge.py.
-    Serves both the split-KV reduction and the merge across ranks.
+    lse (B, H, S) float32. The fold is the LSE merge of kernels/merge.py, in order
+    0..N-1, so equal inputs give equal bits. Serves both the split-KV reduction
+    and the merges across ranks. Without ``out``/``lse`` it is a torch custom
+    operator (torch.compile traces it).
     """
     num_splits, batch, seqlen, heads, head_dim = out_parts.shape
     if tuple(lse_parts.shape) != (num_splits, batch, heads, seqlen):
         raise ValueError(f"merge_splits: lse_parts must have shape {(num_splits, batch, heads, seqlen)}, "
                          f"got {tuple(lse_parts.shape)}")
+    if out is None and lse is None:
+        return _call(_merge_splits_op, _merge_splits_new, out_parts, lse_parts)
     if out is None:
         out = torch.empty(out_parts.shape[1:], dtype=out_parts.dtype, device=out_parts.device)
     if lse is None:
         lse = torch.empty((batch, heads, seqlen), dtype=torch.float32, device=out_parts.device)
-    if out.numel() == 0:
+    return _merge_splits_into(out_parts, lse_parts, out, lse)
+
+
+def _num_splits(q, batch, heads_kv, q_tiles, max_keys):
+    """Enough programs to fill the GPU, but at least ~256 keys per split (fewer on CPU).
+
+    A function of shapes and bounds only, so a decode loop keeps one grid."""
+    if q.device.type == "cpu":
+        return 1  # the interpreter runs programs one after another: splitting only adds a merge
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = triton.cdiv(2 * sms, batch * heads_kv * q_tiles)
+    return max(1, min(want, triton.cdiv(max_keys, 256), 64))
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+               q_positions: torch.Tensor, block_table: Optional[torch.Tensor], sinks: Optional[torch.Tensor],
+               softmax_scale: float, window_left: int, window_right: int, softcap: float,
+               slot_positions: List[int], num_splits: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    batch, seqlen_q, heads, head_dim = q.shape
+    heads_kv = k_cache.shape[2]
+    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if q.numel() == 0:
         return out, lse
-    args = (out_parts, lse_parts, out, lse, *out_parts.stride(), *lse_parts.stride(), *out.stride(), *lse.stride(),
-            num_splits, seqlen, heads, head_dim)
-    grid = lambda meta: (batch, triton.cdiv(seqlen * heads, meta["BLOCK_M"]))  # noqa: E731
-    launch(_merge_splits_kernel, grid, args, {"BLOCK_D": block_d(head_dim)}, out_parts)
+    paged = block_table is not None
+    if num_splits == 1:
+        out_p, lse_p = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out_p = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+        lse_p = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
+    table = block_table if paged else cache_seqlens  # an unused pointer when contiguous
+    args = (q, k_cache, v_cache, out_p, lse_p, cache_seqlens, q_positions, table, q if sinks is None else sinks,
+            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_p.stride(), *lse_p.stride(),
+            *q_positions.stride(), table.stride(0),
+            seqlen_q, heads_kv, heads // heads_kv, num_splits,
+            *slot_positions, max(window_left, 0), max(window_right, 0), softmax_scale, softcap or 1.0)
+    constants = {"HEAD_DIM": head_dim, "PAGED": paged, "PAGE_SIZE": k_cache.shape[1] if paged else 1,
+                 "LEFT": window_left >= 0, "RIGHT": window_right >= 0, "SOFTCAP": softcap > 0,
+                 "SINKS": sinks is not None, "WIDE": needs_int64(q, k_cache, v_cache, out_p[0], lse_p[0]),
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
+    tiles = grid_1d(seqlen_q * (heads // heads_kv), batch * heads_kv)
+    launch(_decode_kernel, lambda meta: (*tiles(meta), num_splits), args, constants, q)
+    if num_splits > 1:
+        _merge_splits_into(out_p, lse_p, out, lse)
     return out, lse
 
 
-def _num_splits(q, batch, heads_kv, q_tiles, max_seqlen):
-    """Enough programs to fill the GPU, but at least ~256 keys per split (fewer on CPU)."""
-    if q.device.type == "cpu":
-        return max(1, min(4, triton.cdiv(max_seqlen, 64)))
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    want = triton.cdiv(2 * sms, batch * heads_kv * q_tiles)
-    return max(1, min(want, triton.cdiv(max_seqlen, 256), 64))
+_decode_op = torch.library.custom_op("cpattn::decode_attention", _decode, mutates_args=())
 
 
-def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seqlen, slot_positions):
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, q_positions, block_table, sinks, softmax_scale, window_left,
+      window_right, softcap, slot_positions, num_splits, out_dtype):
+    batch, seqlen_q, heads, _ = q.shape
+    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+
+
+def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,
+              sinks):
+    # Imported here: cpattn.kernels is imported by cpattn itself, so cpattn._checks cannot be a top-level import.
+    from cpattn._checks import check_int_tensor, check_qkv, check_sinks
     where = "decode_attention"
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be 4-D, got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise TypeError(f"{where}: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"{where}: q, k_cache, v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, "
-                        f"{v_cache.dtype}")
+    paged = block_table is not None
+    if paged and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[0] == 0:
+        raise ValueError(f"{where}: the page pool k_cache holds no pages")
+    # The shared q/k/v checks; a paged pool is seen as one page per sequence (a broadcast view, no copy).
+    def per_sequence(t):
+        if paged and isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(q, torch.Tensor) and q.dim() == 4:
+            return t[:1].expand(q.shape[0], -1, -1, -1)
+        return t
+    batch, seqlen_q, _, heads, _, _ = check_qkv(q, per_sequence(k_cache), per_sequence(v_cache), where)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{where}: bfloat16 on CPU is not supported by Triton's interpreter; pass float32")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"{where}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
-    batch, _, heads, head_dim = q.shape
-    heads_kv, cache_dim = k_cache.shape[2], k_cache.shape[3]
-    if cache_dim != head_dim:
-        raise ValueError(f"{where}: head dims differ: q {head_dim}, cache {cache_dim}")
-    if head_dim > 256:
-        raise ValueError(f"{where}: head dim {head_dim} is above the supported maximum 256")
-    if heads_kv < 1 or heads % heads_kv != 0:
-        raise ValueError(f"{where}: query heads ({heads}) must be a multiple of kv heads ({heads_kv})")
-    for name, t in (("cache_seqlens", cache_seqlens), ("q_start", q_start)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or tuple(t.shape) != (batch,):
-            raise TypeError(f"{where}: {name} must be an int32 tensor of shape ({batch},), got "
-                            f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    tensors = [q, k_cache, v_cache, cache_seqlens, q_start] + ([block_table] if block_table is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"{where}: all tensors must be on one device, got {sorted({str(t.device) for t in tensors})}")
+    check_int_tensor(cache_seqlens, "cache_seqlens", (batch,), q.device, where)
+    if q_start is not None:
+        check_int_tensor(q_start, "q_start", (batch,), q.device, where)
+    if q_positions is not None:
+        check_int_tensor(q_positions, "q_positions", (batch, seqlen_q), q.device, where)
+    check_sinks(sinks, heads, q.device, where)
     stripe, stride, _ = slot_positions
     if stripe < 1 or stride < stripe:
         raise ValueError(f"{where}: slot_positions needs 1 <= stripe <= stride, got {slot_positions}")
@@ -224,7 +334,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seql
         raise ValueError(f"{where}: cache_seqlens must be >= 0, got {lens.tolist()}")
     if max_seqlen is not None and lens.numel() and int(lens.max()) > max_seqlen:
         raise ValueError(f"{where}: max_seqlen {max_seqlen} is below the longest cache length {int(lens.max())}")
-    if block_table is None:
+    if not paged:
         if k_cache.shape[0] != batch:
             raise ValueError(f"{where}: contiguous cache has batch {k_cache.shape[0]} but q has {batch}")
         if lens.numel() and int(lens.max()) > k_cache.shape[1]:
@@ -233,11 +343,10 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seql
     num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
     if page_size < 16 or not is_power_of_two(page_size):
         raise ValueError(f"{where}: page size must be a power of two >= 16, got {page_size}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-            or block_table.shape[0] != batch:
-        raise TypeError(f"{where}: block_table must be an int32 tensor (batch={batch}, max_pages), got "
-                        f"{getattr(block_table, 'dtype', type(block_table).__name__)} "
-                        f"{tuple(getattr(block_table, 'shape', ()))}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        raise TypeError(f"{where}: block_table must be a 2-D int32 tensor (batch={batch}, max_pages), got "
+                        f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+    check_int_tensor(block_table, "block_table", (batch, block_table.shape[1]), q.device, where)
     table = block_table.cpu()
     for b, n in enumerate(lens.tolist()):
         used = -(-n // page_size)
@@ -251,61 +360,59 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seql
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_table=None, softmax_scale=None,
                      causal=True, slot_positions=(1, 1, 0), num_splits=None, max_seqlen=None, validate=True,
-                     out_dtype=None):
+                     out_dtype=None, window_size=(-1, -1), softcap=0.0, sinks=None, q_positions=None):
     """Attention of a few new query tokens per sequence over a (paged) KV cache.
 
     q (B, Sq, H, D); k_cache, v_cache (B, capacity, Hkv, D), or with
     ``block_table`` (B, max_pages) int32 the paged pool (num_pages, page_size,
     Hkv, D), page_size a power of two >= 16. cache_seqlens (B,) int32: valid
-    slots per sequence. q_start (B,) int32: global position of query token 0
-    (default ``cache_seqlens - Sq``: the new tokens are the cache's last Sq).
+    slots per sequence. Query positions: ``q_positions`` (B, Sq) int32, or
+    ``q_start`` (B,) int32 for token t at q_start[b] + t (default
+    ``cache_seqlens - Sq``: the new tokens are the cache's last Sq).
     slot_positions = (stripe, stride, offset) maps slots to key positions
-    (module docstring). H must be a multiple of Hkv (GQA). With ``causal`` a
-    key is visible iff key_pos <= query_pos.
+    (module docstring). H must be a multiple of Hkv (GQA).
+    Visibility (kernels/mask.py): ``window_size=(left, right)`` as flash-attn
+    (-1: unbounded), ``causal`` sets right = 0. ``softcap > 0`` caps the
+    logits (``softcap * tanh(s / softcap)``); ``sinks`` (H,) float32 adds one
+    value-less logit per head, once.
 
     Returns (out (B, Sq, H, D) in q's dtype or ``out_dtype`` (float32 keeps a
     partial exact for a later merge), lse (B, H, Sq) float32 natural log,
     -inf where a query sees no key). ``validate=False`` skips the host-side
-    checks (they read cache_seqlens and block_table back from the device);
-    ``max_seqlen`` (a bound on cache_seqlens) likewise spares a read-back.
+    checks (they read cache_seqlens and block_table back from the device), so
+    the call reads nothing back: CUDA-graph capturable and torch.compile
+    friendly. ``num_splits`` defaults to a function of the shapes and of
+    ``max_seqlen`` (a bound on cache_seqlens; default: the cache capacity), so a
+    decode loop launches the same grid every step.
     """
-    if q_start is None and isinstance(cache_seqlens, torch.Tensor) and isinstance(q, torch.Tensor) and q.dim() == 4:
-        q_start = (cache_seqlens - q.shape[1]).to(torch.int32)
-    slot_positions = tuple(int(x) for x in slot_positions)
     if validate:
-        _validate(q, k_cache, v_cache, cache_seqlens, q_start, block_table, max_seqlen, slot_positions)
+        from cpattn._checks import check_scale, check_softcap, check_window
+        softmax_scale = check_scale(softmax_scale, "decode_attention")
+        window_left, window_right = check_window(window_size, "decode_attention")
+        softcap = check_softcap(softcap, "decode_attention")
+    else:
+        window_left, window_right = (int(w) for w in window_size)
+    if causal:
+        window_right = 0 if window_right < 0 else min(window_right, 0)
+    slot_positions = [int(x) for x in slot_positions]
+    if validate:
+        _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,
+                  sinks)
+    if q_positions is None:
+        if q_start is None:
+            q_start = cache_seqlens - q.shape[1]
+        q_positions = (q_start[:, None] + torch.arange(q.shape[1], device=q.device)).to(torch.int32)
     batch, seqlen_q, heads, head_dim = q.shape
     heads_kv = k_cache.shape[2]
-    group_size = heads // heads_kv
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
-    out = torch.empty(q.shape, dtype=out_dtype or q.dtype, device=q.device)
-    lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if q.numel() == 0:
-        return out, lse
-    if max_seqlen is None:
-        max_seqlen = int(cache_seqlens.max())
-    paged = block_table is not None
     if num_splits is None:
-        row_tiles = triton.cdiv(seqlen_q * group_size, 16)  # an estimate: BLOCK_M is tuned
-        num_splits = _num_splits(q, batch, heads_kv, row_tiles, max_seqlen)
-    num_splits = max(1, min(int(num_splits), max(1, max_seqlen)))
-    split_len = max(1, triton.cdiv(max(1, max_seqlen), num_splits))
-    if num_splits == 1:
-        out_p, lse_p = out.unsqueeze(0), lse.unsqueeze(0)
-    else:
-        out_p = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
-        lse_p = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
-    table = block_table if paged else cache_seqlens  # an unused pointer when contiguous
-    args = (q, k_cache, v_cache, out_p, lse_p, cache_seqlens, q_start, table,
-            *q.stride(), *k_cache.stride(), *v_cache.stride(), *out_p.stride(), *lse_p.stride(),
-            table.stride(0),
-            seqlen_q, heads_kv, group_size, head_dim, split_len,
-            *slot_positions, float(softmax_scale) * LOG2_E)
-    constants = {"PAGED": paged, "PAGE_SIZE": k_cache.shape[1] if paged else 1, "IS_CAUSAL": bool(causal),
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
-    grid = lambda meta: (batch * heads_kv, triton.cdiv(seqlen_q * group_size, meta["BLOCK_M"]), num_splits)  # noqa: E731
-    launch(_decode_kernel, grid, args, constants, q)
-    if num_splits > 1:
-        merge_splits(out_p, lse_p, out=out, lse=lse)
-    return out, lse
+        max_keys = max_seqlen if max_seqlen is not None else \
+            (block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1])
+        if window_left >= 0:
+            max_keys = min(max_keys, window_left + seqlen_q)
+        row_tiles = triton.cdiv(seqlen_q * (heads // heads_kv), 16)  # an estimate: BLOCK_M is tuned
+        num_splits = _num_splits(q, batch, heads_kv, row_tiles, max(1, max_keys))
+    return _call(_decode_op, _decode, q, k_cache, v_cache, cache_seqlens, q_positions, block_table, sinks,
+                 float(softmax_scale), window_left, window_right, float(softcap or 0.0), slot_positions,
+                 max(1, int(num_splits)), out_dtype or q.dtype)

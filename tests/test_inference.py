@@ -166,19 +166,19 @@ def test_no_process_group():
 
 
 def test_layout():
-    cache = cpattn.ShardedKVCache(2, 200, 1, 16, stripe=16)
-    # World size 1 here; check the formulas for a hypothetical 3-rank group.
-    cache.world_size, cache.rank = 3, 1
+    # The formulas for a 3-rank group, seen from every rank.
+    layout = cpattn.kv_cache.StripeLayout(16, 3)
     pos = torch.arange(200)
-    owner, slot = cache.owner(pos), cache.local_slot(pos)
+    owner, slot = layout.owner(pos), layout.local_slot(pos)
     for r in range(3):
         mine = pos[owner == r]
         assert torch.equal(slot[owner == r], torch.arange(mine.numel()))  # slots fill in position order
         for length in (0, 1, 15, 16, 17, 47, 48, 49, 100, 200):
-            assert int(cache.local_lengths(torch.tensor([length]), r)) == int((mine < length).sum())
-    stripe, stride, offset = cache.slot_positions
-    j = torch.arange(int((owner == 1).sum()))
-    assert torch.equal(offset + (j // stripe) * stride + j % stripe, pos[owner == 1])
+            assert int(layout.local_lengths(torch.tensor([length]), r)) == int((mine < length).sum())
+        stripe, stride, offset = layout.slot_positions(r)
+        j = torch.arange(mine.numel())
+        assert torch.equal(offset + (j // stripe) * stride + j % stripe, mine)
+        assert torch.equal(layout.positions_of(r, mine.numel()), mine)
 
 
 def bf16_case(rank, world):

@@ -5,8 +5,11 @@ import torch
 from cpattn.kernels import decode_attention, merge_splits
 
 
-def reference(q, k, v, lens, q_start, key_pos=None, causal=True):
-    """float64 attention per sequence; k, v (B, capacity, Hkv, D) contiguous, key j at key_pos[j]."""
+def reference(q, k, v, lens, q_start, key_pos=None, causal=True, window_left=-1, softcap=0.0, sinks=None):
+    """float64 attention per sequence; k, v (B, capacity, Hkv, D) contiguous, key j at key_pos[j].
+
+    A key is visible when q_pos - window_left <= key_pos (<= q_pos when causal); ``softcap``
+    caps the scaled scores; ``sinks`` (H,) add a value-less logit per head."""
     batch, seqlen_q, heads, head_dim = q.shape
     group = heads // k.shape[2]
     outs, lses = [], []
@@ -15,10 +18,17 @@ def reference(q, k, v, lens, q_start, key_pos=None, causal=True):
         kb = k[b, :n].double().repeat_interleave(group, 1)
         vb = v[b, :n].double().repeat_interleave(group, 1)
         s = torch.einsum("thd,khd->htk", q[b].double(), kb) / head_dim ** 0.5
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
         qp = int(q_start[b]) + torch.arange(seqlen_q)
         kp = torch.arange(n) if key_pos is None else key_pos[:n]
         if causal:
             s = s.masked_fill(kp[None, None, :] > qp[None, :, None], float("-inf"))
+        if window_left >= 0:
+            s = s.masked_fill(kp[None, None, :] < qp[None, :, None] - window_left, float("-inf"))
+        if sinks is not None:  # one more column: the sink's logit, with a zero value
+            s = torch.cat([s, sinks.double()[:, None, None].expand(heads, seqlen_q, 1)], dim=-1)
+            vb = torch.cat([vb, vb.new_zeros(1, heads, head_dim)])
         lses.append(torch.logsumexp(s, -1))
         outs.append(torch.einsum("htk,khd->thd", torch.softmax(s, -1).nan_to_num(0.0), vb))
     return torch.stack(outs), torch.stack(lses)
@@ -169,3 +179,68 @@ def test_bad_input():
         decode_attention(q, pool, pool, torch.tensor([40, 10], dtype=torch.int32), block_table=table)
     for t, t0 in zip((q, k, lens), before):
         assert torch.equal(t, t0)
+
+
+@pytest.mark.parametrize("window", [0, 1, 17, 300])
+def test_window_softcap_sinks_on_striped_pages(window):
+    # Rank 1 of 2 with stripes of 16: the window's edge falls inside, between and across this rank's
+    # stripes and pages; softcap 30 against logits of ~100; one sink small, one dominant.
+    gen = torch.Generator().manual_seed(10 + window)
+    stripe, ranks, rank, head_dim = 16, 2, 1, 40
+    key_pos = rank * stripe + (torch.arange(96) // stripe) * ranks * stripe + torch.arange(96) % stripe
+    q = torch.randn(3, 3, 4, head_dim, generator=gen) * 8.0
+    k, v = (torch.randn(3, 96, 2, head_dim, generator=gen) for _ in range(2))
+    lens = torch.tensor([0, 37, 96], dtype=torch.int32)
+    q_start = torch.tensor([5, 90, 190], dtype=torch.int32)
+    sinks = torch.tensor([-1.0, 0.5, 2.0, 30.0])
+    kwargs = dict(q_start=q_start, slot_positions=(stripe, ranks * stripe, rank * stripe), window_size=(window, -1))
+    for softcap, with_sinks in ((30.0, True), (0.0, False)):
+        ref = reference(q, k, v, lens, q_start, key_pos=key_pos, window_left=window, softcap=softcap,
+                        sinks=sinks if with_sinks else None)
+        extra = dict(softcap=softcap, sinks=sinks if with_sinks else None)
+        for splits in (1, 3):
+            close(*decode_attention(q, k, v, lens, num_splits=splits, **kwargs, **extra), *ref)
+        kp, vp, table = to_paged(k, v, 16, gen)
+        close(*decode_attention(q, kp, vp, lens, block_table=table, num_splits=2, **kwargs, **extra), *ref)
+    # The dominant sink takes (nearly) all the weight: out near 0, lse near the sink.
+    out, lse = decode_attention(q, k, v, lens, sinks=sinks, **kwargs)
+    assert out[..., 3, :].abs().max() < 1e-3 and torch.allclose(lse[:, 3], torch.full_like(lse[:, 3], 30.0), atol=1e-3)
+
+
+def test_bad_local_attention_arguments():
+    q, k = torch.randn(1, 1, 2, 16), torch.randn(1, 20, 1, 16)
+    lens = torch.tensor([20], dtype=torch.int32)
+    with pytest.raises(ValueError, match="window_size"):
+        decode_attention(q, k, k, lens, window_size=(-2, -1))
+    with pytest.raises(ValueError, match="softcap"):
+        decode_attention(q, k, k, lens, softcap=-1.0)
+    with pytest.raises(ValueError, match="sinks"):
+        decode_attention(q, k, k, lens, sinks=torch.zeros(3))
+    with pytest.raises(TypeError, match="sinks"):
+        decode_attention(q, k, k, lens, sinks=torch.zeros(2, dtype=torch.int32))
+
+
+def test_custom_ops_and_compiled_fixed_grid():
+    """The kernels are torch custom ops (opcheck), and a compiled call (fullgraph: no host read,
+    no graph break) keeps one graph while the lengths change, equal to eager."""
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 1, 4, 32, generator=gen)
+    k, v = (torch.randn(2, 48, 2, 32, generator=gen) for _ in range(2))
+    lens = torch.tensor([48, 20], dtype=torch.int32)
+    positions = (lens - 1)[:, None]
+    torch.library.opcheck(torch.ops.cpattn.decode_attention.default,
+                          (q, k, v, lens, positions, None, None, 0.2, 20, 0, 0.0, [1, 1, 0], 3, torch.float32))
+    parts, part_lses = torch.randn(3, 2, 1, 4, 32, generator=gen), torch.randn(3, 2, 4, 1, generator=gen)
+    torch.library.opcheck(torch.ops.cpattn.merge_splits.default, (parts, part_lses))
+
+    def step(q, k, v, lens):
+        return decode_attention(q, k, v, lens, validate=False, num_splits=3, window_size=(20, -1))
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager", dynamic=False)
+    for i, lengths in enumerate(([48, 20], [31, 1], [0, 47])):
+        lens = torch.tensor(lengths, dtype=torch.int32)
+        with torch.compiler.set_stance("fail_on_recompile" if i else "default"):
+            got = compiled(q, k, v, lens)
+        want = step(q, k, v, lens)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        close(*got, *reference(q, k, v, lens, lens - 1, window_left=20))

@@ -179,8 +179,9 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
         causal, extras = _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where)
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
-            expected = cp.positions(seq_len).to(position_ids.device).expand_as(position_ids)
-            if not torch.equal(position_ids, expected):
+            expected = cp.positions(seq_len).to(position_ids.device)
+            if position_ids.shape[-1] != expected.numel() or not torch.equal(position_ids,
+                                                                              expected.expand_as(position_ids)):
                 raise ValueError(f"{where}: position_ids are not this rank's global token positions "
                                  f"cp.positions({seq_len}); pass them (shard_batch does), so that RoPE sees the "
                                  "true positions (packed sequences, whose positions restart, need issue 9)")

@@ -62,23 +62,31 @@ def _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds):
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
+                stride_qh, stride_gh, stride_lh, stride_dh,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                lo, hi,
+                k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
+                window_left, window_right, lo, hi,
                 MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                 WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the contributions of query rows [lo, hi) of one head to a kv block's dk, dv.
+    """Add the contributions of query rows [lo, hi) of every query head of the GQA group
+    (``group_size`` heads from ``Q``, ``stride_qh`` apart) to a kv block's dk, dv.
 
+    One flat loop over (head, query block): with a loop over heads around the block
+    loops, ptxas spilled registers in every config at head dim 128 (kernels/aot.py).
     Works on transposed tiles (keys along rows) so no transpose of p is needed.
     """
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    for start_m in range(lo, hi, BLOCK_M):
-        rows = start_m + offs_m
+    num_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    for i in range(0, group_size * num_blocks):
+        g = i // num_blocks
+        rows = lo + (i - g * num_blocks) * BLOCK_M + offs_m
+        g = g.to(tl.int64)  # head offsets in int64, as in seq_base
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
-        q = tl.load(tile_ptrs(Q, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
-        do = tl.load(tile_ptrs(DOut, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
-        lse, delta = _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds)
+        q = tl.load(tile_ptrs(Q + g * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
+        do = tl.load(tile_ptrs(DOut + g * stride_gh, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok,
+                     other=0.0)
+        lse, delta = _load_row_stats(Lse + g * stride_lh, Delta + g * stride_dh, rows, seqlen_q, stride_ls, stride_ds)
         s_t, t_t = scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
@@ -133,27 +141,29 @@ def _bwd_dkdv_kernel(
     lo, full_lo, full_hi, hi = visible_range(k_pos0 + tile * BLOCK_N, k_pos0 + last_key, q_pos0, seqlen_q,
                                              window_right, window_left, RIGHT, LEFT, BLOCK_M)
     k_pos = k_pos0 + offs_n
-    for g in range(0, group_size):  # the query heads sharing this kv head (GQA), summed in registers
-        h = h_kv * group_size + g
-        q_ptr = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
-        do_ptr = seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs)
-        lse_ptr = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
-        delta_ptr = seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
-                             window_left, window_right, lo, full_lo,
-                             True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
-                             window_left, window_right, full_lo, full_hi,
-                             False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                             stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                             k_pos, offs_d, q_pos0, seqlen_q, HEAD_DIM, softmax_scale, softcap,
-                             window_left, window_right, full_hi, hi,
-                             True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+    h = h_kv * group_size  # the first query head of the group sharing this kv head (GQA)
+    q_ptr = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
+    do_ptr = seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs)
+    lse_ptr = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
+    delta_ptr = seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                         stride_qh, stride_gh, stride_lh, stride_dh,
+                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
+                         window_left, window_right, lo, full_lo,
+                         True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                         stride_qh, stride_gh, stride_lh, stride_dh,
+                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
+                         window_left, window_right, full_lo, full_hi,
+                         False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                         stride_qh, stride_gh, stride_lh, stride_dh,
+                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
+                         window_left, window_right, full_hi, hi,
+                         True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
     dk_ptrs = tile_ptrs(seq_base(DK, batch, h_kv, k_row0, stride_dkb, stride_dkh, stride_dks), offs_n, offs_d,

@@ -213,7 +213,7 @@ def test_sdpa_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 3 dimensions"):
         cpattn.scaled_dot_product_attention(q[0, 0], kv[0, 0], kv[0, 0])
     with pytest.raises(ValueError, match="lengths differ"):
-        cpattn.scaled_dot_product_attention(q, kv, kv[:, :, :5])
+        cpattn.scaled_dot_product_attention(q, kv, kv[:, :, :5], enable_gqa=True)
     with pytest.raises(TypeError, match="dtype torch.int64"):
         cpattn.scaled_dot_product_attention(q.long(), kv.long(), kv.long(), enable_gqa=True)
 

@@ -1,8 +1,11 @@
-"""bench/bench_decode.py --quick keeps working and writes what it promises (no timing claims)."""
+"""bench/bench_decode.py and bench/bench_serving.py --quick keep working and write what they promise
+(no timing claims)."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +29,26 @@ def test_bench_decode_quick(tmp_path):
     page_bytes = 2 * 2 * 16 * 2 * 32 * 4
     assert per_rank[(70, 1)] == 5 * page_bytes and per_rank[(70, 2)] == 3 * page_bytes
     assert per_rank[(70, 4)] == 2 * page_bytes and per_rank[(70, 8)] == page_bytes
+
+
+def test_bench_serving_quick(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_serving
+        bench_serving.main(["--quick", "--out", str(tmp_path), "--prompts", "16,32", "--cp-sizes", "1,2",
+                            "--new-tokens", "3", "--chunk", "16", "--prefix-cached", "16"])
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    serving = json.loads((tmp_path / "serving.json").read_text())
+    prefix = json.loads((tmp_path / "serving_prefix.json").read_text())
+    assert serving["environment"]["quick"] and "NOT meaningful" in serving["environment"]["note"]
+    assert sorted((r["cp"], r["prompt"]) for r in serving["rows"]) == \
+        [(cp, n) for cp in ("cp1", "cp2", "sdpa") for n in (16, 32)]
+    for r in serving["rows"]:
+        assert r["same_tokens"], r  # fp32: greedy tokens equal single-device SDPA's
+        assert r["ttft_ms"] > 0 and r["itl_p99_ms"] >= r["itl_mean_ms"] > 0
+        assert r["e2e_ms"] == pytest.approx(r["ttft_ms"] + 2 * r["itl_mean_ms"])
+    # The prefix-hit table crosses over: pass-Q moves fewer bytes for a short new chunk, pass-KV for a long one.
+    rows = prefix["rows"]
+    assert prefix["ranks"] == 2 and rows[0]["auto"] == "pass-q" and rows[-1]["auto"] == "pass-kv"
+    assert all((r["pass-kv_bytes"] < r["pass-q_bytes"]) == (r["auto"] == "pass-kv") for r in rows)

@@ -219,3 +219,39 @@ def test_decode_step_reservation_and_host_lengths():
         cache.seqlens
     with pytest.raises(ValueError, match="cannot remove"):
         cpattn.ShardedKVCache(1, 32, 1, 16).rewind(1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (on CPU: the torch.compile tests)")
+def test_decode_step_cuda_graph_replays_exactly():
+    """One decode step (store, attention, merge) captured in a CUDA graph and replayed for new tokens
+    equals eager decode_step bit for bit."""
+    data = tuple(t.cuda() for t in full_data())
+    Q, K, V = data
+    caches = []
+    for _ in range(2):
+        cache = cpattn.ShardedKVCache(B, CAP, HKV, D, device="cuda", page_size=16)
+        cache.append(K[:, :40], V[:, :40])
+        cache.reserve(8)
+        caches.append(cache)
+    static = [t[:, 40:41].clone() for t in data]
+    for _ in range(2):  # warm up (autotuning, allocator) on a side stream, then rewind
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            cpattn.decode_step(caches[1], *static, **LOCAL_CUDA())
+        torch.cuda.current_stream().wait_stream(stream)
+        caches[1].rewind(1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cpattn.decode_step(caches[1], *static, **LOCAL_CUDA())  # recorded, not run
+    for t in range(40, 46):
+        for buffer, x in zip(static, data):
+            buffer.copy_(x[:, t:t + 1])
+        graph.replay()
+        want = cpattn.decode_step(caches[0], *(x[:, t:t + 1] for x in data), **LOCAL_CUDA())
+        assert torch.equal(out, want)
+    assert torch.equal(caches[0].seqlens, caches[1].seqlens)
+
+
+def LOCAL_CUDA():
+    return {**LOCAL, "sinks": LOCAL["sinks"].cuda()}

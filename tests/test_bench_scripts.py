@@ -31,6 +31,15 @@ def run_script(name, out_dir, *argv):
     return payload, rows
 
 
+def test_bench_varlen(tmp_path):
+    payload, _ = run_script("bench_varlen", tmp_path)
+    rows = payload["rows"]
+    assert len(rows) == 8 and {r["packing"] for r in rows} == {"long-tailed", "1 long + 16 short"}
+    assert all(r["documents"] > 1 and r["tokens"] == 128 for r in rows)
+    assert all(r[f"{impl}_status"] == "ok" and r[f"{impl}_tflops"] > 0 for r in rows
+               for impl in ("cpattn", "sdpa-mask", "sdpa-loop"))
+
+
 def test_bench_attention(tmp_path):
     payload, _ = run_script("bench_attention", tmp_path, "--seqlens", "64", "--modes", "fwd,bwd")
     rows = payload["rows"]

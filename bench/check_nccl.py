@@ -9,8 +9,12 @@ rank shards the same full inputs, runs ``cp.attention`` forward and backward,
 and gathers output and gradients. Rank 0 compares them with torch SDPA on the
 full sequence: in float32 (``--quick``) against a relative-error bound, in
 bf16/fp16 by flash-attn's rule (our max error vs an fp32 reference at most twice
-torch's own error in the same dtype). Not a benchmark: a correctness check of
-the NCCL paths that CPU tests (gloo) cannot reach. Writes ``check_nccl.json`` and ``.csv``.
+torch's own error in the same dtype); the lse (``return_lse=True``) against an
+fp32 log-sum-exp of the same inputs. On CUDA it also repeats each call once the
+ranks have agreed on its signature under ``torch.cuda.set_sync_debug_mode("error")``:
+a steady-state forward and backward must make no host synchronisation.
+Not a benchmark: a correctness check of the NCCL paths that CPU tests (gloo)
+cannot reach. Writes ``check_nccl.json`` and ``.csv``.
 """
 import sys
 
@@ -33,6 +37,30 @@ def _out_and_grads(attention, q, k, v, dout):
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
 
 
+def _reference_lse(q, k, v, causal):
+    """fp32 log-sum-exp of the scaled scores, (B, H, S); flash layout inputs."""
+    q, k = q.float().transpose(1, 2), k.float().transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
+    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
+                                    float("-inf"))
+    return scores.logsumexp(-1)
+
+
+def _sync_free(call, device):
+    """CUDA: whether ``call()`` runs without a host synchronisation (None on CPU, where nothing tells)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+        return True
+    except RuntimeError as exc:
+        return f"synchronises: {exc}"[:300]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def check_rank(rank, world_size, device_type, dtype_name, seqlen, cases):
     device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
     dtype = C.DTYPES[dtype_name]
@@ -46,16 +74,22 @@ def check_rank(rank, world_size, device_type, dtype_name, seqlen, cases):
         local = [cp.shard(t.to(dtype)) for t in (q, k, v, dout)]
         ours_local = _out_and_grads(lambda *t: cp.attention(*t, causal=causal), *local)
         ours = [cp.gather(t) for t in ours_local]
+        leaves = [t.detach().requires_grad_() for t in local[:3]]
+        sync_free = _sync_free(lambda: cp.attention(*leaves, causal=causal).backward(local[3]), device)
+        lse = cp.gather(cp.attention(*local[:3], causal=causal, return_lse=True)[1], seq_dim=2)
+        cp.close()
         if rank != 0:
             continue
         exact = _out_and_grads(lambda *t: _sdpa(*t, causal), q, k, v, dout)
         row = {"algo": algo, "ulysses_degree": cp.ulysses_degree, "ring_degree": cp.ring_degree,
                "ring_impl": ring_impl, "causal": causal, "heads": heads, "kv_heads": kv_heads,
-               "head_dim": head_dim, "seqlen": seqlen, "dtype": dtype_name}
+               "head_dim": head_dim, "seqlen": seqlen, "dtype": dtype_name, "steady_state_sync_free": sync_free,
+               "lse_err": (lse - _reference_lse(*(t.to(dtype) for t in (q, k, v)), causal)).abs().max().item()}
         if dtype == torch.float32:
             for name, mine, ref in zip(("out", "dq", "dk", "dv"), ours, exact):
                 row[f"{name}_rel_err"] = ((mine - ref).norm() / ref.norm()).item()
             row["ok"] = row["out_rel_err"] < 1e-4 and all(row[f"{n}_rel_err"] < 1e-3 for n in ("dq", "dk", "dv"))
+            row["ok"] = row["ok"] and row["lse_err"] < 1e-3 and sync_free in (None, True)
         else:
             torch_low = _out_and_grads(lambda *t: _sdpa(*t, causal), *(t.to(dtype) for t in (q, k, v, dout)))
             ok = True
@@ -63,7 +97,7 @@ def check_rank(rank, world_size, device_type, dtype_name, seqlen, cases):
                 row[f"{name}_err"] = (mine.float() - ref).abs().max().item()
                 row[f"{name}_torch_err"] = (theirs.float() - ref).abs().max().item()
                 ok = ok and row[f"{name}_err"] <= 2 * row[f"{name}_torch_err"] + 1e-5
-            row["ok"] = ok
+            row["ok"] = ok and row["lse_err"] < 1e-2 and sync_free in (None, True)
         rows.append(row)
     return rows
 
@@ -103,7 +137,7 @@ def main(argv=None):
     paths = C.save_results(C.output_dir(args, device), "check_nccl", env, rows)
     error_columns = [c for c in rows[0] if c.endswith("_err")]
     C.print_table(rows, [(c, c) for c in ("algo", "ulysses_degree", "ring_degree", "causal", "kv_heads", "head_dim")]
-                  + [(c, c) for c in error_columns] + [("ok", "ok")],
+                  + [(c, c) for c in error_columns] + [("steady_state_sync_free", "no sync"), ("ok", "ok")],
                   title=f"{ranks} ranks over {backend}, {dtype}, seqlen {seqlen}")
     C.print_saved(paths, False)  # a correctness check: no timings to disclaim
     failed = [r for r in rows if not r["ok"]]

@@ -265,16 +265,18 @@ class UlyssesComm:
     def __init__(self, comm, members):
         self.comm, self.members, self.degree = comm, members, len(members)
         if comm.subgroup is not None:
-            self.group, self.splits = comm.subgroup, None
+            self.group, self.splits = comm.subgroup, []
         else:  # the group itself: one part for each Ulysses rank, none for the others
             self.group = comm.group
             self.splits = [int(r in members) for r in global_ranks(self.group)]
+        self._options = dist.AllToAllOptions()
 
     def all_to_all(self, x):
         """x (degree, ...) contiguous; returns y with y[i] = Ulysses rank i's x[this rank's index]."""
         y = torch.empty_like(x)
         try:
-            work = dist.all_to_all_single(y, x, self.splits, self.splits, group=self.group, async_op=True)
+            # the process group's own call: dist.all_to_all_single without its per-call Python checks
+            work = self.group.alltoall_base(y, x, self.splits, self.splits, self._options)
             self.comm.wait([work], x.device.type == "cpu")
         except Exception as exc:
             raise CommError(f"Ulysses all-to-all among ranks {self.members}: {describe(exc)}") from exc

@@ -128,6 +128,10 @@ def run_configs(rank, world_size):
     }
     described = {name: None if cp is None else (cp.ring_degree, cp.ulysses_degree, cp.ring_impl, cp.ring_index,
                                                 cp.ulysses_index) for name, cp in made.items()}
+    # Ranks 0 and 1 hold one more process group (pair) than 2 and 3, so torch cannot create groups among
+    # all four: those objects use cp_group itself. Within pair the counts agree: it gets its own groups.
+    described["communicators"] = {name: None if cp is None else cp.describe()["communicators"]
+                                  for name, cp in made.items()}
     errors = {}
     for name in ("hybrid", "hybrid ring impl"):
         cp = made[name]
@@ -151,5 +155,11 @@ def test_from_config_on_a_subgroup():
         assert d["hybrid auto"] == (2, 2, "zigzag", ring_index, ulysses_index)  # LOCAL_WORLD_SIZE=2 caps it
         assert d["hybrid ring impl"] == (2, 2, "ring", ring_index, ulysses_index)
         assert d["pair"] == ((2, 1, "zigzag", rank, 0) if rank < 2 else None)
+        for name, communicators in d["communicators"].items():
+            if name == "pair":
+                assert (communicators is None) == (rank >= 2)
+                assert rank >= 2 or communicators.startswith("cpattn's own process groups"), communicators
+            else:
+                assert communicators.startswith("the given group itself"), (name, communicators)
         for name, err in d["errors"].items():
             assert err < 1e-4, f"rank {rank} {name}: rel error {err:.2e}"

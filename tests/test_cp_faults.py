@@ -21,7 +21,10 @@ from cpattn.testing import run_ranks
 from reference import rel_err, sdpa_with_grads
 
 WORLD, SEQ_LEN, HEADS, HEAD_DIM = 4, 32, 4, 16
-TIMEOUT = 3.0  # the bound given to ContextParallel(timeout=...)
+TIMEOUT = 6.0  # the bound given to ContextParallel(timeout=...)
+# A rank raises at its next communication after the fault: a few kernel calls later at most, which on a
+# loaded 2-core machine (the interpreter, up to 8 processes) can take seconds.
+COMPUTE_SLACK = 8.0
 
 # name -> (ulysses degree, fault place, step (None: any), failing rank, what it does)
 SCENARIOS = {
@@ -96,7 +99,8 @@ def test_every_rank_raises_within_the_timeout():
             kind, named, message, raised_at, _ = outcomes[name]
             label = f"{name}, rank {rank}: {kind}: {message}"
             if not (action == "hang" and rank == culprit):  # the hung rank itself comes back late, by design
-                assert raised_at - fault_time < TIMEOUT + 2.0, f"{label}: raised {raised_at - fault_time:.1f} s after"
+                assert raised_at - fault_time < TIMEOUT + COMPUTE_SLACK, \
+                    f"{label}: raised {raised_at - fault_time:.1f} s after the fault"
             if action == "hang":
                 # Nobody failed: the ranks that waited for the hung rank time out, naming the collective.
                 assert kind == "PeerFailure", label

@@ -98,6 +98,18 @@ def latency_row(ttft, steps, tokens, label, length, s):
             "e2e_ms": e2e, "tok_per_s": s["batch"] * (len(steps) + 1) / (e2e / 1e3), "tokens": tokens}
 
 
+def decode_loop(model, token, new_tokens, clock, forward_one):
+    """Greedy decoding after the first token: (tokens per sequence, ms of each step).
+    ``forward_one(token)``: the hidden states of one new token per sequence (it stores its keys)."""
+    tokens, steps = [token], []
+    for _ in range(new_tokens - 1):
+        start = clock.now()
+        token = model.logits(forward_one(token)[:, 0]).argmax(-1)
+        steps.append(clock.now() - start)
+        tokens.append(token)
+    return torch.stack(tokens, 1).tolist(), steps
+
+
 def serve_cp(rank, world, s, device_type):
     """One rank of CP serving: rows measured on rank 0 (None elsewhere)."""
     device = torch.device(device_type, rank % max(1, torch.cuda.device_count())) if device_type == "cuda" \
@@ -122,15 +134,13 @@ def serve_cp(rank, world, s, device_type):
             torch.distributed.broadcast(last, src=world - 1)
         token = model.logits(last).argmax(-1)
         ttft = clock.now() - start
-        tokens, steps = [token], []
-        for _ in range(s["new_tokens"] - 1):
-            t0 = clock.now()
-            pos = caches[0].seqlens[:, None].to(device)
-            x = model.forward(model.embed(token)[:, None], pos, lambda i, q, k, v: cpattn.decode(caches[i], q, k, v))
-            token = model.logits(x[:, 0]).argmax(-1)
-            steps.append(clock.now() - t0)
-            tokens.append(token)
-        rows.append(latency_row(ttft, steps, torch.stack(tokens, 1).tolist(), f"cp{world}", length, s))
+
+        def forward_one(token):
+            return model.forward(model.embed(token)[:, None], caches[0].seqlens[:, None].to(device),
+                                 lambda i, q, k, v: cpattn.decode(caches[i], q, k, v))
+
+        tokens, steps = decode_loop(model, token, s["new_tokens"], clock, forward_one)
+        rows.append(latency_row(ttft, steps, tokens, f"cp{world}", length, s))
     return rows if rank == 0 else None
 
 
@@ -166,16 +176,15 @@ def serve_sdpa(s, device):
             filled[0] += n
         token = model.logits(x[:, -1]).argmax(-1)
         ttft = clock.now() - start
-        tokens, steps = [token], []
-        for _ in range(s["new_tokens"] - 1):
-            t0 = clock.now()
-            pos = torch.full((s["batch"], 1), filled[0], device=device)
-            x = model.forward(model.embed(token)[:, None], pos, attend)
+
+        def forward_one(token):
+            x = model.forward(model.embed(token)[:, None], torch.full((s["batch"], 1), filled[0], device=device),
+                              attend)
             filled[0] += 1
-            token = model.logits(x[:, 0]).argmax(-1)
-            steps.append(clock.now() - t0)
-            tokens.append(token)
-        rows.append(latency_row(ttft, steps, torch.stack(tokens, 1).tolist(), "sdpa", length, s))
+            return x
+
+        tokens, steps = decode_loop(model, token, s["new_tokens"], clock, forward_one)
+        rows.append(latency_row(ttft, steps, tokens, "sdpa", length, s))
     return rows
 
 

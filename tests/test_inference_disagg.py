@@ -10,7 +10,7 @@ import torch.distributed as dist
 import cpattn
 from cpattn.testing import run_ranks
 from cpattn.tiny_decoder import TinyDecoder
-from test_inference_e2e import CHUNKS, NEW_TOKENS, decode_tokens, expected_tokens, prompts
+from test_inference_e2e import NEW_TOKENS, decode_tokens, expected_tokens, prefill_prompts, prompts
 
 
 def bad_transfers(rank, src, make_dst):
@@ -32,18 +32,13 @@ def disaggregated(rank, world):
     if rank < 2:
         src = [cpattn.ShardedKVCache(2, 80, c.kv_heads, c.head_dim, group=prefill_group, page_size=16)
                for _ in range(c.layers)]
-        first = []
-        for b, prompt in enumerate(prompts()):
-            start = 0
-            for n in CHUNKS[len(prompt)]:
-                x, index = cpattn.split_chunk(model.embed(prompt[start:start + n])[None], src[0])
-                pos = src[0].positions(n, index, batch_index=[b])
-                x = model.forward(x, pos, lambda i, q, k, v: cpattn.prefill(src[i], q, k, v, token_index=index,
-                                                                             batch_index=[b]))
-                start += n
+
+        def last_hidden(x, n):  # the prompt's last token is on the last rank
             parts = [torch.empty_like(x) for _ in range(2)]
-            dist.all_gather(parts, x, group=prefill_group)  # the prompt's last token is on the last rank
-            first.append(int(model.logits(torch.cat(parts, dim=1)[0, n - 1]).argmax()))
+            dist.all_gather(parts, x, group=prefill_group)
+            return torch.cat(parts, dim=1)[0, n - 1]
+
+        first = prefill_prompts(model, src, lambda x, n: cpattn.split_chunk(x, src[0]), last_hidden)
     box = [first]
     dist.broadcast_object_list(box, src=0)  # the first generated token travels with the request
     first = torch.tensor(box[0])

@@ -32,6 +32,24 @@ def expected_tokens():
     return list(expected)
 
 
+def prefill_prompts(model, caches, split, last_hidden):
+    """Chunked context-parallel prefill of every prompt; returns each prompt's first generated token.
+
+    ``split(x, n)``: this rank's part of a chunk's hidden states and its token indices;
+    ``last_hidden(x, n)``: the hidden state of the chunk's last token, from every rank's part."""
+    first = []
+    for b, prompt in enumerate(prompts()):
+        start = 0
+        for n in CHUNKS[len(prompt)]:
+            x, index = split(model.embed(prompt[start:start + n])[None], n)
+            pos = caches[0].positions(n, index, batch_index=[b])
+            x = model.forward(x, pos, lambda i, q, k, v: cpattn.prefill(caches[i], q, k, v, token_index=index,
+                                                                         batch_index=[b]))
+            start += n
+        first.append(int(model.logits(last_hidden(x, n)).argmax()))
+    return first
+
+
 def decode_tokens(model, caches, tokens, steps):
     """``steps`` greedy steps of every sequence with cpattn.decode; returns the tokens per sequence."""
     generated = [[int(t)] for t in tokens]
@@ -53,19 +71,9 @@ def generate_cp(rank, world, ulysses_degree):
     # The 4-rank run also covers check_across_ranks=False (no agreement all-gather before each call).
     caches = [cpattn.ShardedKVCache(len(PROMPTS), 80, c.kv_heads, c.head_dim, page_size=16,
                                     check_across_ranks=world == 2) for _ in range(c.layers)]
-    next_token = []
-    for b, prompt in enumerate(prompts()):
-        start = 0
-        for n in CHUNKS[len(prompt)]:
-            index = cp.positions(n)  # this rank's tokens of the chunk (indices into it)
-            x = cp.shard(model.embed(prompt[start:start + n])[None])
-            pos = caches[0].positions(n, index, batch_index=[b])
-            x = model.forward(x, pos, lambda i, q, k, v: cpattn.prefill(caches[i], q, k, v, token_index=index,
-                                                                         batch_index=[b]))
-            start += n
-        # The prompt's last token lives on some rank: gather the chunk's hidden states to read it.
-        last = cp.gather(x)[0, n - 1]
-        next_token.append(int(model.logits(last).argmax()))
+    # The prompt's last token lives on some rank: gather the chunk's hidden states to read it.
+    next_token = prefill_prompts(model, caches, lambda x, n: (cp.shard(x), cp.positions(n)),
+                                 lambda x, n: cp.gather(x)[0, n - 1])
     return decode_tokens(model, caches, torch.tensor(next_token), NEW_TOKENS - 1)
 
 

@@ -8,6 +8,7 @@ import cpattn
 import cpattn.inference as inference
 from cpattn.testing import run_ranks
 from reference import reference_attention
+from test_inference import zigzag_index
 
 B, H, HKV, D, CAP = 3, 4, 2, 32, 128  # GQA group 2
 PREFIX = [40, 16, 72]                 # cached prompt lengths, uneven
@@ -27,12 +28,6 @@ def expected(data, b, start, n, window_size=(-1, -1), softcap=0.0, sinks=None):
                                causal=True, q_start=start, window_size=window_size, softcap=softcap, sinks=sinks)[0]
 
 
-def zigzag(n, world, rank):
-    piece = n // (2 * world)
-    return torch.cat([torch.arange(rank * piece, (rank + 1) * piece),
-                      torch.arange((2 * world - 1 - rank) * piece, (2 * world - rank) * piece)])
-
-
 def prefill_prefixes(cache, data, world, rank):
     Q, K, V = data
     for b, n in enumerate(PREFIX):
@@ -44,7 +39,7 @@ def prefix_hit_errors(world, rank):
     """A chunk after cached prefixes of different lengths, zigzag-split, by both strategies."""
     data = full_data()
     errors, outs = {}, {}
-    idx = zigzag(NEW, world, rank)
+    idx = zigzag_index(NEW, world, rank)
     for strategy in ("pass-q", "pass-kv"):
         for name, opts in (("plain", {}), ("local", LOCAL)):
             cache = cpattn.ShardedKVCache(B, CAP, HKV, D, page_size=16)
@@ -165,7 +160,7 @@ def check(world, compile_step=False):
 
 
 def test_serving_one_rank():
-    check(1, compile_step=True)
+    check(1)
 
 
 def test_serving_two_ranks():
@@ -210,10 +205,10 @@ def test_decode_step_reservation_and_host_lengths():
     torch.testing.assert_close(out[:1].double(), expected(data, 0, 22, 1), atol=2e-5, rtol=2e-5)
     cache.rewind(1)
     assert cache.seqlens.tolist() == [22] * B
-    # Past the reservation (22 + 1 reserved by decode, then 10 more pages' worth is not): the next
-    # host read says so instead of returning a silently wrong state.
+    # Past the reservation (room for 23 tokens): the next host read says so instead of returning a
+    # silently wrong state.
     cache.reserve(1)
-    for t in range(22, 22 + 16):
+    for t in range(22, 24):
         cpattn.decode_step(cache, Q[:, t:t + 1], K[:, t:t + 1], V[:, t:t + 1])
     with pytest.raises(RuntimeError, match="past their reserved length"):
         cache.seqlens

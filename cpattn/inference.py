@@ -104,7 +104,9 @@ def _agree(cache, check, values, where, hint):
     check passed and ``values()``, a few ints that must match (shapes, sequences),
     through ``comm.agree_on_inputs``, and all raise together.
     """
-    error, signature = None, [0] * (3 + cache.batch)
+    field_names = ["tokens", "heads", "strategy", "window", "softcap x 1e6", "sinks"] + \
+        [f"order of sequence {b}" for b in range(cache.batch)]
+    error, signature = None, [0] * len(field_names)
     try:
         check()
         signature = values()
@@ -114,16 +116,18 @@ def _agree(cache, check, values, where, hint):
         if error is not None:
             raise error
         return
-    field_names = ["tokens", "heads", "flag"] + [f"order of sequence {b}" for b in range(cache.batch)]
     agree_on_inputs(cache.group, signature, error, where, field_names, hint)
 
 
-def _call_values(n_tokens, heads, flag, rows, batch):
-    """Fixed-length summary of a call: tokens, heads, a flag, and which sequences in which order."""
+def _call_values(q, strategy, options, rows, batch):
+    """Fixed-length summary of a call (``_agree``'s fields): tokens, heads, strategy, the attention
+    options (ranks with different windows would merge partials of different attentions), and which
+    sequences in which order."""
     order = [0] * batch
     for i, b in enumerate(rows.tolist()):
         order[b] = i + 1
-    return [n_tokens, heads, flag] + order
+    return [q.shape[1], q.shape[2], strategy, options.window[0], round(options.softcap * 1e6),
+            int(options.sinks is not None)] + order
 
 
 # ---- attention on this rank's shard ---------------------------------------------------------------------
@@ -246,7 +250,7 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
         state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
         cache.check_room(rows, q.shape[1], where)
 
-    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], 0, state["rows"], cache.batch), where, q)
+    _agree(cache, check, lambda: _call_values(q, 0, state["options"], state["rows"], cache.batch), where, q)
     rows, options = state["rows"], state["options"]
     cache._reserve(rows, q.shape[1], where)
     lens = cache._host_seqlens()[rows]
@@ -435,8 +439,8 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         state["index"] = index.to(torch.int64).to(cache.device)
         cache.check_room(rows, n_local * world, where)
 
-    _agree(cache, check, lambda: _call_values(q.shape[1], q.shape[2], STRATEGIES.index(strategy),
-                                              state["rows"], cache.batch), where, q)
+    _agree(cache, check, lambda: _call_values(q, STRATEGIES.index(strategy), state["options"], state["rows"],
+                                              cache.batch), where, q)
     rows, options, token_index = state["rows"], state["options"], state["index"]
     n = q.shape[1] * world
 

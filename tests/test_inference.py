@@ -240,6 +240,9 @@ def bad_input_cases(rank, world):
                 cache, Q[:, :1 + rank], K[:, :1 + rank], V[:, :1 + rank])),
             (ValueError, "rejected|head_dim", lambda: cpattn.decode(
                 cache, q1[..., :32 - 16 * rank], k1[..., :32 - 16 * rank], v1[..., :32 - 16 * rank])),
+            # ranks asking for different attentions (a window on rank 1 only) would merge nonsense
+            (ValueError, "disagree.*window", lambda: cpattn.decode(cache, q1, k1, v1, window_size=(8 * rank - 1, -1))),
+            (ValueError, "window_size", lambda: cpattn.decode(cache, q1, k1, v1, window_size=(-3, 0))),
         ]
         for exc, match, call in cases:
             with pytest.raises(exc, match=match):
@@ -263,7 +266,7 @@ def bad_input_cases(rank, world):
 
 def test_bad_input_two_ranks():
     results = run_ranks(bad_input_cases, 2)
-    assert len(results[0]) == len(results[1]) == 22
+    assert len(results[0]) == len(results[1]) == 26
 
 
 def test_bad_constructor_arguments():

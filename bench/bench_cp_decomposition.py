@@ -265,7 +265,8 @@ def host_overhead(args, calls):
                         for direction in ("fwd", "bwd"):
                             counts.update(kernels=0, bytes=0)
                             out = cp.attention(q, k, v, causal=True) if direction == "fwd" else out.backward(dout)
-                            row[f"kernel_calls_{direction}"], row[f"bytes_{direction}"] = counts["kernels"], counts["bytes"]
+                            row[f"kernel_calls_{direction}"] = counts["kernels"]
+                            row[f"bytes_{direction}"] = counts["bytes"]
                 # steady-state time per call, tiny tensors
                 with cpattn.ContextParallel(ulysses_degree=degree, ring_impl=impl) as cp:
                     (q, k, v), dout = local_inputs(**{**tiny, "seqlen": 16 * world}, world_size=world)
@@ -358,7 +359,8 @@ def main(argv=None):
     env["links_bytes_per_s"] = LINKS
     env["replay"] = "cpattn.ring.ring_schedule + forward_step/backward_step per simulated rank, transfers left out"
     env["host_overhead"] = ("one rank of P on torch's 'fake' process group, kernels stubbed out, tiny CPU tensors, "
-                            f"CPU time of this process (time.process_time) over {args.host_calls} steady-state calls, median of 5")
+                            f"CPU time of this process (time.process_time) over {args.host_calls} steady-state calls, "
+                            "median of 5")
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']}" + (f"\n{C.QUICK_NOTE}" if args.quick else ""))
     summary, comm = ([], []) if args.host_only else replay(args, device)
     host = host_overhead(args, args.host_calls)

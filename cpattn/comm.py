@@ -140,7 +140,8 @@ class Communicator:
 
     def describe(self):
         if self.own_groups:
-            return f"cpattn's own process groups (timeout {self.timeout:g} s, shared by ContextParallels over these ranks)"
+            return (f"cpattn's own process groups (timeout {self.timeout:g} s, shared by every ContextParallel "
+                    "over these ranks)")
         return (f"the given group itself (its ranks hold different numbers of process groups, so they cannot "
                 f"create groups among themselves); waits on CPU are bounded by {self.timeout:g} s")
 

@@ -26,7 +26,6 @@ import contextlib
 import datetime
 
 import torch
-import torch.distributed as dist
 
 
 class PeerFailure(RuntimeError):
@@ -111,7 +110,3 @@ def group_store(pg):
         return pg.get_group_store()
     except Exception:
         return None
-
-
-def global_rank():
-    return dist.get_rank() if dist.is_initialized() else 0

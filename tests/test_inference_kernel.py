@@ -244,3 +244,31 @@ def test_custom_ops_and_compiled_fixed_grid():
         want = step(q, k, v, lens)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         close(*got, *reference(q, k, v, lens, lens - 1, window_left=20))
+
+
+def test_grid_and_wide_offsets_for_huge_shapes(monkeypatch):
+    """70000 sequences x 1 kv head: the programs go on grid axis 0 (CUDA allows 2**31 - 1 there,
+    65535 on the others); a cache whose slots are 2**28 elements apart gets int64 tile offsets.
+    The launches are recorded, not run (the interpreter would take hours)."""
+    from cpattn.kernels import decode as decode_module
+    from cpattn.kernels._launch import check_grid
+    launches = []
+
+    def record(kernel, grid, args, constants, reference, in_place=False):
+        meta = {**constants, "BLOCK_M": 16, "BLOCK_N": 32}
+        launches.append((kernel.fn.__name__, check_grid(grid(meta)), constants))
+
+    monkeypatch.setattr(decode_module, "launch", record)
+    batch = 70000
+    q = torch.zeros(batch, 1, 2, 16)
+    k = torch.zeros(batch, 16, 1, 16)
+    decode_attention(q, k, k, torch.full((batch,), 16, dtype=torch.int32), num_splits=2, validate=False)
+    (name, grid, constants), (merge_name, merge_grid, _) = launches
+    assert name == "_decode_kernel" and grid == (batch, 2, 1) and not constants["WIDE"]
+    assert merge_name == "_merge_splits_kernel" and merge_grid == (batch, 1, 1)
+    # Slots 2**28 elements apart (meta tensors: only the addressing is decided, no memory).
+    far = torch.empty(0, device="meta").as_strided((1, 16, 1, 16), (16, 2**28, 16, 1))
+    launches.clear()
+    decode_attention(torch.empty(1, 1, 2, 16, device="meta"), far, far,
+                     torch.full((1,), 16, dtype=torch.int32, device="meta"), num_splits=1, validate=False)
+    assert launches[0][2]["WIDE"]

@@ -106,8 +106,9 @@ class ContextParallel:
             raise ValueError("ContextParallel: this process is not a member of the given group")
         self.world_size = dist.get_world_size(self.group)
         where = "ContextParallel"
-        error, row = None, [0] * len(_CONSTRUCTION_FIELDS)
+        error, row, node = None, [0] * len(_CONSTRUCTION_FIELDS), (0, 0)
         try:
+            node = node_of_this_process(dist.get_rank())  # "auto" needs every rank's node
             if ring_impl not in RING_IMPLS:
                 raise ValueError(f"{where}: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
             _check_options(check_across_ranks, timeout, where)
@@ -120,8 +121,7 @@ class ContextParallel:
                    num_kv_heads or 0, round(timeout * 1000)]
         except (TypeError, ValueError) as exc:
             error = exc
-        # Every rank must build the same mesh; "auto" needs every rank's node.
-        node = node_of_this_process(dist.get_rank())
+        # Every rank must build the same mesh: the ranks agree on the arguments and learn each other's nodes.
         rows = [[0 if error is None else 1, *row, *node]]
         if self.world_size > 1:
             rows = gather_rows(self.group, rows[0])

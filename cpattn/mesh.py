@@ -26,13 +26,15 @@ from dataclasses import dataclass
 def node_of_this_process(global_rank):
     """Two ints naming this process's node: (crc32 of the host name, first global rank on the node)."""
     host = zlib.crc32(socket.gethostname().encode())
-    if "LOCAL_RANK" in os.environ:
-        first = global_rank - int(os.environ["LOCAL_RANK"])
-    elif "LOCAL_WORLD_SIZE" in os.environ:
-        first = global_rank - global_rank % int(os.environ["LOCAL_WORLD_SIZE"])
-    else:
-        first = 0
-    return host, first
+    try:
+        if "LOCAL_RANK" in os.environ:
+            return host, global_rank - int(os.environ["LOCAL_RANK"])
+        if "LOCAL_WORLD_SIZE" in os.environ:
+            return host, global_rank - global_rank % int(os.environ["LOCAL_WORLD_SIZE"])
+    except (ValueError, ZeroDivisionError):
+        raise ValueError("ContextParallel: LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (the latter positive), got "
+                         f"{os.environ.get('LOCAL_RANK')!r} and {os.environ.get('LOCAL_WORLD_SIZE')!r}") from None
+    return host, 0
 
 
 def auto_ulysses_degree(world_size, num_heads, num_kv_heads=None, local_world_size=None):

@@ -41,7 +41,7 @@ def _pack(dst, t, degree):
 
 def _unpack(src, heads, degree):
     """src (U, B, S/U, w, D)[i] = rank i's heads of this sequence part -> (B, S/U, heads, D); copies summed."""
-    degree_, batch, part, width, dim = src.shape
+    _, batch, part, _, dim = src.shape
     if heads % degree == 0:
         return src.permute(1, 2, 0, 3, 4).reshape(batch, part, heads, dim)
     summed = src.unflatten(0, (heads, degree // heads)).sum(1, dtype=torch.float32).to(src.dtype)

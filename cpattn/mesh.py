@@ -32,8 +32,8 @@ def node_of_this_process(global_rank):
         if "LOCAL_WORLD_SIZE" in os.environ:
             return host, global_rank - global_rank % int(os.environ["LOCAL_WORLD_SIZE"])
     except (ValueError, ZeroDivisionError):
-        raise ValueError("ContextParallel: LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (the latter positive), got "
-                         f"{os.environ.get('LOCAL_RANK')!r} and {os.environ.get('LOCAL_WORLD_SIZE')!r}") from None
+        raise ValueError("ContextParallel: LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (the latter positive), "
+                         f"got {os.environ.get('LOCAL_RANK')!r} and {os.environ.get('LOCAL_WORLD_SIZE')!r}") from None
     return host, 0
 
 

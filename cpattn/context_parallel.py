@@ -19,7 +19,9 @@ import struct
 import torch
 import torch.distributed as dist
 
-from ._checks import check_qkv, check_scale, positive_int
+from cpattn.kernels import MaskSpec
+
+from ._checks import check_qkv, check_scale, check_sinks, check_softcap, check_window, positive_int
 from .comm import Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
     global_ranks
 from .faults import CommError, describe
@@ -37,7 +39,8 @@ _CONSTRUCTION_FIELDS = ("ulysses_degree (-1: auto)", "ring_impl index", "num_hea
 # A call's signature: what must be the same on every rank. Later arguments (window_size, softcap, sinks,
 # cu_seqlens: a hash of its host copy) join by appending fields here and in _attention_signature.
 _ATTENTION_FIELDS = (*[f"{name}.shape[{i}]" for name in ("q", "k", "v") for i in range(4)], "dtype", "causal",
-                     "return_lse", "needs grad", "softmax_scale bits", "sdpa layout")
+                     "return_lse", "needs grad", "softmax_scale bits", "sdpa layout", "window left", "window right",
+                     "softcap bits", "sinks")
 _GATHER_FIELDS = ("dtype", "ndim", "seq_dim", *[f"size[{i}]" for i in range(8)])
 _MAX_SIGNATURES = 4096  # agreed signatures kept per object (shapes that change every call would grow it)
 
@@ -68,11 +71,14 @@ def _check_options(check_across_ranks, timeout, where):
         raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
 
 
-def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout):
+def _float_bits(x):
+    return 0 if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
+
+
+def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout, window, softcap, sinks):
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    scale_bits = 0 if scale is None else struct.unpack("<q", struct.pack("<d", scale))[0]
     return (*q.shape, *k.shape, *v.shape, dtype_code(q.dtype), int(causal), int(return_lse), int(needs_grad),
-            scale_bits, int(sdpa_layout))
+            _float_bits(scale), int(sdpa_layout), *window, _float_bits(softcap), int(sinks is not None))
 
 
 class ContextParallel:
@@ -337,29 +343,37 @@ class ContextParallel:
 
     # ------------------------------------------------------------------ attention
 
-    def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True):
+    def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True,
+                   window_size=(-1, -1), softcap=0.0, sinks=None):
         """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
         self._check_open(where)
         try:  # what the local checks depend on; a new key is checked and agreed on
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, bool(causal),
                    softmax_scale, bool(return_lse), enable_gqa, sdpa_layout,
-                   torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+                   torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
+                   tuple(window_size), softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
             known = self.check_across_ranks != "always" and key in self._agreed
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             key, known = None, False
         if not known:
             softmax_scale = self._check_attention(key, q, k, v, causal, softmax_scale, return_lse, where,
-                                                  sdpa_layout, enable_gqa)
+                                                  sdpa_layout, enable_gqa, window_size, softcap, sinks)
         if sdpa_layout:  # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        return usp_attention(q, k, v, self._mesh, bool(causal), softmax_scale, bool(return_lse), where)
+        window = MaskSpec(bool(causal), window_size).window  # causal is the right bound 0
+        return usp_attention(q, k, v, self._mesh, window, softmax_scale, bool(return_lse), where, float(softcap),
+                             sinks)
 
-    def _check_attention(self, key, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa):
+    def _check_attention(self, key, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa,
+                         window_size, softcap, sinks):
         """Local checks, then the cross-rank agreement; returns the softmax scale."""
         error, signature = None, None
         try:
             _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, "sdpa" if sdpa_layout else "flash")
             softmax_scale = check_scale(softmax_scale, where)
+            window_size = check_window(window_size, where)
+            softcap = check_softcap(softcap, where)
+            check_sinks(sinks, heads, q.device, where)
             if heads != heads_kv and not enable_gqa:
                 raise ValueError(f"{where}: query has {heads} heads but key/value have {heads_kv}; "
                                  "pass enable_gqa=True for grouped-query attention")
@@ -369,13 +383,15 @@ class ContextParallel:
             check_backend(self.group, q.device, where)
             check_heads(heads, heads_kv, self.ulysses_degree, where)
             self.layout.check_seq_len(seqlen_q * self.world_size, where)
-            signature = _attention_signature(q, k, v, causal, softmax_scale, return_lse, sdpa_layout)
+            signature = _attention_signature(q, k, v, causal, softmax_scale, return_lse, sdpa_layout, window_size,
+                                             softcap, sinks)
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(key, signature, error, where, _ATTENTION_FIELDS, q if error is None else None)
         return softmax_scale
 
-    def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False):
+    def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1),
+                  softcap=0.0, sinks=None):
         """Attention of local shards in flash layout: q (B, S/P, H, D), k and v (B, S/P, Hkv, D).
 
         The shards must come from ``shard`` (or follow its order). ``causal``
@@ -383,13 +399,24 @@ class ContextParallel:
         local shard of the output, (B, S/P, H, D), differentiable in q, k, v;
         with ``return_lse`` also lse (B, H, S/P) float32, natural log: the rows
         of single-device attention's lse for this rank's tokens (not differentiable).
-        """
-        return self._attention(q, k, v, causal, softmax_scale, return_lse, "ContextParallel.attention", False)
 
-    def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False):
+        ``window_size=(left, right)``, ``softcap`` and ``sinks`` (H,) as in
+        ``cpattn.flash_attn_func``, by global position. ``sinks`` must be the same on
+        every rank (a replicated parameter); its gradient is summed over the group.
+        A window shorter than the sequence skips the ring steps (and their kv
+        transfers) whose keys no local query sees; ``ring_impl="ring"`` keeps
+        neighbouring positions on neighbouring ranks, so it stops after
+        ceil(window / piece) + 1 steps.
+        """
+        return self._attention(q, k, v, causal, softmax_scale, return_lse, "ContextParallel.attention", False,
+                               True, window_size, softcap, sinks)
+
+    def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False, *,
+                                     window_size=(-1, -1), softcap=0.0, sinks=None):
         """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
         out = self._attention(query, key, value, is_causal, scale, False,
-                              "ContextParallel.scaled_dot_product_attention", True, enable_gqa)
+                              "ContextParallel.scaled_dot_product_attention", True, enable_gqa, window_size,
+                              softcap, sinks)
         return out.transpose(1, 2)
 
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward
+from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward, merge_attention
 
 from ._checks import check_qkv
 from .attention import _kernel_dtype
@@ -45,14 +45,19 @@ KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart o
 class KernelCall:
     """One kernel call of a ring step: rows [q_lo, q_hi) of the local queries
     against rows [k_lo, k_hi) of the visiting kv, whose first rows sit at
-    global positions q_start and k_start."""
+    global positions q_start and k_start. ``window``: the (left, right) window the
+    kernel applies, (-1, -1) when every query of the call sees every key."""
     q_lo: int
     q_hi: int
     k_lo: int
     k_hi: int
     q_start: int
     k_start: int
-    causal: bool
+    window: tuple = (-1, -1)
+
+    @property
+    def mask(self):
+        return MaskSpec(window_size=self.window, q_start=self.q_start, k_start=self.k_start)
 
 
 def _with_offsets(chunks):
@@ -64,18 +69,20 @@ def _with_offsets(chunks):
     return result
 
 
-def plan_step(q_chunks, kv_chunks, causal):
+def plan_step(q_chunks, kv_chunks, window):
     """Kernel calls for local query chunks against visiting kv chunks.
 
     Chunks are [(global start, length)] in local buffer order (``Layout.ring_chunks``).
+    ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
+    pairs of chunks with no visible (query, key) pair make no call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
-            if causal and k_start > q_start + q_len - 1:
-                continue  # the first key is after the last query: nothing visible
-            pairs.append((qi, ki, not causal or k_start + k_len - 1 <= q_start))
+            some, every = MaskSpec.window_sees(window, q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
+            if some:
+                pairs.append((qi, ki, every))
     if not pairs:
         return []
     q_ids = sorted({qi for qi, _, _ in pairs})
@@ -86,29 +93,35 @@ def plan_step(q_chunks, kv_chunks, causal):
         q_first, q_last = q_chunks[q_ids[0]], q_chunks[q_ids[-1]]
         k_first, k_last = kv_chunks[k_ids[0]], kv_chunks[k_ids[-1]]
         return [KernelCall(q_first[2], q_last[2] + q_last[1], k_first[2], k_last[2] + k_last[1],
-                           q_first[0], k_first[0], False)]
+                           q_first[0], k_first[0])]
     calls = []
     for qi, ki, full in pairs:
         q_start, q_len, q_off = q_chunks[qi]
         k_start, k_len, k_off = kv_chunks[ki]
-        calls.append(KernelCall(q_off, q_off + q_len, k_off, k_off + k_len, q_start, k_start, not full))
+        calls.append(KernelCall(q_off, q_off + q_len, k_off, k_off + k_len, q_start, k_start,
+                                (-1, -1) if full else tuple(window)))
     return calls
 
 
 @functools.lru_cache(maxsize=512)
-def ring_plan(layout, ring_index, piece_len, causal, offset=0):
+def ring_plan(layout, ring_index, piece_len, window, offset=0):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
-    ``offset`` shifts every global position (the sequence starts there).
+    ``window`` as in ``plan_step``; ``offset`` shifts every global position (the
+    sequence starts there). The plan stops after the last step in which any ring
+    rank has a call (the same on every rank), so a window shorter than the
+    sequence also saves the kv transfers of the steps nobody needs.
     """
     def chunks(index):
         return [(start + offset, length) for start, length in layout.ring_chunks(index, piece_len)]
-    q_chunks = chunks(ring_index)
-    steps = []
-    for step in range(layout.ring_degree):
-        kv_index = (ring_index - step) % layout.ring_degree
-        steps.append((kv_index, tuple(plan_step(q_chunks, chunks(kv_index), causal))))
-    return tuple(steps)
+
+    def steps_of(rank):
+        return [((rank - step) % layout.ring_degree,
+                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window)))
+                for step in range(layout.ring_degree)]
+    needed = max(max((step for step, (_, calls) in enumerate(steps_of(r)) if calls), default=0)
+                 for r in range(layout.ring_degree)) + 1
+    return tuple(steps_of(ring_index)[:needed])
 
 
 def _rows(t, lo, hi, dim=1):
@@ -130,16 +143,16 @@ def _cached_rows():
     return rows
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale, rows=_rows):
+def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_rows):
     """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
     for c in calls:
         attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
-                          softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
+                          softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
                           out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
-def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, compute_dq=True,
-                  compute_dkdv=True, rows=_rows):
+def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap=0.0,
+                  compute_dq=True, compute_dkdv=True, rows=_rows):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta`` is ``attention_backward_delta(out, dout)`` of the local queries, computed once.
@@ -149,7 +162,7 @@ def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_sca
         q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
         attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
                            rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
-                           softmax_scale=softmax_scale, causal=c.causal, q_start=c.q_start, k_start=c.k_start,
+                           softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
                            delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
                            dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
                            dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
@@ -192,35 +205,56 @@ def _empty_result(q):
     return out, lse
 
 
-def ring_forward(q, k, v, layout, ring_index, comm, causal, softmax_scale):
+def merge_sinks(out, lse, sinks):
+    """Fold attention sinks into a finished (out, lse), in place: a sink is the partial
+    (out 0, lse sink_h), merged once after every key (DESIGN.md). The zero partial is a
+    stride-0 view, so it costs no memory."""
+    batch, seqlen, heads, _ = out.shape
+    zero = out.new_zeros(()).expand(out.shape)
+    merge_attention(out, lse, zero, sinks.float()[None, :, None].expand(batch, heads, seqlen), inplace=True)
+
+
+def sinks_grad(sinks, lse, delta):
+    """d loss / d sinks from these rows: a sink's probability is exp(sink - lse), and
+    d out / d sink = -p_sink * out, so each row adds -p_sink * rowsum(dout * out)."""
+    return -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2))
+
+
+def ring_forward(q, k, v, layout, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None):
     """Forward over the ring; q, k, v hold this ring rank's whole piece.
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
+    ``window`` = (left, right) by global position (causal: right 0); ``sinks`` (H,) are
+    merged once, after the last step.
     """
-    plan = ring_plan(layout, ring_index, q.shape[1], causal)
+    plan = ring_plan(layout, ring_index, q.shape[1], window)
     out, lse = _empty_result(q)
     kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
     on_cpu, rows = q.device.type == "cpu", _cached_rows()
     for step, (_, calls) in enumerate(plan):
         pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring forward", step)
-        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, rows)
+        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, softcap, rows)
         if pending is not None:
             kv.advance(pending, on_cpu)
+    if sinks is not None:
+        merge_sinks(out, lse, sinks)
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, causal, softmax_scale):
-    """Gradients (fp32 dq, dk, dv) of ``ring_forward`` from the final out and lse.
+def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None):
+    """Gradients (fp32 dq, dk, dv, and this rank's share of d sinks or None) of
+    ``ring_forward`` from the final out and lse.
 
     The dk/dv of a kv chunk travel with it and reach its owner after R hops.
     Two fp32 dk/dv buffers take turns: while one is sent on, the other
     receives the gradient accumulated upstream for the kv chunk now visiting,
     and this rank's dk/dv kernels add to it once it is there. The dq kernels
     need nothing from upstream, so they run first, while it arrives; the kv
-    transfer for the next step overlaps the whole step.
+    transfer for the next step overlaps the whole step. When a window ends the
+    plan early, the dk/dv still travel the rest of the ring (without kv) home.
     """
-    plan = ring_plan(layout, ring_index, q.shape[1], causal)
+    plan = ring_plan(layout, ring_index, q.shape[1], window)
     delta = attention_backward_delta(out, dout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
@@ -234,40 +268,47 @@ def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, causal, sof
         fault_point("ring backward", step)
         visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
         if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, rows=rows)
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows)
         else:
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale,
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
                           compute_dkdv=False, rows=rows)
             comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
-            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale,
+            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
                           compute_dq=False, rows=rows)
         if kv_pending is not None:
             kv.advance(kv_pending, on_cpu)
         if comm is not None:
             dkv_pending = comm.exchange((dkv[current],), (dkv[1 - current],), DKV_TAG)
             current = 1 - current
+    for _ in range(layout.ring_degree - len(plan) if comm is not None else 0):  # the way home
+        comm.wait(dkv_pending, on_cpu)
+        dkv_pending = comm.exchange((dkv[current],), (dkv[1 - current],), DKV_TAG)
+        current = 1 - current
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
-    return dq, halves[current][0], halves[current][1]
+    dsinks = sinks_grad(sinks, lse, delta) if sinks is not None else None
+    return dq, halves[current][0], halves[current][1], dsinks
 
 
 # ----------------------------------------------------------------------------- simulation
 
-def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0):
+def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size=(-1, -1)):
     """schedule[ring_index][step] = (kv ring index, [KernelCall]) for a ring of full length ``seq_len``.
 
     Exactly what each rank of ``ring_forward``/``ring_backward`` computes at
     each step; benchmarks can replay it on one device. ``offset``: the global
-    position of the first token.
+    position of the first token; ``window_size`` as flash-attn's (steps whose kv no
+    query of any rank sees are dropped from the end).
     """
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seq_len, "ring_schedule")
     piece_len = seq_len // ring_degree
-    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, piece_len, causal, offset)]
+    window = MaskSpec(causal, window_size).window
+    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, piece_len, window, offset)]
             for r in range(ring_degree)]
 
 
-def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, where):
+def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_size, where):
     _, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where)
     if seqlen_q != seqlen_k:
         raise ValueError(f"{where}: q and k/v must have the same sequence length, got {seqlen_q} and {seqlen_k}")
@@ -276,11 +317,11 @@ def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, where):
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seqlen_q, where)
     positions = [layout.positions(seqlen_q, r).to(q.device) for r in range(ring_degree)]
-    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset), positions
+    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size), positions
 
 
 def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=False, softmax_scale=None,
-                            position_offset=0):
+                            position_offset=0, window_size=(-1, -1), softcap=0.0, sinks=None):
     """Ring attention with one process playing all ``ring_degree`` ranks.
 
     q (B, S, H, D), k and v (B, S, Hkv, D): full sequences in natural order,
@@ -289,9 +330,10 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
     the same ``plan_step`` + ``forward_step`` as ``ring_forward``, with the kv
     shard it would hold at that step. Returns (out in q's dtype, lse fp32
     (B, H, S)) in natural order, equal to single-device attention.
+    ``window_size``, ``softcap`` and ``sinks`` as in ``flash_attn_func``.
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
-                                             "simulate_ring_attention")
+                                             window_size, "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out_full, lse_full = _empty_result(q)
@@ -301,13 +343,15 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
         out, lse = _empty_result(q_local)
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
-            forward_step(q_local, k[:, kv_pos], v[:, kv_pos], calls, out, lse, softmax_scale)
+            forward_step(q_local, k[:, kv_pos], v[:, kv_pos], calls, out, lse, softmax_scale, softcap)
+        if sinks is not None:
+            merge_sinks(out, lse, sinks)
         out_full[:, pos], lse_full[:, :, pos] = out, lse
     return out_full.to(result_dtype), lse_full
 
 
 def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl="zigzag", causal=False,
-                                     softmax_scale=None, position_offset=0):
+                                     softmax_scale=None, position_offset=0, window_size=(-1, -1), softcap=0.0):
     """Gradients (dq, dk, dv) of ``simulate_ring_attention``, one process playing all ranks.
 
     Full tensors in natural order; ``out``/``lse`` are the final forward
@@ -317,7 +361,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     carries them round the ring instead).
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
-                                             "simulate_ring_attention_backward")
+                                             window_size, "simulate_ring_attention_backward")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))
     dq_full = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -332,7 +376,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
             backward_step(dout_local, q_local, k[:, kv_pos], v[:, kv_pos], out_local, lse_local, delta, calls,
-                          dq, dk_owned[kv_index], dv_owned[kv_index], softmax_scale)
+                          dq, dk_owned[kv_index], dv_owned[kv_index], softmax_scale, softcap)
         dq_full[:, pos] = dq
     dk_full = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_full = torch.zeros_like(dk_full)

@@ -14,6 +14,7 @@ every rank raises (faults.py).
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .attention import _kernel_dtype
 from .comm import Communicator, RingComm, UlyssesComm
@@ -43,20 +44,31 @@ def _guarded(mesh, where, fn, *args):
         mesh.comm.fail(where, exc)
 
 
-def _forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse):
+def _local_heads(mesh, heads):
+    """The query heads this rank attends with after the Ulysses all-to-all."""
+    if mesh.ulysses is None:
+        return slice(0, heads)
+    width = heads // mesh.ulysses.degree
+    index = mesh.ulysses.members.index(dist.get_rank())
+    return slice(index * width, (index + 1) * width)
+
+
+def _forward(ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap, return_lse):
     heads, heads_kv, in_dtype = q.shape[2], k.shape[2], q.dtype
     if mesh.ulysses is not None:
         q, k, v = scatter_heads((q, k, v), mesh.ulysses)
         fault_point("ulysses forward")
+    local_sinks = sinks[_local_heads(mesh, heads)] if sinks is not None else None
     dtype = _kernel_dtype(q)
     if dtype != in_dtype:
         q, k, v = (t.to(dtype) for t in (q, k, v))
     if mesh.ring is not None:  # sent as they are: contiguous once, here, and saved so
         k, v = k.contiguous(), v.contiguous()
-    out, lse = ring_forward(q, k, v, mesh.layout, mesh.ring_index, mesh.ring, causal, softmax_scale)
+    out, lse = ring_forward(q, k, v, mesh.layout, mesh.ring_index, mesh.ring, window, softmax_scale, softcap,
+                            local_sinks)
     out = out.to(dtype)
-    ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (mesh, causal, softmax_scale, heads, heads_kv, in_dtype)
+    ctx.save_for_backward(q, k, v, out, lse, local_sinks)
+    ctx.args = (mesh, window, softmax_scale, softcap, heads, heads_kv, in_dtype)
     if dtype != in_dtype:
         out = out.to(in_dtype)
     if mesh.ulysses is not None:
@@ -68,26 +80,35 @@ def _forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse):
 
 
 def _backward(ctx, dout):
-    q, k, v, out, lse = ctx.saved_tensors
-    mesh, causal, softmax_scale, heads, heads_kv, in_dtype = ctx.args
+    q, k, v, out, lse, local_sinks = ctx.saved_tensors
+    mesh, window, softmax_scale, softcap, heads, heads_kv, in_dtype = ctx.args
     if mesh.ulysses is not None:
         (dout,) = scatter_heads([dout], mesh.ulysses)
         fault_point("ulysses backward")
-    dq, dk, dv = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, mesh.ring_index, mesh.ring,
-                               causal, softmax_scale)
+    dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, mesh.ring_index,
+                                             mesh.ring, window, softmax_scale, softcap, local_sinks)
     grads = [g.to(in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
         grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses)
-    return grads
+    dsinks = None
+    if local_sinks is not None:
+        # Each rank holds d sinks of its own rows and heads: the sum over the group is the gradient.
+        dsinks = torch.zeros(heads, dtype=torch.float32, device=dout.device)
+        dsinks[_local_heads(mesh, heads)] = dsinks_local
+        if mesh.comm is not None:
+            mesh.comm.all_reduce(dsinks)
+        dsinks = dsinks.to(local_sinks.dtype)
+    return (*grads, dsinks)
 
 
 class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mesh, causal, softmax_scale, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, mesh, causal, softmax_scale, return_lse)
+        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap,
+                            return_lse)
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -95,11 +116,14 @@ class USPAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         mesh = ctx.args[0]
-        dq, dk, dv = _guarded(mesh, f"{ctx.where} backward", _backward, ctx, dout)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, dsinks = _guarded(mesh, f"{ctx.where} backward", _backward, ctx, dout)
+        return dq, dk, dv, dsinks, None, None, None, None, None, None
 
 
-def usp_attention(q, k, v, mesh, causal, softmax_scale, return_lse=False, where="usp_attention"):
-    """Attention of local shards (flash layout) over the mesh; (out, lse) with ``return_lse``. Inputs are validated."""
-    out, lse = USPAttention.apply(q, k, v, mesh, causal, softmax_scale, return_lse, where)
+def usp_attention(q, k, v, mesh, window, softmax_scale, return_lse=False, where="usp_attention", softcap=0.0,
+                  sinks=None):
+    """Attention of local shards (flash layout) over the mesh; (out, lse) with ``return_lse``. Inputs are validated.
+
+    ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``)."""
+    out, lse = USPAttention.apply(q, k, v, sinks, mesh, tuple(window), softmax_scale, softcap, return_lse, where)
     return (out, lse) if return_lse else out

@@ -1,14 +1,24 @@
-"""Every kernel's tunables in one place: its ``triton.Config`` list for GPUs,
-its pruning, its autotune key, and the fixed block sizes the CPU interpreter uses.
+"""Every kernel's tunables in one place: its ``triton.Config`` lists for GPUs,
+their pruning, its autotune key, and the fixed block sizes the CPU interpreter uses.
 
 ``tuned(kernel, in_place)`` gives the autotuned wrapper ``launch`` runs on a GPU.
 Only launches that read what they write (``in_place``: an accumulating forward or
 backward, an in-place merge) need the autotuner to restore their outputs between
 trials; every other launch overwrites its outputs, so cloning them would only
 cost time inside the timed region.
+
+Configs depend on the GPU family and the head dim. Each list below is what an
+ahead-of-time compile (kernels/aot.py, run by tests/test_compile_gate.py for
+sm_80 and sm_90, fp16 and bf16, head dims 64, 128 and 256) found to compile
+without spilling registers and within shared memory; on sm_90 the forward and
+backward configs also keep every dot on wgmma (BLOCK_M, resp. BLOCK_N for dk/dv,
+of at least 64 rows). ``keep_configs`` picks the list for the GPU at hand and
+drops configs whose shared memory estimate exceeds what that GPU allows per
+block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
 import functools
 
+import torch
 import triton
 
 
@@ -16,73 +26,150 @@ def _configs(rows):
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    # Large head dims with large tiles exceed shared memory; keep tiles in proportion.
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if block_d <= 128 or c.kwargs["BLOCK_N"] <= 64]
-    return kept or configs
+def _row_configs(rows):
+    return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in rows]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 128))
-    kept = [c for c in configs if block_d <= 64 or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 128]
-    return kept or configs
-
-
-_FWD = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                 (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 4, 2), (128, 128, 8, 2)])
-_BWD = _configs([(64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (32, 64, 4, 3),
-                 (64, 64, 8, 3), (32, 128, 4, 2), (128, 128, 8, 1)])
-_ROWS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4, 8)]
-_SPLIT_ROWS = [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm in (16, 32, 64) for w in (2, 4)]
+# Family "sm_90": Hopper (wgmma) and newer; "sm_80": every GPU with mma.sync (Ampere, Ada).
+# (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
+_FWD = {
+    ("sm_90", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
+                             (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 4, 2), (128, 128, 8, 2)]),
+    ("sm_90", 128): _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
+                              (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 4)]),
+    ("sm_90", 256): _configs([(64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 2)]),
+    ("sm_80", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
+                             (64, 32, 4, 4), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)]),
+    ("sm_80", 128): _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
+                              (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4)]),
+    ("sm_80", 256): _configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)]),
+}
+_DKDV = {
+    ("sm_90", 64): _configs([(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                             (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 1)]),
+    ("sm_90", 128): _configs([(32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3), (32, 128, 8, 1),
+                              (16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3)]),
+    ("sm_90", 256): _configs([(16, 32, 4, 2), (16, 64, 8, 1), (16, 64, 8, 2)]),
+    ("sm_80", 64): _configs([(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                             (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)]),
+    ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
+                              (16, 64, 8, 2), (16, 128, 8, 2)]),
+    ("sm_80", 256): _configs([(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2)]),
+}
+_DQ = {
+    ("sm_90", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2),
+                             (128, 128, 8, 1), (64, 128, 8, 2)]),
+    ("sm_90", 128): _configs([(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 128, 8, 1), (64, 32, 4, 2),
+                              (64, 64, 4, 2)]),
+    ("sm_90", 256): _configs([(64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 2)]),
+    ("sm_80", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 4, 2),
+                             (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2)]),
+    ("sm_80", 128): _configs([(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
+                              (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 4, 2)]),
+    ("sm_80", 256): _configs([(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]),
+}
 _DECODE = _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3),
                     (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)])
+_PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
+_MERGE = _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)])
+_MERGE_SPLITS = _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4)])
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
-_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "IS_CAUSAL", "ACCUMULATE"]
+_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
 
-# kernel name -> (GPU configs, autotune key, early prune, CPU interpreter block sizes)
+# kernel name -> (GPU configs: one list, or {(family, block_d bound): list}; autotune key;
+#                 CPU interpreter block sizes)
 SPECS = {
-    "_fwd_kernel": (_FWD, _ATTN_KEY, _prune_fwd, {"BLOCK_M": 32, "BLOCK_N": 32}),
-    "_bwd_dkdv_kernel": (_BWD, _ATTN_KEY, _prune_bwd, {"BLOCK_M": 32, "BLOCK_N": 32}),
-    "_bwd_dq_kernel": (_BWD, _ATTN_KEY, _prune_bwd, {"BLOCK_M": 32, "BLOCK_N": 32}),
-    "_bwd_preprocess": ([triton.Config({"BLOCK_M": bm}, num_warps=4) for bm in (32, 64, 128)], ["HEAD_DIM"],
-                        None, {"BLOCK_M": 32}),
-    "_merge_kernel": (_ROWS, ["HEAD_DIM"], None, {"BLOCK_M": 32}),
+    "_fwd_kernel": (_FWD, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
+    "_bwd_dkdv_kernel": (_DKDV, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
+    "_bwd_dq_kernel": (_DQ, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
+    "_bwd_preprocess": (_PREPROCESS, ["HEAD_DIM"], {"BLOCK_M": 32}),
+    "_merge_kernel": (_MERGE, ["HEAD_DIM"], {"BLOCK_M": 32}),
     # Not split_len: it changes with the cache length, and every decode step would re-tune.
     # CPU key tiles of 32 straddle 16-token pages, so the tests cross page boundaries.
-    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "LEFT", "RIGHT", "SOFTCAP"], None,
+    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "LEFT", "RIGHT", "SOFTCAP"],
                        {"BLOCK_M": 16, "BLOCK_N": 32}),
-    "_merge_splits_kernel": (_SPLIT_ROWS, ["num_splits", "num_heads", "HEAD_DIM"], None, {"BLOCK_M": 16}),
+    "_merge_splits_kernel": (_MERGE_SPLITS, ["num_splits", "num_heads", "HEAD_DIM"], {"BLOCK_M": 16}),
 }
+
+# Shared memory (kernels/aot.py checks the estimate against every compile): tiles of
+# (block, BLOCK_D) elements a kernel keeps for the whole program ("resident", a count and
+# the block giving their rows) and tiles its loop streams through num_stages buffers,
+# plus fp32 row statistics streamed with them (dk/dv: lse and delta of each query row).
+_SMEM_TILES = {
+    "_fwd_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),         # q; k, v
+    "_decode_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),      # q; k, v
+    "_bwd_dq_kernel": (("BLOCK_M", 2), ("BLOCK_N", 2), 0),      # q, do; k, v
+    "_bwd_dkdv_kernel": (("BLOCK_N", 2), ("BLOCK_M", 2), 8),    # k, v; q, do + lse, delta
+}
+# Hopper reserves 1 KB of every block's shared memory (cuobjdump shows it as static).
+_RESERVED_SMEM = 1024
+
+
+def smem_estimate(name, config, block_d, elem_bytes):
+    """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs.
+    Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
+    rows = config.kwargs
+    if name not in _SMEM_TILES:
+        return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
+    (resident, count), (streamed, streamed_count), stats = _SMEM_TILES[name]
+    per_stage = streamed_count * rows[streamed] * block_d * elem_bytes + stats * rows[streamed]
+    return _RESERVED_SMEM + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
+
+
+def family(capability):
+    """The config family of a compute capability given as 10 * major + minor (80, 86, 90, ...)."""
+    return "sm_90" if capability >= 90 else "sm_80"
+
+
+def candidate_configs(name, block_d, capability):
+    """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family."""
+    table = SPECS[name][0]
+    if isinstance(table, list):
+        return table
+    bounds = sorted(bound for fam, bound in table if fam == family(capability))
+    bound = next((b for b in bounds if b >= block_d), bounds[-1])
+    return table[(family(capability), bound)]
+
+
+def keep_configs(name, block_d, elem_bytes, capability, smem_limit):
+    """The configs of kernel ``name`` worth trying on a GPU of ``capability`` that allows
+    ``smem_limit`` bytes of shared memory per block (never empty: if none fits the
+    estimate, the smallest is kept and Triton reports what it needs)."""
+    configs = candidate_configs(name, block_d, capability)
+    kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes) <= smem_limit]
+    return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes))]
+
+
+def _prune(name, configs, named_args, **kwargs):
+    """Triton's early_config_prune: the configs ``keep_configs`` keeps for the current GPU."""
+    device = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(device)
+    # The limit Triton itself checks a compiled kernel against before launching it.
+    smem_limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
+    first_tensor = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
+    return keep_configs(name, kwargs["BLOCK_D"], first_tensor.element_size(), 10 * major + minor, smem_limit)
 
 
 def _spec(kernel):
     name = kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__
-    return SPECS[name]
+    return name, SPECS[name]
 
 
 def cpu_config(kernel):
     """The block sizes the interpreter runs ``kernel`` with."""
-    return _spec(kernel)[3]
+    return _spec(kernel)[1][2]
 
 
 @functools.lru_cache(maxsize=None)
 def tuned(kernel, in_place):
     """The autotuned wrapper of ``kernel``; ``in_place`` launches get their outputs restored between trials."""
-    configs, key, prune, _ = _spec(kernel)
-    restore = [name for name in kernel.arg_names if name in _OUTPUTS] if in_place else None
+    name, (table, key, _) = _spec(kernel)
+    configs = table if isinstance(table, list) else [c for rows in table.values() for c in rows]
+    restore = [arg for arg in kernel.arg_names if arg in _OUTPUTS] if in_place else None
     return triton.autotune(configs=configs, key=key, restore_value=restore,
-                           prune_configs_by={"early_config_prune": prune} if prune else None)(kernel)
+                           prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(kernel)
 
 
 # Arguments that kernels write; restored between autotuning trials of in-place launches.
 _OUTPUTS = {"Out", "Lse", "DQ", "DK", "DV", "OutDst", "LseDst"}
-
-
-def keep_configs(kernel, args, constants, capability, smem_limit):  # TEMP stub for measuring
-    return _spec(kernel)[0]
-
-
-def smem_estimate(name, config, block_d, elem_bytes, capability):  # TEMP stub
-    return 0

@@ -9,23 +9,29 @@ would run. Each kernel is compiled as a real launch would compile it:
   never drift from the code;
 * Triton's own binder turns them into the specialization a launch gets on a
   GPU (argument types, 16-byte divisibility, integers equal to 1 as constants);
-* every autotune config that ``_autotune.keep_configs`` keeps for the case
-  (target, dtype, head dim) is compiled.
+* every config that ``_autotune.keep_configs`` keeps for the case (target,
+  dtype, head dim) is compiled.
 
 The cubin is then read with ``cuobjdump`` (also in the wheel): registers per
-thread, stack (our kernels have no local arrays and no calls, so any stack
-frame holds spilled registers), static shared memory, and the tensor-core
+thread, stack (our kernels have no local arrays and no calls, so a stack frame
+holds spilled registers), static shared memory, and the tensor-core
 instructions in the SASS: HGMMA is Hopper's warpgroup MMA (wgmma), HMMA the
-warp-level mma.sync every target since Volta has.
+warp-level mma.sync of every target since Volta.
+
+Each case is named by a hash of everything that decides its binary, so a cache
+of results (``load_cache``/``save_cache``) stays valid until a kernel source,
+a helper it calls, its specialization, the config or Triton changes.
 """
 import contextlib
 import dataclasses
 import hashlib
+import json
 import os
 import re
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -46,15 +52,73 @@ class Target:
 
 TARGETS = {"sm_80": Target("sm_80", 80, 163 * 1024), "sm_90": Target("sm_90", 90, 227 * 1024)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HEAD_DIMS = (64, 128, 256)
 KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_merge_kernel",
            "_decode_kernel", "_merge_splits_kernel")
-# Kernels whose main loop multiplies tiles: on sm_90 every one of their dots must be a wgmma.
-MMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")
-# The gate's grid: head dims 64 and 128 for every kernel, 256 for the forward too.
-HEAD_DIMS = {name: (64, 128, 256) if name == "_fwd_kernel" else (64, 128) for name in KERNELS}
+# The main loops that must run on wgmma on sm_90: every dot of these kernels an HGMMA.
+WGMMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
+# Except: no dk/dv config with 64 key rows per warpgroup (wgmma's minimum) compiles
+# without spilling at head dim 256 (dk and dv alone fill the registers), so it runs mma.sync.
+WGMMA_EXEMPT = {("_bwd_dkdv_kernel", 256)}
 
 _KERNEL_MODULES = (flash_fwd, flash_bwd, merge, decode)
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+# ---------------------------------------------------------------- capture
+
+def _causal_calls(dtype, head_dim):
+    """Single-device causal training (forward, delta, dq, dk/dv), a merge and a paged decode."""
+    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    out, lse = flash_fwd.attention_forward(q, k, v, causal=True)
+    flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True)
+    merge.merge_attention(out, lse, out, lse)
+    pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)  # 16 pages of 16 slots
+    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    lengths = torch.tensor([100, 120], dtype=torch.int32)
+    decode.decode_attention(q[:, :1], pages, pages, lengths, block_table=table, num_splits=2,
+                            max_seqlen=128, validate=False, out_dtype=torch.float32)
+
+
+def _ring_calls(dtype, head_dim):
+    """A ring step: causal, this step's partials accumulated into fp32 running buffers."""
+    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    out = torch.empty(q.shape, dtype=torch.float32)
+    lse = torch.empty(2, 4, 128)
+    flash_fwd.attention_forward(q, k, v, causal=True, q_start=128, out=out, lse=lse, accumulate=True)
+    dq, dk, dv = (torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v))
+    flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, q_start=128, delta=lse, dq=dq, dk=dk, dv=dv,
+                                 accumulate=True)
+
+
+def _local_calls(dtype, head_dim):
+    """Every extra at once: packed documents, a sliding window, softcap and sinks (forward,
+    backward and a paged decode)."""
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
+    starts = torch.zeros(2, dtype=torch.int32)
+    mask = flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
+                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+    q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    sinks = torch.empty(4)
+    out, lse = flash_fwd.attention_forward(q, k, v, mask=mask, softcap=30.0, sinks=sinks)
+    flash_bwd.attention_backward(out, q, k, v, out, lse, mask=mask, softcap=30.0)
+    pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)
+    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    lengths = torch.tensor([100, 120], dtype=torch.int32)
+    decode.decode_attention(q[:, :2].expand(2, 2, 4, head_dim), pages, pages, lengths, block_table=table,
+                            num_splits=2, max_seqlen=128, validate=False, out_dtype=torch.float32,
+                            window_size=(64, 0), softcap=30.0, sinks=sinks)
+
+
+# variant -> (the calls, the kernels whose code it specializes differently from "causal")
+VARIANTS = {
+    "causal": (_causal_calls, KERNELS),
+    "ring": (_ring_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")),
+    "local": (_local_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")),
+}
 
 
 @dataclasses.dataclass
@@ -64,8 +128,8 @@ class Launch:
     constants: dict
 
 
-def capture(dtype, head_dim):
-    """{kernel name: Launch} from small causal calls that launch every kernel once (nothing runs).
+def capture(variant, dtype, head_dim):
+    """{kernel name: Launch} of the calls of ``variant`` (nothing runs).
 
     Shapes keep every integer that varies in real use above 1 (batch, heads, GQA
     group), so Triton does not fold it into a constant a real launch would not have."""
@@ -74,27 +138,21 @@ def capture(dtype, head_dim):
     def record(kernel, grid, args, constants, reference, in_place=False):
         launches[kernel.fn.__name__] = Launch(kernel, tuple(args), dict(constants))
 
+    calls, kernels = VARIANTS[variant]
     with contextlib.ExitStack() as stack:
         for module in _KERNEL_MODULES:
             stack.enter_context(mock.patch.object(module, "launch", record))
-        q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
-        k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
-        out, lse = flash_fwd.attention_forward(q, k, v, causal=True)
-        flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True)
-        merge.merge_attention(out, lse, out, lse)
-        pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)  # 16 pages of 16 slots
-        table = torch.arange(16, dtype=torch.int32).view(2, 8)
-        lengths = torch.tensor([100, 120], dtype=torch.int32)
-        decode.decode_attention(q[:, :1], pages, pages, lengths, block_table=table, num_splits=2,
-                                max_seqlen=128, validate=False, out_dtype=torch.float32)
-    missing = set(KERNELS) - set(launches)
+        calls(dtype, head_dim)
+    missing = set(kernels) - set(launches)
     if missing:
-        raise RuntimeError(f"aot.capture: the calls launched no {sorted(missing)}")
-    return launches
+        raise RuntimeError(f"aot.capture: the {variant!r} calls launched no {sorted(missing)}")
+    return {name: launches[name] for name in kernels}
 
+
+# ---------------------------------------------------------------- cases
 
 def config_name(config):
-    """'BLOCK_M=128 BLOCK_N=64 w4 s3': a config as the tables print it."""
+    """'BLOCK_M=128 BLOCK_N=64 w8 s3': a config as the tables print it."""
     blocks = " ".join(f"{k}={v}" for k, v in sorted(config.kwargs.items()))
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
@@ -102,24 +160,27 @@ def config_name(config):
 @dataclasses.dataclass
 class Case:
     """One compile: a kernel's launch with one config, for one target."""
-    kernel_name: str
+    kernel: str
+    variant: str
     target: Target
     dtype: str
     head_dim: int
-    block_d: int
     config: triton.Config
     source: ASTSource
     options: dict
+    smem_estimate: int
 
     @property
     def key(self):
         """What decides the binary: Triton's version, the kernel source with everything it calls
-        (``ASTSource.hash``), the specialization, the target and the compile options."""
+        (``ASTSource.hash``: source, specialization, constants), the target and the options."""
         text = f"{triton.__version__}|{self.source.hash()}|{self.target.name}|{sorted(self.options.items())}"
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
+    @property
     def label(self):
-        return f"{self.kernel_name} {self.target.name} {self.dtype} D={self.head_dim} {config_name(self.config)}"
+        return (f"{self.kernel} [{self.variant}] {self.target.name} {self.dtype} D={self.head_dim} "
+                f"{config_name(self.config)}")
 
 
 def _bind(launch, config, target):
@@ -133,55 +194,54 @@ def _bind(launch, config, target):
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
 
 
-def cases(targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS, kernels=KERNELS):
-    """Every Case of the grid: each kernel, target, dtype, head dim in ``head_dims[kernel]``, kept config."""
-    for dtype in dtypes:
-        for head_dim in sorted({d for name in kernels for d in head_dims[name]}):
-            launches = capture(DTYPES[dtype], head_dim)
-            for name in kernels:
-                if head_dim not in head_dims[name]:
-                    continue
-                launch = launches[name]
-                for target_name in targets:
-                    target = TARGETS[target_name]
-                    for config in _autotune.keep_configs(launch.kernel, launch.args, launch.constants,
-                                                         capability=target.capability,
-                                                         smem_limit=target.smem_limit):
-                        source, options = _bind(launch, config, target)
-                        yield Case(name, target, dtype, head_dim, launch.constants["BLOCK_D"], config, source, options)
+def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS,
+          kernels=KERNELS):
+    """Every Case of the grid: variant, dtype, head dim, kernel, target, each config kept for it."""
+    for variant in variants:
+        for dtype in dtypes:
+            for head_dim in head_dims:
+                for name, launch in capture(variant, DTYPES[dtype], head_dim).items():
+                    if name not in kernels:
+                        continue
+                    block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
+                    for target in (TARGETS[t] for t in targets):
+                        for config in _autotune.keep_configs(name, block_d, elem_bytes, target.capability,
+                                                             target.smem_limit):
+                            source, options = _bind(launch, config, target)
+                            yield Case(name, variant, target, dtype, head_dim, config, source, options,
+                                       _autotune.smem_estimate(name, config, block_d, elem_bytes))
 
 
-def _tool(name, *args):
-    return subprocess.run([os.path.join(_BIN, name), *args], check=True, capture_output=True, text=True).stdout
-
+# ---------------------------------------------------------------- compile and read the cubin
 
 def _cubin_facts(cubin):
     """(registers, stack bytes, static shared bytes, HGMMA count, HMMA count) of a cubin."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = _tool("cuobjdump", "-res-usage", f.name)
-        sass = _tool("cuobjdump", "-sass", f.name)
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
-    stack = int(fields["STACK"]) + int(fields["LOCAL"])
-    return (int(fields["REG"]), stack, int(fields["SHARED"]),
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.cubin")
+        Path(path).write_bytes(cubin)
+        cuobjdump = str(_BIN / "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", path], check=True, capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
+    fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
+    return (fields["REG"], fields["STACK"] + fields["LOCAL"], fields["SHARED"],
             len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)))
 
 
 def compile_case(case):
-    """Compile ``case`` and return its row: what the tables print and the gate checks."""
+    """Compile ``case`` and return its row. Triton's on-disk cache is neither read (the
+    compiler really runs) nor filled (hundreds of binaries no GPU here will load)."""
     start = time.perf_counter()
-    compiled = triton.compile(case.source, target=GPUTarget("cuda", case.target.capability, 32),
-                              options=case.options)
+    with tempfile.TemporaryDirectory() as scratch, triton.knobs.cache.scope():
+        triton.knobs.cache.dir = scratch
+        compiled = triton.compile(case.source, target=GPUTarget("cuda", case.target.capability, 32),
+                                  options=case.options)
     seconds = time.perf_counter() - start
     regs, spill, static_smem, hgmma, hmma = _cubin_facts(compiled.asm["cubin"])
-    smem = compiled.metadata.shared + static_smem
-    return {"key": case.key, "kernel": case.kernel_name, "target": case.target.name, "dtype": case.dtype,
-            "head_dim": case.head_dim, "config": config_name(case.config), "regs": regs, "spill_bytes": spill,
-            "smem": smem, "smem_limit": case.target.smem_limit, "hgmma": hgmma, "hmma": hmma,
-            "smem_estimate": _autotune.smem_estimate(case.kernel_name, case.config, case.block_d,
-                                                     DTYPES[case.dtype].itemsize, case.target.capability),
-            "compile_s": round(seconds, 2), "triton": triton.__version__}
+    return {"key": case.key, "kernel": case.kernel, "variant": case.variant, "target": case.target.name,
+            "dtype": case.dtype, "head_dim": case.head_dim, "config": config_name(case.config),
+            "regs": regs, "spill_bytes": spill, "smem": compiled.metadata.shared + static_smem,
+            "smem_limit": case.target.smem_limit, "smem_estimate": case.smem_estimate,
+            "hgmma": hgmma, "hmma": hmma, "compile_s": round(seconds, 2), "triton": triton.__version__}
 
 
 def problems(row):
@@ -190,9 +250,40 @@ def problems(row):
     if row["spill_bytes"]:
         found.append(f"spills {row['spill_bytes']} B per thread to local memory")
     if row["smem"] > row["smem_limit"]:
-        found.append(f"needs {row['smem']} B shared memory, the target allows {row['smem_limit']}")
+        found.append(f"needs {row['smem']} B of shared memory, the target allows {row['smem_limit']}")
     if row["smem_estimate"] < row["smem"]:
-        found.append(f"prune estimate {row['smem_estimate']} B is below the {row['smem']} B it uses")
-    if row["target"] == "sm_90" and row["kernel"] in MMA_KERNELS and (row["hgmma"] == 0 or row["hmma"] > 0):
+        found.append(f"the prune's estimate {row['smem_estimate']} B is below the {row['smem']} B it uses")
+    wgmma = row["kernel"] in WGMMA_KERNELS and (row["kernel"], row["head_dim"]) not in WGMMA_EXEMPT
+    if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or row["hmma"] > 0):
         found.append(f"sm_90 SASS has {row['hgmma']} HGMMA and {row['hmma']} HMMA: not every dot is a wgmma")
     return found
+
+
+# ---------------------------------------------------------------- results cache
+
+def load_cache(path):
+    """{case key: row} from a JSON file written by ``save_cache`` (empty if there is none)."""
+    path = Path(path)
+    return {row["key"]: row for row in json.loads(path.read_text())["rows"]} if path.exists() else {}
+
+
+def save_cache(path, rows):
+    """Write ``rows`` (compiled cases) as the cache, sorted so that diffs stay readable."""
+    order = lambda r: (r["kernel"], r["variant"], r["target"], r["dtype"], r["head_dim"], r["config"])  # noqa: E731
+    payload = {"triton": triton.__version__, "rows": sorted(rows, key=order)}
+    Path(path).write_text(json.dumps(payload, indent=0) + "\n")
+
+
+def results(case_list, cache, fresh=False, on_row=None):
+    """A row for every case: from ``cache`` where its key is there (unless ``fresh``), else compiled.
+    ``on_row(i, case, row, compiled)`` is called after each."""
+    rows = []
+    for i, case in enumerate(case_list, 1):
+        row = None if fresh else cache.get(case.key)
+        compiled = row is None
+        if compiled:
+            row = compile_case(case)
+        rows.append(row)
+        if on_row:
+            on_row(i, case, row, compiled)
+    return rows

@@ -22,7 +22,7 @@ import triton.language as tl
 
 from ._launch import launch
 from .flash_fwd import MaskSpec
-from .mask import visible, visible_range
+from .mask import block_count, block_start, visible, visible_range
 from .softmax import dot_precision, scores
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
@@ -65,11 +65,12 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
                 stride_qh, stride_gh, stride_lh, stride_dh,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                 k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                window_left, window_right, lo, hi,
+                window_left, window_right, lo, full_lo, full_hi, hi,
                 MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                 WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the contributions of query rows [lo, hi) of every query head of the GQA group
-    (``group_size`` heads from ``Q``, ``stride_qh`` apart) to a kv block's dk, dv.
+    """Add the contributions of the masked or the unmasked query blocks (mask.visible_range)
+    of every query head of the GQA group (``group_size`` heads from ``Q``, ``stride_qh``
+    apart) to a kv block's dk, dv.
 
     One flat loop over (head, query block): with a loop over heads around the block
     loops, ptxas spilled registers in every config at head dim 128 (kernels/aot.py).
@@ -77,10 +78,10 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
     """
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
-    num_blocks = tl.cdiv(hi - lo, BLOCK_M)
+    num_blocks = block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_M)
     for i in range(0, group_size * num_blocks):
         g = i // num_blocks
-        rows = lo + (i - g * num_blocks) * BLOCK_M + offs_m
+        rows = block_start(i - g * num_blocks, lo, full_lo, full_hi, MASKED, BLOCK_M) + offs_m
         g = g.to(tl.int64)  # head offsets in int64, as in seq_base
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
         q = tl.load(tile_ptrs(Q + g * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
@@ -150,19 +151,13 @@ def _bwd_dkdv_kernel(
                          stride_qh, stride_gh, stride_lh, stride_dh,
                          stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                          k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                         window_left, window_right, lo, full_lo,
-                         True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                         stride_qh, stride_gh, stride_lh, stride_dh,
-                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
-                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                         window_left, window_right, full_lo, full_hi,
+                         window_left, window_right, lo, full_lo, full_hi, hi,
                          False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
                          stride_qh, stride_gh, stride_lh, stride_dh,
                          stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
                          k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                         window_left, window_right, full_hi, hi,
+                         window_left, window_right, lo, full_lo, full_hi, hi,
                          True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
@@ -170,24 +165,26 @@ def _bwd_dkdv_kernel(
                         stride_dks, stride_dkd, WIDE)
     dv_ptrs = tile_ptrs(seq_base(DV, batch, h_kv, k_row0, stride_dvb, stride_dvh, stride_dvs), offs_n, offs_d,
                         stride_dvs, stride_dvd, WIDE)
+    # dk first, then dv: the previous values of only one accumulator are in registers at a time.
     if ACCUMULATE:
         dk += tl.load(dk_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
-        dv += tl.load(dv_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+    if ACCUMULATE:
+        dv += tl.load(dv_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-              lo, hi,
+              lo, full_lo, full_hi, hi,
               MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Add the contributions of key blocks [lo, hi) to one query tile's dq."""
+    """Add the contributions of the masked or the unmasked key blocks (mask.visible_range) to one query tile's dq."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+    for i in range(0, block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)):
+        cols = block_start(i, lo, full_lo, full_hi, MASKED, BLOCK_N) + offs_n
         col_ok = cols < seqlen_k
         kv_ok = col_ok[:, None] & d_ok[None, :]
         k = tl.load(tile_ptrs(K, cols, offs_d, stride_ks, stride_kd, WIDE), mask=kv_ok, other=0.0)
@@ -250,13 +247,10 @@ def _bwd_dq_kernel(
                                              window_left, window_right, LEFT, RIGHT, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                    q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                   lo, full_lo, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+                   lo, full_lo, full_hi, hi, False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                    q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                   full_lo, full_hi, False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
-    dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                   full_hi, hi, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+                   lo, full_lo, full_hi, hi, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
 
     dq_ptrs = tile_ptrs(seq_base(DQ, batch, h, q_row0, stride_dqb, stride_dqh, stride_dqs), offs_m, offs_d,

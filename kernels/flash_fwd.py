@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .mask import visible, visible_range
+from .mask import block_count, block_start, visible, visible_range
 from .merge import merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
@@ -29,14 +29,14 @@ __all__ = ["attention_forward", "MaskSpec", "LOG2_E", "dot_precision", "finish_s
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-               lo, hi,
+               lo, full_lo, full_hi, hi,
                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the key blocks [lo, hi) of one query tile."""
+    """Online softmax over the masked or the unmasked key blocks (mask.visible_range) of one query tile."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+    for i in range(0, block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)):
+        cols = block_start(i, lo, full_lo, full_hi, MASKED, BLOCK_N) + offs_n
         col_ok = cols < seqlen_k
         # K is loaded as (D, BLOCK_N), ready for q @ k^T.
         k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
@@ -103,15 +103,11 @@ def _fwd_kernel(
     # Blocks every row sees need no mask; those on the window's edges and the sequence end do.
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
-                               window_left, window_right, lo, full_lo,
-                               True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
-                               window_left, window_right, full_lo, full_hi,
+                               window_left, window_right, lo, full_lo, full_hi, hi,
                                False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
-                               window_left, window_right, full_hi, hi,
+                               window_left, window_right, lo, full_lo, full_hi, hi,
                                True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
 
     out, lse = finish_softmax(acc, l_i, m_i)
@@ -151,6 +147,20 @@ class MaskSpec:
         self.q_start, self.k_start = q_start, k_start
         self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
         self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
+
+    @staticmethod
+    def window_sees(window, q_first, q_last, k_first, k_last):
+        """The rule of kernels/mask.py on position ranges, for planners on the host:
+        (whether some query in [q_first, q_last] sees some key in [k_first, k_last],
+        whether every query sees every key) under ``window`` = (left, right), -1 unbounded."""
+        left, right = window
+        some = (right < 0 or k_first <= q_last + right) and (left < 0 or k_last >= q_first - left)
+        every = (right < 0 or k_last <= q_first + right) and (left < 0 or k_first >= q_last - left)
+        return some, some and every
+
+    @property
+    def window(self):
+        return self.left, self.right
 
     @property
     def varlen(self):

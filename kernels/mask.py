@@ -39,6 +39,7 @@ def visible_range(first_pos, last_pos, other_pos0, other_len, before, after,
     Returns block-aligned (lo, full_lo, full_hi, hi): blocks in [full_lo, full_hi) are
     visible to every row and lie inside the sequence, so they need no mask; blocks in
     [lo, full_lo) and [full_hi, hi) need one; nothing outside [lo, hi) is visible.
+    Kernels walk them in two loops (``block_count``, ``block_start``).
     """
     lo = 0
     hi = other_len
@@ -54,3 +55,26 @@ def visible_range(first_pos, last_pos, other_pos0, other_len, before, after,
     full_lo = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, hi)
     full_hi = tl.maximum((full_hi // BLOCK) * BLOCK, full_lo)
     return lo, full_lo, full_hi, hi
+
+
+# A kernel walks the blocks of ``visible_range`` in two loops: the unmasked blocks, then
+# the masked blocks of both edges as one range. Three loops (one per range) made ptxas
+# spill registers where two do not (measured by kernels/aot.py, e.g. the forward at head
+# dim 128 with a sliding window).
+@triton.jit
+def block_count(lo, full_lo, full_hi, hi, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """How many blocks the masked (``MASKED``) or the unmasked loop walks."""
+    if MASKED:
+        return tl.cdiv(full_lo - lo, BLOCK) + tl.cdiv(hi - full_hi, BLOCK)
+    else:
+        return tl.cdiv(full_hi - full_lo, BLOCK)
+
+
+@triton.jit
+def block_start(i, lo, full_lo, full_hi, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+    """First index of the i-th block of that loop."""
+    if MASKED:
+        before = tl.cdiv(full_lo - lo, BLOCK)
+        return tl.where(i < before, lo + i * BLOCK, full_hi + (i - before) * BLOCK)
+    else:
+        return full_lo + i * BLOCK

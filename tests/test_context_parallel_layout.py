@@ -53,11 +53,11 @@ def test_layout_rejects_bad_lengths_and_names():
 
 def test_plan_skips_future_and_merges_visible_pairs():
     # ring, causal: kv from a later rank is all in the future; from an earlier one all visible.
-    assert plan_step([(0, 16)], [(16, 16)], causal=True) == []
-    (call,) = plan_step([(16, 16)], [(0, 16)], causal=True)
-    assert (call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.causal) == (0, 16, 0, 16, False)
-    (diagonal,) = plan_step([(16, 16)], [(16, 16)], causal=True)
-    assert diagonal.causal and diagonal.q_start == diagonal.k_start == 16
+    assert plan_step([(0, 16)], [(16, 16)], window=(-1, 0)) == []
+    (call,) = plan_step([(16, 16)], [(0, 16)], window=(-1, 0))
+    assert (call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.window) == (0, 16, 0, 16, (-1, -1))
+    (diagonal,) = plan_step([(16, 16)], [(16, 16)], window=(-1, 0))
+    assert diagonal.window == (-1, 0) and diagonal.q_start == diagonal.k_start == 16
     # zigzag R=4, rank 1: chunks 1 and 6 (of 8). After step 0 every step is one half-size call.
     schedule = ring_schedule(64, 4, "zigzag", causal=True)
     for ring_index, steps in enumerate(schedule):
@@ -65,13 +65,13 @@ def test_plan_skips_future_and_merges_visible_pairs():
         assert kv_index == ring_index and len(first) == 3  # two diagonals and one fully visible pair
         for kv_index, calls in steps[1:]:
             (call,) = calls
-            assert not call.causal
+            assert call.window == (-1, -1)
             rows, cols = call.q_hi - call.q_lo, call.k_hi - call.k_lo
             assert rows * cols == 16 * 8  # half of the 16 x 16 local square
             assert (cols == 8) == (kv_index < ring_index)  # earlier kv: its early chunk, all queries
     # not causal: one call over everything
-    (full,) = plan_step([(0, 8), (56, 8)], [(8, 8), (48, 8)], causal=False)
-    assert (full.q_lo, full.q_hi, full.k_lo, full.k_hi, full.causal) == (0, 16, 0, 16, False)
+    (full,) = plan_step([(0, 8), (56, 8)], [(8, 8), (48, 8)], window=(-1, -1))
+    assert (full.q_lo, full.q_hi, full.k_lo, full.k_hi, full.window) == (0, 16, 0, 16, (-1, -1))
 
 
 # (ring_degree, ring_impl, causal, heads, kv_heads, head_dim, seq_len): odd ring sizes,

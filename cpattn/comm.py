@@ -166,7 +166,9 @@ class Communicator:
 
     def check(self, where):
         """Raise PeerFailure if an earlier call failed: these communicators are closed."""
-        failure = self._failed or next((e.failure for e in self._entries if e.failure), None)
+        failure = self._failed
+        for entry in self._entries:  # a group shared with another ContextParallel may have failed there
+            failure = failure or entry.failure
         if failure is not None:
             raise PeerFailure(f"{where}: the communicators of this ContextParallel were closed after a failure "
                               f"({failure}); build a new ContextParallel", rank=_rank_of(failure))

@@ -311,10 +311,10 @@ class ContextParallel:
 
     # ------------------------------------------------------------------ agreement
 
-    def _check_open(self, where):
+    def _check_open(self, where, failures=True):
         if self._closed:
             raise RuntimeError(f"{where}: this ContextParallel was closed")
-        if self._comm is not None:
+        if failures and self._comm is not None:
             self._comm.check(where)
 
     def _agree(self, key, signature, error, where, field_names, hint):
@@ -346,7 +346,7 @@ class ContextParallel:
     def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True,
                    window_size=(-1, -1), softcap=0.0, sinks=None):
         """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
-        self._check_open(where)
+        self._check_open(where, failures=False)  # usp_attention checks for failures itself
         try:  # what the local checks depend on; a new key is checked and agreed on
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, bool(causal),
                    softmax_scale, bool(return_lse), enable_gqa, sdpa_layout,

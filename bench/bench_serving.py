@@ -93,8 +93,9 @@ class Clock:
 def latency_row(ttft, steps, tokens, label, length, s):
     e2e = ttft + sum(steps)
     ordered = sorted(steps)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
     return {"prompt": length, "cp": label, "batch": s["batch"], "ttft_ms": ttft,
-            "itl_mean_ms": statistics.mean(steps), "itl_p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "itl_mean_ms": statistics.mean(steps), "itl_p99_ms": p99,
             "e2e_ms": e2e, "tok_per_s": s["batch"] * (len(steps) + 1) / (e2e / 1e3), "tokens": tokens}
 
 

@@ -208,8 +208,8 @@ def _merge_across_ranks(out, lse, group, world):
     rows = torch.nn.functional.pad(rows, (0, 0, 0, per * world - rows.shape[0]))
     # Rank j receives every rank's partial of rows [j * per, (j + 1) * per), stacked in rank order.
     mine = _all_to_all(rows, group).view(world, 1, per, 1, head_dim + 1)
-    o, l = merge_splits(*_unpack(mine))
-    merged = _all_gather(_pack(o, l).reshape(per, head_dim + 1), group)
+    out_mine, lse_mine = merge_splits(*_unpack(mine))
+    merged = _all_gather(_pack(out_mine, lse_mine).reshape(per, head_dim + 1), group)
     return _unpack(merged[: batch * n * heads].view(batch, n, heads, head_dim + 1))
 
 

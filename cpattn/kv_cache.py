@@ -203,7 +203,8 @@ class ShardedKVCache:
         if batch_index is None:
             return torch.arange(self.batch)
         rows = torch.as_tensor(batch_index, dtype=torch.int64).reshape(-1).cpu()
-        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.batch or rows.unique().numel() != rows.numel():
+        if rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= self.batch or \
+                rows.unique().numel() != rows.numel():
             raise ValueError(f"ShardedKVCache: batch_index must be distinct sequence ids in [0, {self.batch}), "
                              f"got {rows.tolist()}")
         return rows

@@ -31,7 +31,8 @@ class TinyDecoder:
             return (torch.randn(*shape, generator=gen) * scale / shape[0] ** 0.5).to(device, dtype)
 
         # Sharp attention with strong values, so that the context (not just the last token) picks the next token.
-        self.layers = [{"wq": w(c.dim, c.heads * c.head_dim, scale=2.0), "wk": w(c.dim, c.kv_heads * c.head_dim, scale=2.0),
+        self.layers = [{"wq": w(c.dim, c.heads * c.head_dim, scale=2.0),
+                        "wk": w(c.dim, c.kv_heads * c.head_dim, scale=2.0),
                         "wv": w(c.dim, c.kv_heads * c.head_dim, scale=2.0), "wo": w(c.heads * c.head_dim, c.dim),
                         "w1": w(c.dim, 4 * c.dim), "w2": w(4 * c.dim, c.dim)} for _ in range(c.layers)]
         self.embedding = torch.randn(c.vocab, c.dim, generator=gen).to(device, dtype)

@@ -319,7 +319,8 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_ta
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{where}: bfloat16 on CPU is not supported by Triton's interpreter; pass float32")
     if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{where}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+        raise ValueError(f"{where}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
+                         f"{tuple(v_cache.shape)}")
     check_int_tensor(cache_seqlens, "cache_seqlens", (batch,), q.device, where)
     if q_start is not None:
         check_int_tensor(q_start, "q_start", (batch,), q.device, where)

@@ -12,7 +12,8 @@ setup(
     python_requires=">=3.9",
     packages=["cpattn", "cpattn.kernels", "cpattn.integrations", "cpattn.examples"],
     package_dir={"cpattn": "cpattn", "cpattn.kernels": "kernels"},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    # README, "Supported versions": the oldest pair CI tests is torch 2.8 with the triton it pins.
+    install_requires=["torch>=2.8", "triton>=3.4", "numpy"],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
                  "transformers>=5.0,<6; python_version >= '3.10'"],  # transformers 5 needs Python 3.10

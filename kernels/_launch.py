@@ -4,26 +4,48 @@ GPU tensors run the compiled kernel. CPU tensors run the *same* source through
 Triton's interpreter, chosen per call from the tensor's device, so the user sets
 no ``TRITON_INTERPRET`` variable and a process can use both.
 
-Why the patch below: ``triton.jit`` decides compile-vs-interpret once, when a
-function is decorated. Our kernels (and Triton's own ``tl.zeros``/``tl.sum``...)
-are compiled-mode ``JITFunction`` objects, whose ``__call__`` refuses to run in
-Python. While an interpreted launch is in flight we route those calls to an
-interpreted copy of the same function; the compiled path never calls
-``JITFunction.__call__`` (it reads the source), so it is unaffected.
+Why the patches below: ``triton.jit`` decides compile-vs-interpret once, when a
+function is decorated, and Triton has no public way to interpret one call. Our
+kernels (and Triton's own ``tl.zeros``/``tl.sum``...) are compiled-mode
+``JITFunction`` objects, whose ``__call__`` refuses to run in Python. While an
+interpreted launch is in flight we route those calls to an interpreted copy of
+the same function; the compiled path never calls ``JITFunction.__call__`` (it
+reads the source), so it is unaffected.
+
+The interpreter's internals differ between the Triton releases we support
+(README, "Supported versions"), so this module leans only on what they share:
+``InterpretedFunction`` (with ``rewrite()``), ``_patch_lang(fn)`` and
+``_patch_lang_tensor``. Two differences need handling:
+
+- The interpreter patches ``triton.language`` for the launch. Triton >= 3.6
+  undoes that afterwards (mostly: see ``_interpreting``), older releases never
+  do, and a patched language breaks later GPU compiles in the same process.
+  ``_language_restored`` puts it back after every launch, on every release.
+- Triton < 3.7 turns a scalar into a Python int with ``int(array)``, which
+  numpy >= 2.4 refuses for the one-element arrays the interpreter holds scalars
+  in, so every ``range(lo, hi, ...)`` with computed bounds fails. During our
+  launches ``tl.tensor.__index__`` uses Triton 3.7's conversion instead.
 """
 import contextlib
 import functools
+import inspect
+import sys
 import threading
 import types
 
 import torch
+import triton
 import triton.language as tl
+from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
 from ._autotune import cpu_config, tuned
 
+TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+
 _lock = threading.Lock()
+_MISSING = object()
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,21 +59,66 @@ def _language_modules():
     return types.FunctionType(_language_modules.__code__, {"tl": tl, "core": tl.core})
 
 
+def _language_objects():
+    """The ``triton.language`` modules and their classes: everything the interpreter patches."""
+    modules = [m for name, m in list(sys.modules.items())
+               if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
+    classes = [c for m in modules for c in vars(m).values()
+               if inspect.isclass(c) and c.__module__.startswith("triton.language")]
+    return list({id(obj): obj for obj in modules + classes}.values())
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Put back every attribute of ``triton.language`` that changed meanwhile.
+
+    Names added to a class are removed. Names added to a module stay: they are
+    the interpreter's own globals, which it adds to the modules of the helpers
+    it rewrites (and caches), and which compiled code never reads.
+    """
+    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    try:
+        yield
+    finally:
+        for obj, before in saved:
+            now = dict(vars(obj))
+            for name, value in before.items():
+                if now.get(name, _MISSING) is not value:
+                    setattr(obj, name, value)
+            if inspect.isclass(obj):
+                for name in now.keys() - before.keys():
+                    delattr(obj, name)
+
+
+def _scalar_index(tensor):
+    # Triton 3.7's conversion of an interpreter scalar (a one-element array) to an int.
+    return int(tensor.handle.data.squeeze())
+
+
+_original_patch_lang_tensor = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor_with_scalar_index(tensor, *scope):
+    _original_patch_lang_tensor(tensor, *scope)
+    tensor.__index__ = _scalar_index   # undone by _language_restored
+
+
 @contextlib.contextmanager
 def _interpreting():
-    with _lock:
-        # Patch the language once for the whole launch and restore it afterwards.
-        # InterpretedFunction.__call__ (a helper called from a kernel) would patch it
-        # again on every call and never restore it, which breaks later GPU compiles
-        # in the same process; helpers therefore run their rewritten source directly.
-        scope = _patch_lang(_language_modules())
+    with _lock, _language_restored():
+        if TRITON_VERSION < (3, 7):
+            interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
+        # Patch the language once for the whole launch. InterpretedFunction.__call__ (a
+        # helper called from a kernel) would patch it again on every call and, even on
+        # Triton >= 3.6, not undo it; helpers therefore run their rewritten source directly.
+        _patch_lang(_language_modules())
         original_call = JITFunction.__call__
         JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn).rewrite()(*args, **kwargs)
         try:
             yield
         finally:
             JITFunction.__call__ = original_call
-            scope.restore()
+            interpreter._patch_lang_tensor = _original_patch_lang_tensor
 
 
 def uses_interpreter(t: torch.Tensor) -> bool:

@@ -1,9 +1,10 @@
 """Hugging Face transformers models with attn_implementation="cpattn" on one device.
 
-Tiny randomly initialised Llama, Qwen2, Mistral and Gemma2 models built in code
-(no download): logits, loss and every parameter's gradient match transformers'
-own "sdpa" (or "eager") attention in float32, and every attention feature
-cpattn does not compute yet is refused with an error naming it.
+Tiny randomly initialised Llama, Qwen2, Mistral (sliding window), Gemma 2
+(softcap) and gpt-oss (sinks) models built in code (no download): logits, loss
+and every parameter's gradient match transformers' own "sdpa" (or "eager")
+attention in float32, and every input cpattn cannot honour is refused with an
+error naming it.
 """
 import subprocess
 import sys
@@ -14,7 +15,6 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed "
                                    "(pip install -e '.[transformers]'; CI installs it through the test extra)")
 
-import cpattn  # noqa: E402
 import cpattn.integrations.transformers as cpattn_hf  # noqa: E402
 from cpattn.examples.train_transformers import build_model, tiny_config  # noqa: E402
 from reference import rel_err  # noqa: E402
@@ -22,9 +22,9 @@ from reference import rel_err  # noqa: E402
 TOL = 1e-4
 
 
-def train_step(model, input_ids, *args, **kwargs):
-    """(logits, loss, {name: grad}) of one forward and backward; extra args go to the model."""
-    out = model(input_ids, *args, labels=input_ids, use_cache=False, **kwargs)
+def train_step(model, input_ids, *args, run=None, **kwargs):
+    """(logits, loss, {name: grad of model}) of one forward and backward through ``run`` (default: model)."""
+    out = (model if run is None else run)(input_ids, *args, labels=input_ids, use_cache=False, **kwargs)
     out.loss.backward()
     return out.logits.detach(), out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -47,13 +47,36 @@ def tokens(batch, seq_len, seed=0):
     return torch.randint(0, 128, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("family, overrides, batch, seq_len", [
-    ("llama", {}, 2, 64),                          # GQA 4:2
-    ("qwen2", {"head_dim": 40}, 1, 37),            # q/k/v biases, a head dim that is not a power of two
-    ("mistral", {"sliding_window": 4096}, 2, 50),  # a window longer than the sequence masks nothing
+def gemma2_config(softcap):
+    from transformers import Gemma2Config
+    # a window of 8 on every other layer; a small cap, so that capping changes the logits noticeably
+    return Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                        sliding_window=8, attn_logit_softcapping=softcap, final_logit_softcapping=None)
+
+
+# transformers' sdpa has no softcap and no sinks: Gemma 2 and gpt-oss are compared with its eager attention
+@pytest.mark.parametrize("family, overrides, reference_impl, batch, seq_len", [
+    ("llama", {}, "sdpa", 2, 64),                            # GQA 4:2
+    ("qwen2", {"head_dim": 40}, "sdpa", 1, 37),              # q/k/v biases, a head dim that is not a power of 2
+    ("mistral", {"sliding_window": 4096}, "sdpa", 2, 50),    # a window longer than the sequence masks nothing
+    ("mistral", {"sliding_window": 16}, "sdpa", 1, 40),      # sliding-window attention
+    ("gemma2", {}, "eager", 1, 32),                          # logit softcapping, sliding window on layer 0
+    ("gpt_oss", {}, "eager", 1, 32),                         # attention sinks, sliding window on layer 0
 ])
-def test_model_matches_sdpa(family, overrides, batch, seq_len):
-    assert_matches(tiny_config(family, **overrides), "sdpa", tokens(batch, seq_len))
+def test_model_matches_transformers(family, overrides, reference_impl, batch, seq_len):
+    config = gemma2_config(0.05) if family == "gemma2" else tiny_config(family, **overrides)
+    assert_matches(config, reference_impl, tokens(batch, seq_len))
+
+
+def test_gemma2_softcap_is_exercised():
+    """The cap of test_model_matches_transformers[gemma2] changes the logits well beyond the tolerance."""
+    torch.manual_seed(0)
+    capped = build_model(gemma2_config(0.05), "eager")
+    uncapped = build_model(gemma2_config(None), "eager", capped.state_dict())
+    ids = tokens(1, 32)
+    with torch.no_grad():
+        assert rel_err(capped(ids).logits, uncapped(ids).logits) > 10 * TOL
 
 
 def test_all_ones_attention_mask_is_no_mask():
@@ -61,41 +84,18 @@ def test_all_ones_attention_mask_is_no_mask():
     assert_matches(tiny_config("llama"), "sdpa", ids, attention_mask=torch.ones_like(ids))
 
 
-def test_kv_cache_decoding_matches_sdpa():
-    config, ids = tiny_config("llama"), tokens(2, 20)
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 8})])
+def test_kv_cache_decoding_matches_sdpa(family, overrides):
+    config, ids = tiny_config(family, **overrides), tokens(2, 20)
     logits = {}
     torch.manual_seed(0)
     reference = build_model(config, "sdpa")
     for impl, model in (("sdpa", reference), ("cpattn", build_model(config, "cpattn", reference.state_dict()))):
-        cache = transformers.DynamicCache(config=model.config)
+        cache = transformers.DynamicCache(config=model.config)  # sliding-window layers keep the newest keys only
         with torch.no_grad():  # the cache is the 4th positional argument (renamed in transformers 5.x)
             model(ids[:, :-3], None, None, cache, use_cache=True)
-            logits[impl] = model(ids[:, -3:], None, None, cache, use_cache=True).logits  # 3 queries, 20 keys
+            logits[impl] = model(ids[:, -3:], None, None, cache, use_cache=True).logits  # 3 new queries
     assert rel_err(logits["cpattn"], logits["sdpa"]) < TOL
-
-
-def pending_or_matches(feature, config, reference_impl, match, seq_len=32):
-    """Refused with an error naming the feature while cpattn lacks it; equal to the reference once it has it."""
-    ids = tokens(1, seq_len)
-    if feature in cpattn_hf.NOT_SUPPORTED:
-        model = build_model(config, "cpattn")
-        with pytest.raises(NotImplementedError, match=match):
-            model(ids, labels=ids, use_cache=False)
-    else:
-        assert_matches(config, reference_impl, ids)
-
-
-def test_mistral_sliding_window():
-    pending_or_matches("window_size", tiny_config("mistral", sliding_window=16), "sdpa", "sliding-window attention")
-
-
-def test_gemma2_softcap():
-    from transformers import Gemma2Config
-    # windows longer than the sequence: only softcapping matters; transformers' sdpa refuses softcap, eager has it
-    config = Gemma2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
-                          sliding_window=256, attn_logit_softcapping=50.0, final_logit_softcapping=None)
-    pending_or_matches("softcap", config, "eager", "softcapping")
 
 
 def test_attention_dropout_in_training_is_refused():
@@ -131,7 +131,6 @@ def _qkv(q_len, k_len):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"s_aux": torch.zeros(4)}, "attention sinks"),
     ({"position_bias": torch.zeros(1, 4, 8, 8)}, "position bias"),
     ({"is_causal": False, "sliding_window": 4}, "bidirectional sliding window"),
 ])
@@ -157,34 +156,6 @@ def test_cp_attention_outside_context_parallel_block():
         cpattn_hf.context_parallel("cp")
 
 
-def test_integration_compiles_fullgraph_and_still_refuses_packing(monkeypatch):
-    """The integration's own code traces with fullgraph=True, its packed-sequence check included.
-
-    The kernels are stood in for by torch SDPA here, so this holds whether or
-    not cpattn's kernels are custom ops yet (test_compiled_model_matches_eager).
-    """
-    def sdpa_in_flash_layout(q, k, v, softmax_scale=None, causal=False):
-        return torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=softmax_scale, is_causal=causal,
-            enable_gqa=True).transpose(1, 2)
-
-    monkeypatch.setattr(cpattn, "flash_attn_func", sdpa_in_flash_layout)
-
-    def layer(q, k, v, position_ids):
-        out, _ = cpattn_hf.cpattn_attention(_Attention(), q, k, v, None, scaling=0.25, position_ids=position_ids)
-        return out
-
-    compiled = torch.compile(layer, fullgraph=True)
-    q, k, v = _qkv(8, 8)
-    try:
-        assert rel_err(compiled(q, k, v, torch.arange(8)[None]), layer(q, k, v, torch.arange(8)[None])) < TOL
-        with pytest.raises(NotImplementedError, match="packed sequences"):
-            compiled(q, k, v, torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]]))
-    finally:
-        torch._dynamo.reset()
-
-
-@pytest.mark.xfail(strict=True, raises=torch._dynamo.exc.Unsupported, reason="custom ops pending (issue 8)")
 def test_compiled_model_matches_eager():
     torch.manual_seed(0)
     model = build_model(tiny_config("llama"), "cpattn")
@@ -193,11 +164,11 @@ def test_compiled_model_matches_eager():
     model.zero_grad()
     try:
         compiled = torch.compile(model, fullgraph=True)
-        got = train_step(compiled, ids, position_ids=positions)
+        got = train_step(model, ids, position_ids=positions, run=compiled)
         assert rel_err(got[0], want[0]) < TOL and rel_err(got[1], want[1]) < TOL
         assert max(rel_err(got[2][name], want[2][name]) for name in want[2]) < TOL
         with pytest.raises(NotImplementedError, match="packed sequences"):  # same shapes: no recompilation
-            train_step(compiled, ids, position_ids=positions % 16)
+            train_step(model, ids, position_ids=positions % 16, run=compiled)
     finally:
         torch._dynamo.reset()
 

@@ -1,10 +1,11 @@
 """Hugging Face transformers models trained context parallel with attn_implementation="cpattn_cp".
 
 One run_ranks call per mesh (2 ranks zigzag, 4 ranks zigzag, 4 ranks USP =
-Ulysses 2 x zigzag ring 2) trains one step of tiny Llama, Qwen2 and Mistral
-models on gloo CPU ranks with the README's recipe (shard_batch, causal_lm_loss,
-all_reduce_gradients); every rank's loss and every parameter's gradient must
-equal the single-device "sdpa" step on the whole batch. Misuse on some ranks
+Ulysses 2 x zigzag ring 2) trains one step of tiny Llama, Qwen2, Mistral
+(sliding window) and gpt-oss (sinks) models on gloo CPU ranks with the README's
+recipe (shard_batch, causal_lm_loss, all_reduce_gradients); every rank's loss
+and every parameter's gradient must equal the single-device step on the whole
+batch (transformers' "sdpa", "eager" for gpt-oss). Misuse on some ranks
 only must make every rank raise. The torchrun example is run too.
 """
 import re
@@ -26,9 +27,10 @@ from reference import rel_err  # noqa: E402
 TOL = 1e-4
 # family -> (config overrides, batch, sequence length): each length divisible by 2 x 4 ranks
 MODELS = {
-    "llama": ({}, 2, 32),
-    "qwen2": ({"head_dim": 40}, 1, 48),
-    "mistral": ({"sliding_window": 4096}, 1, 32),
+    "llama": ({}, 2, 32),                      # GQA 4:2
+    "qwen2": ({"head_dim": 40}, 1, 48),        # biases, head dim 40
+    "mistral": ({"sliding_window": 8}, 1, 32),  # sliding window on every layer
+    "gpt_oss": ({}, 1, 32),                    # attention sinks; sliding window of 8 on layer 0
 }
 
 
@@ -39,7 +41,7 @@ def single_device():
     for family, (overrides, batch, seq_len) in MODELS.items():
         config = tiny_config(family, **overrides)
         torch.manual_seed(0)
-        model = build_model(config, "sdpa")
+        model = build_model(config, "eager" if family == "gpt_oss" else "sdpa")  # sdpa has no sinks
         input_ids = torch.randint(0, config.vocab_size, (batch, seq_len))
         loss = model(input_ids, labels=input_ids, use_cache=False).loss
         loss.backward()

@@ -22,15 +22,22 @@ from cpattn.testing import free_port
 
 
 def tiny_config(family="llama", **overrides):
-    """A tiny transformers config (2 layers, hidden 64, 4 query heads, 2 kv heads): Llama, Qwen2 or Mistral."""
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    """A tiny transformers config (2 layers, hidden 64, 4 query heads, 2 kv heads).
 
-    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+    ``family``: "llama", "qwen2", "mistral" or "gpt_oss" (2 experts, one per token,
+    learned attention sinks, a sliding window of 8 on every other layer).
+    """
+    import transformers
+
+    configs = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig", "gpt_oss": "GptOssConfig"}
     if family not in configs:
         raise ValueError(f"tiny_config: family must be one of {sorted(configs)}, got {family!r}")
     sizes = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=256)
-    return configs[family](**{**sizes, **overrides})
+    if family == "gpt_oss":
+        sizes.update(head_dim=16, num_local_experts=2, num_experts_per_tok=1, sliding_window=8,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    return getattr(transformers, configs[family])(**{**sizes, **overrides})
 
 
 def build_model(config, attn_implementation, state_dict=None):

@@ -25,13 +25,11 @@ import torch.nn.functional as F
 import cpattn
 from cpattn.comm import agree_on_inputs
 
-# cpattn keyword argument -> the model feature that needs it. While a name is listed here a model that
-# needs it is refused with NotImplementedError; once cpattn computes it (issue 10: window_size, softcap),
-# deleting its line passes it through to cpattn.flash_attn_func / ContextParallel.attention.
+# cpattn keyword argument -> the model feature that needs it, for features cpattn does not compute: a model
+# that needs one is refused with NotImplementedError. Sliding windows (window_size), softcapping (softcap)
+# and sinks (sinks) were listed here until cpattn gained them (issue 10); a feature cpattn gains is enabled
+# by deleting its line, which passes it through to cpattn.flash_attn_func / ContextParallel.attention.
 NOT_SUPPORTED = {
-    "window_size": "sliding-window attention (config.sliding_window shorter than the sequence)",
-    "softcap": "attention logit softcapping (config.attn_logit_softcapping)",
-    "sinks": "attention sinks (s_aux)",
     "dropout_p": "attention dropout (config.attention_dropout > 0 in training mode)",
 }
 
@@ -127,8 +125,10 @@ def _check_positions(position_ids, kv_len):
     if not bool((position_ids[..., 1:] - position_ids[..., :-1] == 1).all()):
         raise NotImplementedError(f"{where}: position_ids restart inside a row (packed sequences); that needs "
                                   f"cpattn's varlen attention (issue 9), which does not exist yet; {hint}")
-    # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys.
-    if position_ids.shape[-1] < kv_len and not bool((position_ids[..., -1] == kv_len - 1).all()):
+    # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys: right
+    # when the keys are the newest kv_len tokens (a full or sliding-window DynamicCache), wrong when there
+    # are more keys than tokens so far (a StaticCache's empty slots).
+    if position_ids.shape[-1] < kv_len and not bool((position_ids[..., -1] >= kv_len - 1).all()):
         raise NotImplementedError(f"{where}: the keys extend past the newest query (e.g. a StaticCache's empty "
                                   f"slots), which needs an attention mask; use a DynamicCache or {hint}")
 
@@ -162,6 +162,25 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
+class _GradShare(torch.autograd.Function):
+    """Identity whose backward divides the gradient by ``parts``.
+
+    ContextParallel.attention returns the sinks' gradient already summed over the
+    group, while a replicated parameter's gradient on each rank must be that rank's
+    share: all_reduce_gradients (like DDP) sums the shares, and would otherwise count
+    the sinks' gradient once per rank.
+    """
+
+    @staticmethod
+    def forward(ctx, x, parts):
+        ctx.parts = parts
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad / ctx.parts, None
+
+
 def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel."""
     where = "cpattn_cp attention"
@@ -192,6 +211,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
         agree_on_inputs(cp.group, [], error, where, (), hint=query)
     elif error is not None:
         raise error
+    if "sinks" in extras:
+        extras["sinks"] = _GradShare.apply(extras["sinks"], cp.world_size)
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                        causal=causal, softmax_scale=scaling, **extras)
     return out, None

@@ -19,8 +19,9 @@ The interpreter's internals differ between the Triton releases we support
 
 - The interpreter patches ``triton.language`` for the launch. Triton >= 3.6
   undoes that afterwards (mostly: see ``_interpreting``), older releases never
-  do, and a patched language breaks later GPU compiles in the same process.
-  ``_language_restored`` puts it back after every launch, on every release.
+  do, and later compiled use in the process (a GPU launch, an ahead-of-time
+  compile) must not meet the interpreter's versions. ``_language_restored``
+  puts it back after every launch, on every release.
 - Triton < 3.7 turns a scalar into a Python int with ``int(array)``, which
   numpy >= 2.4 refuses for the one-element arrays the interpreter holds scalars
   in, so every ``range(lo, hi, ...)`` with computed bounds fails. During our

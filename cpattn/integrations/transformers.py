@@ -87,11 +87,11 @@ def _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where):
     sdpa_hint = "; use attn_implementation='sdpa' for this input"
     if attention_mask is not None:
         raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) needs cpattn's varlen "
-                                  f"attention (issue 9), which does not exist yet{sdpa_hint}")
+                                  f"attention (issue 9), which this integration does not use yet{sdpa_hint}")
     packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
     if packed:
         raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) need cpattn's varlen attention "
-                                  f"(issue 9), which does not exist yet{sdpa_hint}")
+                                  f"(issue 9), which this integration does not use yet{sdpa_hint}")
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError(f"{where}: an additive position bias is not supported by cpattn{sdpa_hint}")
     if kwargs.get("output_attentions"):
@@ -124,7 +124,7 @@ def _check_positions(position_ids, kv_len):
     where, hint = "cpattn attention", "use attn_implementation='sdpa' for this input"
     if not bool((position_ids[..., 1:] - position_ids[..., :-1] == 1).all()):
         raise NotImplementedError(f"{where}: position_ids restart inside a row (packed sequences); that needs "
-                                  f"cpattn's varlen attention (issue 9), which does not exist yet; {hint}")
+                                  f"varlen attention, which this integration does not use yet (issue 9); {hint}")
     # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys: right
     # when the keys are the newest kv_len tokens (a full or sliding-window DynamicCache), wrong when there
     # are more keys than tokens so far (a StaticCache's empty slots).

@@ -36,12 +36,20 @@ small tensor ops it makes, and the process-group calls. It also counts the
 kernel calls and the bytes this rank sends per call (what ``RingComm`` and
 ``UlyssesComm`` are given), and divides by the same measure for one
 single-device ``flash_attn_func`` call. Target: forward below 100 us for 8 ranks.
-Results: bench/results/<device>/cp_decomposition.{json,csv} (summary), cp_comm.{json,csv} (per step)
-and cp_host.{json,csv} (host overhead).
+
+Packed documents (``packed_work``; counts, no timing, any machine): for a few
+packings (one long document among many short ones, long-tailed lengths, a
+long document last) the causal work, (query, key) pairs, of every ring rank
+under equal-token contiguous and zigzag cuts and under the work-balanced cut
+``ContextParallel.shard(..., cu_seqlens=)`` uses (``cpattn.context_parallel_work``),
+with max/mean per scheme (target: balanced within 1.10) and tokens per rank.
+Results: bench/results/<device>/cp_decomposition.{json,csv} (summary), cp_comm.{json,csv} (per step),
+cp_host.{json,csv} (host overhead) and cp_packed_work.{json,csv} (packed documents).
 """
 import contextlib
 import itertools
 import math
+import random
 import statistics
 import time
 
@@ -355,6 +363,32 @@ def replay(args, device):
     return summary, comm
 
 
+def packed_work(ring_degrees):
+    """Per ring rank causal work and tokens of a few packings under each scheme (see the module docstring)."""
+    rng = random.Random(0)
+    one_long = [65536] + [rng.randint(64, 4096) for _ in range(60)]
+    rng.shuffle(one_long)
+    packings = {"one long + 60 short": one_long,
+                "long-tailed": [max(1, int(rng.paretovariate(1.1) * 100)) for _ in range(500)],
+                "long last": [rng.randint(16, 1024) for _ in range(200)] + [50000]}
+    rows = []
+    for (name, lengths), degree in itertools.product(packings.items(), ring_degrees):
+        cu = [0, *itertools.accumulate(lengths)]
+        for scheme in ("contiguous", "zigzag", "balanced"):
+            work = cpattn.context_parallel_work(cu, degree, scheme)
+            layout = Layout(degree, 1, "ring" if scheme == "contiguous" else "zigzag")
+            tokens = [layout.piece_length(r, cu[-1], tuple(cu) if scheme == "balanced" else None)
+                      for r in range(degree)]
+            mean = sum(work) / degree
+            rows.append({"packing": name, "documents": len(lengths), "tokens": cu[-1], "ranks": degree,
+                         "scheme": scheme, "work_max_over_mean": round(max(work) / mean, 4),
+                         "work_min_over_mean": round(min(work) / mean, 4),
+                         "tokens_max_over_mean": round(max(tokens) * degree / cu[-1], 4),
+                         "work_per_rank": " ".join(str(w) for w in work),
+                         "tokens_per_rank": " ".join(str(t) for t in tokens)})
+    return rows
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cpu") if args.host_only else C.pick_device(args.quick)
@@ -372,8 +406,11 @@ def main(argv=None):
     paths = [] if args.host_only else (C.save_results(out_dir, "cp_decomposition", env, summary)
                                        + C.save_results(out_dir, "cp_comm", env, comm))
     paths += C.save_results(out_dir, "cp_host", env, host)
+    packed = packed_work(args.degrees)
+    paths += C.save_results(out_dir, "cp_packed_work", env, packed)
     if args.host_only:
         print_host(host, args)
+        print_packed(packed)
         C.print_saved(paths, False)
         return summary, comm
     C.print_table(summary, [("impl", "impl"), ("ranks", "P"), ("causal", "causal"), ("direction", "dir"),
@@ -388,9 +425,17 @@ def main(argv=None):
                   title="communication model: per step, bytes each rank sends and whether the transfer hides "
                         "behind the slowest rank's compute of that step (NVLink 450 GB/s, IB 50 GB/s per direction)")
     print_host(host, args)
+    print_packed(packed)
     C.print_saved(paths, args.quick,
                   C.QUICK_NOTE + " (nor are the 'hidden' verdicts, which compare against those times)")
     return summary, comm
+
+
+def print_packed(rows):
+    C.print_table(rows, [("packing", "packing"), ("documents", "docs"), ("tokens", "tokens"), ("ranks", "R"),
+                         ("scheme", "scheme"), ("work_max_over_mean", "work max/mean"),
+                         ("work_min_over_mean", "work min/mean"), ("tokens_max_over_mean", "tokens max/mean")],
+                  title="packed documents: causal work per ring rank (counts, not timings; target balanced <= 1.10)")
 
 
 def print_host(rows, args):

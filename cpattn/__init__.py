@@ -11,6 +11,7 @@ from .context_parallel import ContextParallel, add_context_parallel_args, auto_u
 from .faults import PeerFailure
 from .inference import decode, decode_step, prefill, split_chunk
 from .kv_cache import ShardedKVCache
+from .layout import context_parallel_work
 from .ring import simulate_ring_attention, simulate_ring_attention_backward
 from .transfer import transfer_cache
 
@@ -19,7 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "flash_attn_func", "flash_attn_qkvpacked_func", "flash_attn_kvpacked_func", "flash_attn_varlen_func",
     "flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "scaled_dot_product_attention",
-    "ContextParallel", "add_context_parallel_args", "auto_ulysses_degree", "PeerFailure",
+    "ContextParallel", "add_context_parallel_args", "auto_ulysses_degree", "PeerFailure", "context_parallel_work",
     "simulate_ring_attention", "simulate_ring_attention_backward",
     "ShardedKVCache", "prefill", "decode", "decode_step", "split_chunk", "transfer_cache",
 ]

@@ -21,11 +21,11 @@ import torch.distributed as dist
 
 from cpattn.kernels import MaskSpec
 
-from ._checks import check_qkv, check_scale, check_sinks, check_softcap, check_window, positive_int
+from ._checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_window, positive_int
 from .comm import Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
     global_ranks
 from .faults import CommError, describe
-from .layout import RING_IMPLS, Layout
+from .layout import RING_IMPLS, Layout, doc_positions
 from .mesh import auto_ulysses_degree, node_of_this_process, plan_mesh
 from .ulysses import check_heads
 from .usp import MeshComms, usp_attention
@@ -40,8 +40,9 @@ _CONSTRUCTION_FIELDS = ("ulysses_degree (-1: auto)", "ring_impl index", "num_hea
 # cu_seqlens: a hash of its host copy) join by appending fields here and in _attention_signature.
 _ATTENTION_FIELDS = (*[f"{name}.shape[{i}]" for name in ("q", "k", "v") for i in range(4)], "dtype", "causal",
                      "return_lse", "needs grad", "softmax_scale bits", "sdpa layout", "window left", "window right",
-                     "softcap bits", "sinks")
-_GATHER_FIELDS = ("dtype", "ndim", "seq_dim", *[f"size[{i}]" for i in range(8)])
+                     "softcap bits", "sinks", "seq_len", "cu_seqlens hash")
+_GATHER_FIELDS = ("dtype", "ndim", "seq_dim", *[f"size[{i}] (seq_dim: seq_len)" for i in range(8)],
+                  "cu_seqlens hash")
 _MAX_SIGNATURES = 4096  # agreed signatures kept per object (shapes that change every call would grow it)
 
 
@@ -75,10 +76,32 @@ def _float_bits(x):
     return 0 if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
 
 
-def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout, window, softcap, sinks):
+def _docs_hash(docs):
+    """An int naming a packing (the same in every process: hashes of int tuples are not salted); 0 for none."""
+    return 0 if docs is None else hash(docs)
+
+
+def _packing(cu_seqlens, seq_len, where):
+    """(packing as a tuple or None, full length): ``cu_seqlens`` checked (int32, from 0, non-decreasing,
+    ending at ``seq_len`` when that is given) and read to the host."""
+    if cu_seqlens is None:
+        return None, seq_len
+    if seq_len is None and isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel():
+        seq_len = int(cu_seqlens[-1])
+    check_cu_seqlens(cu_seqlens, seq_len, seq_len, cu_seqlens.device, "cu_seqlens", where)
+    Layout.check_seq_len(seq_len, where)
+    return tuple(cu_seqlens.tolist()), seq_len
+
+
+def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout, window, softcap, sinks, seq_len, docs):
+    """What must agree across ranks; the local sequence lengths (which may differ by a token) count only
+    through the full ``seq_len``, which each rank has checked against its own."""
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return (*q.shape, *k.shape, *v.shape, dtype_code(q.dtype), int(causal), int(return_lse), int(needs_grad),
-            _float_bits(scale), int(sdpa_layout), *window, _float_bits(softcap), int(sinks is not None))
+    seq_dim = 2 if sdpa_layout else 1
+    shapes = [size if dim != seq_dim else -1 for t in (q, k, v) for dim, size in enumerate(t.shape)]
+    return (*shapes, dtype_code(q.dtype), int(causal), int(return_lse), int(needs_grad),
+            _float_bits(scale), int(sdpa_layout), *window, _float_bits(softcap), int(sinks is not None), seq_len,
+            _docs_hash(docs))
 
 
 class ContextParallel:
@@ -272,18 +295,42 @@ class ContextParallel:
             raise ValueError(f"{where}: seq_dim {seq_dim} is out of range for a {x.dim()}-D tensor")
         return seq_dim % x.dim()
 
-    def positions(self, seq_len):
-        """Global positions (CPU LongTensor) of this rank's tokens of a ``seq_len`` sequence, in local order."""
-        return self.layout.positions(seq_len, self.mesh_rank)
+    def positions(self, seq_len, cu_seqlens=None):
+        """Positions (CPU LongTensor) of this rank's tokens of a ``seq_len`` sequence, in local order:
+        global, or with ``cu_seqlens`` (packed documents) each token's position inside its document
+        (for RoPE). Any length: without documents ranks hold token counts differing by at most two."""
+        docs, seq_len = _packing(cu_seqlens, seq_len, "ContextParallel.positions")
+        tokens = self.layout.positions(seq_len, self.mesh_rank, docs)
+        return tokens if docs is None else doc_positions(docs)[tokens]
 
-    def shard(self, x, seq_dim=1):
-        """This rank's tokens of the full tensor ``x`` (a copy), in the order the mesh needs."""
-        seq_dim = self._seq_dim(x, seq_dim, "ContextParallel.shard")
-        self.layout.check_seq_len(x.shape[seq_dim], "ContextParallel.shard")
-        return x.index_select(seq_dim, self.positions(x.shape[seq_dim]).to(x.device))
+    def _full_length(self, local_len, seq_len, where, docs=None):
+        """The full sequence length (``seq_len``, or local_len x P when None), checked against the
+        ``local_len`` tokens this rank holds."""
+        if seq_len is None:
+            seq_len = local_len * self.world_size
+        self.layout.check_seq_len(seq_len, where)
+        expected = self.layout.local_lengths(seq_len, docs)[self.mesh_rank]
+        if local_len != expected:
+            raise ValueError(f"{where}: this rank holds {local_len} tokens, but its shard of a {seq_len}-token "
+                             f"sequence has {expected} (with uneven lengths pass the full length as seq_len=)")
+        return seq_len
 
-    def gather(self, x, seq_dim=1):
-        """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable)."""
+    def shard(self, x, seq_dim=1, cu_seqlens=None):
+        """This rank's tokens of the full tensor ``x`` (a copy), in the order the mesh needs.
+
+        ``cu_seqlens``: the packing of ``x``'s documents (global, int32, the same on every rank); the
+        shards then balance causal work (``Layout``) and must be used with the same ``cu_seqlens``."""
+        where = "ContextParallel.shard"
+        seq_dim = self._seq_dim(x, seq_dim, where)
+        self.layout.check_seq_len(x.shape[seq_dim], where)
+        docs, seq_len = _packing(cu_seqlens, x.shape[seq_dim], where)
+        return x.index_select(seq_dim, self.layout.positions(seq_len, self.mesh_rank, docs).to(x.device))
+
+    def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None):
+        """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable).
+
+        ``seq_len``: the full length; needed when it is not P x the local length (uneven lengths).
+        ``cu_seqlens``: the packing ``shard`` was given (it implies the length)."""
         where = "ContextParallel.gather"
         self._check_open(where)
         error, signature = None, None
@@ -292,21 +339,28 @@ class ContextParallel:
             if x.dim() > 8:
                 raise ValueError(f"{where}: at most 8 dimensions are supported, got {x.dim()}")
             check_backend(self.group, x.device, where)
-            self.layout.check_seq_len(x.shape[seq_dim] * self.world_size, where)
-            signature = (dtype_code(x.dtype), x.dim(), seq_dim, *x.shape, *[0] * (8 - x.dim()))
+            docs, seq_len = _packing(cu_seqlens, seq_len, where)
+            seq_len = self._full_length(x.shape[seq_dim], seq_len, where, docs)
+            shape = [seq_len if dim == seq_dim else size for dim, size in enumerate(x.shape)]
+            signature = (dtype_code(x.dtype), x.dim(), seq_dim, *shape, *[0] * (8 - x.dim()), _docs_hash(docs))
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(("gather", signature), signature, error, where, _GATHER_FIELDS, x)
+        lengths = [self.layout.local_lengths(seq_len, docs)[m] for m in self._mesh_ranks]  # of each group rank
         pieces = [x]
         if self._comm is not None:
-            pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(self.world_size)]
+            # all_gather moves equal shapes: every shard travels padded to the longest one
+            longest = max(lengths)
+            padded = x.new_zeros([longest if dim == seq_dim else size for dim, size in enumerate(x.shape)])
+            padded.narrow(seq_dim, 0, x.shape[seq_dim]).copy_(x)
+            pieces = [torch.empty_like(padded) for _ in range(self.world_size)]
             try:
-                work = dist.all_gather(pieces, x.contiguous(), group=self._comm.group, async_op=True)
+                work = dist.all_gather(pieces, padded, group=self._comm.group, async_op=True)
                 self._comm.wait([work], x.device.type == "cpu")
             except Exception as exc:
                 self._comm.fail(where, _comm_error("all-gather", exc))
-        stacked = torch.cat(pieces, dim=seq_dim)  # group rank after group rank
-        order = self.layout.order(stacked.shape[seq_dim], self._mesh_ranks).to(x.device)
+        stacked = torch.cat([p.narrow(seq_dim, 0, n) for p, n in zip(pieces, lengths)], dim=seq_dim)
+        order = self.layout.order(seq_len, self._mesh_ranks, docs).to(x.device)  # group rank after group rank
         return torch.empty_like(stacked).index_copy_(seq_dim, order, stacked)
 
     # ------------------------------------------------------------------ agreement
@@ -344,31 +398,41 @@ class ContextParallel:
     # ------------------------------------------------------------------ attention
 
     def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True,
-                   window_size=(-1, -1), softcap=0.0, sinks=None):
+                   window_size=(-1, -1), softcap=0.0, sinks=None, seq_len=None, cu_seqlens=None):
         """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
         self._check_open(where, failures=False)  # usp_attention checks for failures itself
+        docs, packing_error = None, None
+        try:  # read on the host every call: the plan depends on the packing (a sync on CUDA)
+            docs, seq_len = _packing(cu_seqlens, seq_len, where)
+        except (TypeError, ValueError) as exc:
+            packing_error = exc
         try:  # what the local checks depend on; a new key is checked and agreed on
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, bool(causal),
                    softmax_scale, bool(return_lse), enable_gqa, sdpa_layout,
                    torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-                   tuple(window_size), softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device))
-            known = self.check_across_ranks != "always" and key in self._agreed
+                   tuple(window_size), softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
+                   seq_len, docs)
+            known = packing_error is None and self.check_across_ranks != "always" and key in self._agreed
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             key, known = None, False
         if not known:
             softmax_scale = self._check_attention(key, q, k, v, causal, softmax_scale, return_lse, where,
-                                                  sdpa_layout, enable_gqa, window_size, softcap, sinks)
+                                                  sdpa_layout, enable_gqa, window_size, softcap, sinks, seq_len,
+                                                  docs, packing_error)
+        seq_len = seq_len or q.shape[2 if sdpa_layout else 1] * self.world_size
         if sdpa_layout:  # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides
             q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         window = MaskSpec(bool(causal), window_size).window  # causal is the right bound 0
-        return usp_attention(q, k, v, self._mesh, window, softmax_scale, bool(return_lse), where, float(softcap),
-                             sinks)
+        return usp_attention(q, k, v, self._mesh, seq_len, window, softmax_scale, bool(return_lse), where,
+                             float(softcap), sinks, docs)
 
     def _check_attention(self, key, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa,
-                         window_size, softcap, sinks):
+                         window_size, softcap, sinks, seq_len, docs, packing_error):
         """Local checks, then the cross-rank agreement; returns the softmax scale."""
         error, signature = None, None
         try:
+            if packing_error is not None:
+                raise packing_error
             _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, "sdpa" if sdpa_layout else "flash")
             softmax_scale = check_scale(softmax_scale, where)
             window_size = check_window(window_size, where)
@@ -382,16 +446,18 @@ class ContextParallel:
                                  f"(self-attention over one sharded sequence), got {seqlen_q} and {seqlen_k}")
             check_backend(self.group, q.device, where)
             check_heads(heads, heads_kv, self.ulysses_degree, where)
-            self.layout.check_seq_len(seqlen_q * self.world_size, where)
+            if docs is not None and q.shape[0] != 1:
+                raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {q.shape[0]}")
+            seq_len = self._full_length(seqlen_q, seq_len, where, docs)
             signature = _attention_signature(q, k, v, causal, softmax_scale, return_lse, sdpa_layout, window_size,
-                                             softcap, sinks)
+                                             softcap, sinks, seq_len, docs)
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(key, signature, error, where, _ATTENTION_FIELDS, q if error is None else None)
         return softmax_scale
 
     def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1),
-                  softcap=0.0, sinks=None):
+                  softcap=0.0, sinks=None, seq_len=None, cu_seqlens=None):
         """Attention of local shards in flash layout: q (B, S/P, H, D), k and v (B, S/P, Hkv, D).
 
         The shards must come from ``shard`` (or follow its order). ``causal``
@@ -402,21 +468,34 @@ class ContextParallel:
 
         ``window_size=(left, right)``, ``softcap`` and ``sinks`` (H,) as in
         ``cpattn.flash_attn_func``, by global position. ``sinks`` must be the same on
-        every rank (a replicated parameter); its gradient is summed over the group.
+        every rank (a replicated parameter); like every replicated parameter's, its
+        gradient on a rank is that rank's share, which the data/context-parallel
+        gradient all-reduce sums.
         A window shorter than the sequence skips the ring steps (and their kv
         transfers) whose keys no local query sees; ``ring_impl="ring"`` keeps
         neighbouring positions on neighbouring ranks, so it stops after
         ceil(window / piece) + 1 steps.
+
+        ``seq_len``: the full sequence length, any positive int (default: P x the
+        local length). Needed when the length is not divisible by the shard
+        layout, where ranks hold token counts differing by one or two.
+
+        ``cu_seqlens``: packed documents (batch 1), the GLOBAL packing (int32, the
+        same on every rank, as given to ``shard``; it implies ``seq_len``). Every
+        document is attended separately, causal and windows by the position inside
+        it (as ``flash_attn_varlen_func``); chunks that share no document make no
+        kernel call. Read to the host every call (a device sync on CUDA).
         """
         return self._attention(q, k, v, causal, softmax_scale, return_lse, "ContextParallel.attention", False,
-                               True, window_size, softcap, sinks)
+                               True, window_size, softcap, sinks, seq_len, cu_seqlens)
 
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False, *,
-                                     window_size=(-1, -1), softcap=0.0, sinks=None):
+                                     window_size=(-1, -1), softcap=0.0, sinks=None, seq_len=None,
+                                     cu_seqlens=None):
         """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
         out = self._attention(query, key, value, is_causal, scale, False,
                               "ContextParallel.scaled_dot_product_attention", True, enable_gqa, window_size,
-                              softcap, sinks)
+                              softcap, sinks, seq_len, cu_seqlens)
         return out.transpose(1, 2)
 
 

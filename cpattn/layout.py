@@ -4,23 +4,56 @@ A context-parallel mesh of P = ring_degree x ulysses_degree ranks, with mesh
 rank = ring_index * ulysses_degree + ulysses_index (Ulysses ranks adjacent in
 mesh order; ``mesh.py`` maps group ranks to mesh ranks).
 
-* The sequence is cut into chunks of equal length. ``ring``: R chunks, ring
-  rank r holds chunk r. ``zigzag``: 2R chunks, ring rank r holds chunks r and
-  2R-1-r, so under a causal mask every ring rank has the same amount of work
-  (an early chunk with little history and a late one with a lot).
-* A ring rank's piece (its chunks, in that order) is split into U equal
-  contiguous parts, one per Ulysses rank, so that the Ulysses all-to-all
-  (which concatenates the parts in Ulysses order) gives every rank of the ring
-  rank exactly its piece back.
+* The sequence is cut into chunks whose lengths differ by at most one (the
+  first ``seq_len % num_chunks`` chunks hold one token more), so any length
+  can be laid out, with no padding and no dropped token. ``ring``: R chunks,
+  ring rank r holds chunk r. ``zigzag``: 2R chunks, ring rank r holds chunks r
+  and 2R-1-r, so under a causal mask every ring rank has (nearly) the same
+  amount of work (an early chunk with little history and a late one with a lot).
+* A ring rank's piece (its chunks, in that order) is split into U contiguous
+  parts, again of lengths differing by at most one, one per Ulysses rank, so
+  that the Ulysses all-to-all (which concatenates the parts in Ulysses order)
+  gives every rank of the ring rank exactly its piece back.
 
+* Packed documents (``docs``: the global cu_seqlens as a tuple, 0 first, the
+  sequence length last): the cut points are chosen instead so that every
+  chunk holds the same causal work, sum over its tokens of (position inside
+  the token's document + 1), the number of (query, key) pairs a causal mask
+  leaves (``chunk_bounds``). With zigzag every ring rank then holds 2 of 2R
+  equal shares, within one token's work, whatever the document lengths (no
+  length needs to divide by anything). Attention inside each document is still
+  exact: the ring planner only pairs tokens of one document.
+
+Ranks may therefore hold different token counts (``local_lengths``).
 Everything else (shard, gather, RoPE positions, the global positions the ring
 hands to the kernels) derives from ``ring_chunks`` and ``positions`` here.
 """
 from dataclasses import dataclass
 
+import functools
+
 import torch
 
 RING_IMPLS = ("ring", "zigzag")
+
+
+def split_lengths(total, parts):
+    """``total`` cut into ``parts`` lengths differing by at most one, the longer ones first."""
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def doc_positions(docs):
+    """Each token's position inside its own document (LongTensor), for packing ``docs`` (cu_seqlens tuple)."""
+    cu = torch.tensor(docs, dtype=torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    return torch.arange(docs[-1]) - torch.repeat_interleave(cu[:-1], lengths)
+
+
+def causal_work(docs, positions=None):
+    """Causal (query, key) pairs of the tokens at ``positions`` (default all) of packing ``docs``."""
+    in_doc = doc_positions(docs)
+    return int((in_doc if positions is None else in_doc[positions]).add(1).sum())
 
 
 @dataclass(frozen=True)
@@ -52,35 +85,77 @@ class Layout:
             return (ring_index,)
         return (ring_index, 2 * self.ring_degree - 1 - ring_index)
 
-    def check_seq_len(self, seq_len, where):
-        """Raise ValueError unless a full sequence of ``seq_len`` tokens can be laid out."""
+    @staticmethod
+    def check_seq_len(seq_len, where):
+        """Raise ValueError unless ``seq_len`` is a valid full sequence length (any positive int)."""
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"{where}: sequence length must be a positive int, got {seq_len!r}")
-        if seq_len % self.world_size:
-            raise ValueError(f"{where}: sequence length {seq_len} is not divisible by the context-parallel "
-                             f"size {self.world_size} (ring {self.ring_degree} x ulysses {self.ulysses_degree})")
-        if seq_len % self.num_chunks:
-            raise ValueError(f"{where}: sequence length {seq_len} is not divisible by 2 x ring degree = "
-                             f"{self.num_chunks}, which zigzag sharding needs")
 
-    def ring_chunks(self, ring_index, piece_len):
-        """[(global start, length)] of the chunks in ring rank ``ring_index``'s piece, in local order.
+    @functools.lru_cache(maxsize=256)
+    def chunk_bounds(self, seq_len, docs=None):
+        """The num_chunks + 1 cut points of the sequence: equal token counts (differing by at most one),
+        or with ``docs`` equal causal work (see the module docstring)."""
+        if docs is None:
+            lengths = split_lengths(seq_len, self.num_chunks)
+            return tuple(sum(lengths[:c]) for c in range(self.num_chunks + 1))
+        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), doc_positions(docs).add(1).cumsum(0)])
+        total = int(prefix[-1])
+        # cut c: the first token boundary at which the work before it reaches c/num_chunks of the total
+        targets = torch.tensor([(c * total + self.num_chunks - 1) // self.num_chunks
+                                for c in range(1, self.num_chunks)], dtype=torch.int64)
+        cuts = torch.searchsorted(prefix, targets).tolist()
+        return (0, *cuts, seq_len)
 
-        ``piece_len`` is the length of one ring rank's piece (seq_len // ring_degree).
-        """
-        chunk_len = piece_len * self.ring_degree // self.num_chunks
-        return [(c * chunk_len, chunk_len) for c in self.ring_chunk_ids(ring_index)]
+    def ring_chunks(self, ring_index, seq_len, docs=None):
+        """[(global start, length)] of the chunks in ring rank ``ring_index``'s piece of a ``seq_len``
+        sequence, in local order (a chunk may be empty when the sequence is shorter than 2R)."""
+        bounds = self.chunk_bounds(seq_len, docs)
+        return [(bounds[c], bounds[c + 1] - bounds[c]) for c in self.ring_chunk_ids(ring_index)]
 
-    def positions(self, seq_len, rank):
+    def piece_length(self, ring_index, seq_len, docs=None):
+        return sum(length for _, length in self.ring_chunks(ring_index, seq_len, docs))
+
+    def ulysses_parts(self, ring_index, seq_len, docs=None):
+        """Lengths of the Ulysses ranks' parts of ring rank ``ring_index``'s piece, in Ulysses order."""
+        return split_lengths(self.piece_length(ring_index, seq_len, docs), self.ulysses_degree)
+
+    def local_lengths(self, seq_len, docs=None):
+        """Tokens each mesh rank holds, in mesh order."""
+        return [n for r in range(self.ring_degree) for n in self.ulysses_parts(r, seq_len, docs)]
+
+    def positions(self, seq_len, rank, docs=None):
         """Global positions (LongTensor) of the tokens mesh rank ``rank`` holds, in local order."""
         self.check_seq_len(seq_len, "positions")
         ring_index, ulysses_index = divmod(rank, self.ulysses_degree)
         piece = torch.cat([torch.arange(start, start + length)
-                           for start, length in self.ring_chunks(ring_index, seq_len // self.ring_degree)])
-        part_len = seq_len // self.world_size
-        return piece[ulysses_index * part_len:(ulysses_index + 1) * part_len]
+                           for start, length in self.ring_chunks(ring_index, seq_len, docs)])
+        parts = self.ulysses_parts(ring_index, seq_len, docs)
+        first = sum(parts[:ulysses_index])
+        return piece[first:first + parts[ulysses_index]]
 
-    def order(self, seq_len, ranks=None):
+    def order(self, seq_len, ranks=None, docs=None):
         """Global positions of the tokens of mesh ranks ``ranks`` (default all, in mesh order), rank after rank."""
         ranks = range(self.world_size) if ranks is None else ranks
-        return torch.cat([self.positions(seq_len, rank) for rank in ranks])
+        return torch.cat([self.positions(seq_len, rank, docs) for rank in ranks])
+
+
+WORK_SCHEMES = ("contiguous", "zigzag", "balanced")
+
+
+def context_parallel_work(cu_seqlens, ring_degree, scheme="balanced"):
+    """Causal work of each ring rank, [(query, key) pairs], for packed documents ``cu_seqlens``
+    (int32 tensor or ints, from 0, non-decreasing) over ``ring_degree`` ring ranks.
+
+    ``scheme``: "contiguous" (equal token counts, rank r holds the r-th), "zigzag"
+    (equal token counts, ranks r and 2R-1-r of 2R chunks), "balanced" (what
+    ``ContextParallel.shard(..., cu_seqlens=)`` does with ring_impl "zigzag":
+    2R chunks of equal causal work). Ulysses ranks of a ring rank share its work.
+    """
+    docs = tuple(int(n) for n in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+    if len(docs) < 2 or docs[0] != 0 or any(b < a for a, b in zip(docs, docs[1:])) or docs[-1] < 1:
+        raise ValueError(f"context_parallel_work: cu_seqlens must start at 0, not decrease and end past 0, got {docs}")
+    if scheme not in WORK_SCHEMES:
+        raise ValueError(f"context_parallel_work: scheme must be one of {WORK_SCHEMES}, got {scheme!r}")
+    layout = Layout(ring_degree, 1, "ring" if scheme == "contiguous" else "zigzag")
+    packing = docs if scheme == "balanced" else None
+    return [causal_work(docs, layout.positions(docs[-1], r, packing)) for r in range(ring_degree)]

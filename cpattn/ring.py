@@ -26,6 +26,7 @@ rank (ring_index - s) mod R. Computation and communication are separate:
   process plays every rank, running the same ``plan_step`` and step functions
   (for tests of many shapes and for benchmarks on one device).
 """
+import bisect
 import functools
 from dataclasses import dataclass
 
@@ -33,7 +34,7 @@ import torch
 
 from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward, merge_attention
 
-from ._checks import check_qkv
+from ._checks import check_cu_seqlens, check_qkv
 from .attention import _kernel_dtype
 from .faults import fault_point
 from .layout import Layout
@@ -45,19 +46,38 @@ KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart o
 class KernelCall:
     """One kernel call of a ring step: rows [q_lo, q_hi) of the local queries
     against rows [k_lo, k_hi) of the visiting kv, whose first rows sit at
-    global positions q_start and k_start. ``window``: the (left, right) window the
-    kernel applies, (-1, -1) when every query of the call sees every key."""
+    positions q_start and k_start (global, or inside their document). ``window``:
+    the (left, right) window the kernel applies, (-1, -1) when every query of the
+    call sees every key. A varlen call (packed documents) covers several document
+    segments at once: ``cu_q``/``cu_k`` are their bounds relative to q_lo/k_lo and
+    q_start/k_start tuples of each segment's first position inside its document."""
     q_lo: int
     q_hi: int
     k_lo: int
     k_hi: int
-    q_start: int
-    k_start: int
+    q_start: object
+    k_start: object
     window: tuple = (-1, -1)
+    cu_q: tuple = None
+    cu_k: tuple = None
 
-    @property
-    def mask(self):
-        return MaskSpec(window_size=self.window, q_start=self.q_start, k_start=self.k_start)
+    def mask_on(self, device):
+        if self.cu_q is None:
+            return MaskSpec(window_size=self.window, q_start=self.q_start, k_start=self.k_start)
+        return _varlen_mask(self, device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _varlen_mask(call, device):
+    """A varlen call's MaskSpec, its int32 tensors made once per device."""
+    def tensor(values):
+        return torch.tensor(values, dtype=torch.int32, device=device)
+
+    def longest(cu):
+        return max(b - a for a, b in zip(cu, cu[1:]))
+    return MaskSpec(window_size=call.window, q_start=tensor(call.q_start), k_start=tensor(call.k_start),
+                    cu_seqlens_q=tensor(call.cu_q), cu_seqlens_k=tensor(call.cu_k),
+                    max_seqlen_q=longest(call.cu_q), max_seqlen_k=longest(call.cu_k))
 
 
 def _with_offsets(chunks):
@@ -69,17 +89,59 @@ def _with_offsets(chunks):
     return result
 
 
-def plan_step(q_chunks, kv_chunks, window):
+def _shared_documents(docs, q_start, q_len, k_start, k_len):
+    """[(document start, q start, q end, k start, k end)]: the parts of two position ranges in each
+    document both touch (packing ``docs``, a cu_seqlens tuple). Two disjoint ranges share at most one."""
+    def first_last(start, length):  # the documents holding a range's first and last token
+        return bisect.bisect_right(docs, start) - 1, bisect.bisect_right(docs, start + length - 1) - 1
+    (q_first, q_last), (k_first, k_last) = first_last(q_start, q_len), first_last(k_start, k_len)
+    shared = []
+    for d in range(max(q_first, k_first), min(q_last, k_last) + 1):
+        lo, hi = docs[d], docs[d + 1]
+        qa, qb, ka, kb = max(q_start, lo), min(q_start + q_len, hi), max(k_start, lo), min(k_start + k_len, hi)
+        if qa < qb and ka < kb:
+            shared.append((lo, qa, qb, ka, kb))
+    return shared
+
+
+def _document_calls(q_chunk, kv_chunk, window, docs):
+    """The calls of one chunk pair under packing ``docs``: one per shared document segment with a
+    visible pair, merged into one varlen call when the segments tile contiguous rows (a chunk
+    against itself: every document in it)."""
+    (q_start, q_len, q_off), (k_start, k_len, k_off) = q_chunk, kv_chunk
+    segments = []
+    for doc, qa, qb, ka, kb in _shared_documents(docs, q_start, q_len, k_start, k_len):
+        some, every = MaskSpec.window_sees(window, qa - doc, qb - 1 - doc, ka - doc, kb - 1 - doc)
+        if some:
+            segments.append(KernelCall(q_off + qa - q_start, q_off + qb - q_start, k_off + ka - k_start,
+                                       k_off + kb - k_start, qa - doc, ka - doc, (-1, -1) if every else window))
+    contiguous = all(a.q_hi == b.q_lo and a.k_hi == b.k_lo for a, b in zip(segments, segments[1:]))
+    if len(segments) < 2 or not contiguous:
+        return segments
+    return [KernelCall(segments[0].q_lo, segments[-1].q_hi, segments[0].k_lo, segments[-1].k_hi,
+                       tuple(c.q_start for c in segments), tuple(c.k_start for c in segments), tuple(window),
+                       (0, *(c.q_hi - segments[0].q_lo for c in segments)),
+                       (0, *(c.k_hi - segments[0].k_lo for c in segments)))]
+
+
+def plan_step(q_chunks, kv_chunks, window, docs=None):
     """Kernel calls for local query chunks against visiting kv chunks.
 
     Chunks are [(global start, length)] in local buffer order (``Layout.ring_chunks``).
     ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
-    pairs of chunks with no visible (query, key) pair make no call.
+    pairs of chunks with no visible (query, key) pair make no call. ``docs``
+    (packed documents, a cu_seqlens tuple): only tokens of one document meet,
+    at their positions inside it; pairs that share no document make no call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
+    if docs is not None:
+        return [call for q_chunk in q_chunks if q_chunk[1] for k_chunk in kv_chunks if k_chunk[1]
+                for call in _document_calls(q_chunk, k_chunk, window, docs)]
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
+            if not q_len or not k_len:  # an empty chunk (a sequence shorter than 2R)
+                continue
             some, every = MaskSpec.window_sees(window, q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
             if some:
                 pairs.append((qi, ki, every))
@@ -104,20 +166,21 @@ def plan_step(q_chunks, kv_chunks, window):
 
 
 @functools.lru_cache(maxsize=512)
-def ring_plan(layout, ring_index, piece_len, window, offset=0):
+def ring_plan(layout, ring_index, seq_len, window, offset=0, docs=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
-    ``window`` as in ``plan_step``; ``offset`` shifts every global position (the
-    sequence starts there). The plan stops after the last step in which any ring
-    rank has a call (the same on every rank), so a window shorter than the
-    sequence also saves the kv transfers of the steps nobody needs.
+    ``seq_len``: the full sequence's length; ``window`` as in ``plan_step``;
+    ``offset`` shifts every global position (the sequence starts there). The
+    plan stops after the last step in which any ring rank has a call (the same
+    on every rank), so a window shorter than the sequence also saves the kv
+    transfers of the steps nobody needs. ``docs``: packed documents (``plan_step``).
     """
     def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, piece_len)]
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, docs)]
 
     def steps_of(rank):
         return [((rank - step) % layout.ring_degree,
-                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window)))
+                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window, docs)))
                 for step in range(layout.ring_degree)]
     needed = max(max((step for step, (_, calls) in enumerate(steps_of(r)) if calls), default=0)
                  for r in range(layout.ring_degree)) + 1
@@ -147,7 +210,7 @@ def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row
     """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
     for c in calls:
         attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
-                          softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
+                          softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
                           out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
@@ -162,11 +225,26 @@ def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_sca
         q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
         attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
                            rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
-                           softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
+                           softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
                            delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
                            dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
                            dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
                            compute_dq=compute_dq, compute_dkdv=compute_dkdv)
+
+
+def _padded(t, length):
+    """``t`` (B, S, H, D) with zero rows appended up to ``length``: ring ranks may hold pieces one or
+    two tokens apart (uneven lengths), and every message of a ring has the longest piece's shape.
+    The padding rows are never read: the plan's calls stop at each piece's true end."""
+    if t.shape[1] == length:
+        return t
+    padded = t.new_zeros((t.shape[0], length, *t.shape[2:]))
+    padded[:, :t.shape[1]] = t
+    return padded
+
+
+def _longest_piece(layout, seq_len, docs):
+    return max(layout.piece_length(r, seq_len, docs) for r in range(layout.ring_degree))
 
 
 class _KVRotation:
@@ -220,16 +298,21 @@ def sinks_grad(sinks, lse, delta):
     return -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2))
 
 
-def ring_forward(q, k, v, layout, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None):
-    """Forward over the ring; q, k, v hold this ring rank's whole piece.
+def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None,
+                 docs=None):
+    """Forward over the ring; q, k, v hold this ring rank's whole piece of a ``seq_len`` sequence
+    (packed documents ``docs``, a cu_seqlens tuple, or None).
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
     ``window`` = (left, right) by global position (causal: right 0); ``sinks`` (H,) are
     merged once, after the last step.
     """
-    plan = ring_plan(layout, ring_index, q.shape[1], window)
+    plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
     out, lse = _empty_result(q)
-    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
+    kv = None
+    if comm is not None:
+        longest = _longest_piece(layout, seq_len, docs)
+        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_rows()
     for step, (_, calls) in enumerate(plan):
         pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
@@ -242,7 +325,8 @@ def ring_forward(q, k, v, layout, ring_index, comm, window, softmax_scale, softc
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None):
+def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0,
+                  sinks=None, docs=None):
     """Gradients (fp32 dq, dk, dv, and this rank's share of d sinks or None) of
     ``ring_forward`` from the final out and lse.
 
@@ -254,11 +338,14 @@ def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, window, sof
     transfer for the next step overlaps the whole step. When a window ends the
     plan early, the dk/dv still travel the rest of the ring (without kv) home.
     """
-    plan = ring_plan(layout, ring_index, q.shape[1], window)
+    plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
     delta = attention_backward_delta(out, dout)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    kv = _KVRotation(k.contiguous(), v.contiguous(), comm) if comm is not None else None
-    dkv = [torch.zeros((2, *k.shape), dtype=torch.float32, device=k.device)]
+    longest, kv = k.shape[1], None
+    if comm is not None:
+        longest = _longest_piece(layout, seq_len, docs)
+        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
+    dkv = [torch.zeros((2, k.shape[0], longest, *k.shape[2:]), dtype=torch.float32, device=k.device)]
     if comm is not None:
         dkv.append(torch.empty_like(dkv[0]))
     halves = [(buffer[0], buffer[1]) for buffer in dkv]
@@ -287,41 +374,47 @@ def ring_backward(dout, q, k, v, out, lse, layout, ring_index, comm, window, sof
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
     dsinks = sinks_grad(sinks, lse, delta) if sinks is not None else None
-    return dq, halves[current][0], halves[current][1], dsinks
+    dk, dv = (_rows(t, 0, k.shape[1]) for t in halves[current])
+    return dq, dk, dv, dsinks
 
 
 # ----------------------------------------------------------------------------- simulation
 
-def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size=(-1, -1)):
+def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size=(-1, -1), docs=None):
     """schedule[ring_index][step] = (kv ring index, [KernelCall]) for a ring of full length ``seq_len``.
 
     Exactly what each rank of ``ring_forward``/``ring_backward`` computes at
     each step; benchmarks can replay it on one device. ``offset``: the global
     position of the first token; ``window_size`` as flash-attn's (steps whose kv no
-    query of any rank sees are dropped from the end).
+    query of any rank sees are dropped from the end); ``docs``: packed documents (a cu_seqlens tuple).
     """
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seq_len, "ring_schedule")
-    piece_len = seq_len // ring_degree
     window = MaskSpec(causal, window_size).window
-    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, piece_len, window, offset)]
+    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, seq_len, window, offset, docs)]
             for r in range(ring_degree)]
 
 
-def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_size, where):
-    _, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where)
+def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_size, cu_seqlens, where):
+    batch, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where)
     if seqlen_q != seqlen_k:
         raise ValueError(f"{where}: q and k/v must have the same sequence length, got {seqlen_q} and {seqlen_k}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
         raise ValueError(f"{where}: position_offset must be a non-negative int, got {offset!r}")
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seqlen_q, where)
-    positions = [layout.positions(seqlen_q, r).to(q.device) for r in range(ring_degree)]
-    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size), positions
+    docs = None
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, seqlen_q, seqlen_q, q.device, "cu_seqlens", where)
+        if batch != 1 or offset:
+            raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1 and position_offset 0")
+        docs = tuple(cu_seqlens.tolist())
+    positions = [layout.positions(seqlen_q, r, docs).to(q.device) for r in range(ring_degree)]
+    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size, docs), positions
 
 
 def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=False, softmax_scale=None,
-                            position_offset=0, window_size=(-1, -1), softcap=0.0, sinks=None):
+                            position_offset=0, window_size=(-1, -1), softcap=0.0, sinks=None, cu_seqlens=None):
     """Ring attention with one process playing all ``ring_degree`` ranks.
 
     q (B, S, H, D), k and v (B, S, Hkv, D): full sequences in natural order,
@@ -330,10 +423,12 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
     the same ``plan_step`` + ``forward_step`` as ``ring_forward``, with the kv
     shard it would hold at that step. Returns (out in q's dtype, lse fp32
     (B, H, S)) in natural order, equal to single-device attention.
-    ``window_size``, ``softcap`` and ``sinks`` as in ``flash_attn_func``.
+    ``window_size``, ``softcap`` and ``sinks`` as in ``flash_attn_func``. ``cu_seqlens``
+    (int32, batch 1): packed documents, each attended separately, sharded as
+    ``ContextParallel.shard(..., cu_seqlens=)`` does.
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
-                                             window_size, "simulate_ring_attention")
+                                             window_size, cu_seqlens, "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out_full, lse_full = _empty_result(q)
@@ -351,7 +446,8 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
 
 
 def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl="zigzag", causal=False,
-                                     softmax_scale=None, position_offset=0, window_size=(-1, -1), softcap=0.0):
+                                     softmax_scale=None, position_offset=0, window_size=(-1, -1), softcap=0.0,
+                                     cu_seqlens=None):
     """Gradients (dq, dk, dv) of ``simulate_ring_attention``, one process playing all ranks.
 
     Full tensors in natural order; ``out``/``lse`` are the final forward
@@ -361,7 +457,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     carries them round the ring instead).
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
-                                             window_size, "simulate_ring_attention_backward")
+                                             window_size, cu_seqlens, "simulate_ring_attention_backward")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))
     dq_full = torch.zeros(q.shape, dtype=torch.float32, device=q.device)

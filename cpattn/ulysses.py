@@ -13,6 +13,10 @@ Hkv. When Hkv divides U instead (fewer kv heads than ranks), rank u is sent kv
 head u // (U/Hkv), the one its query heads share (the packing reads it U/Hkv
 times; nothing is materialised), and ``gather_heads`` sums the U/Hkv copies'
 gradients. Other head counts cannot be split evenly and raise ValueError.
+
+Uneven lengths: the Ulysses ranks' sequence parts may differ by a token
+(``Layout.ulysses_parts``). Every rank then sends slots of the longest part's
+length; the rows past a part's end are never read (one all-to-all still).
 """
 import torch
 
@@ -48,41 +52,53 @@ def _unpack(src, heads, degree):
     return summed[..., 0, :].permute(1, 2, 0, 3)
 
 
-def scatter_heads(tensors, comm):
+def scatter_heads(tensors, comm, parts=None):
     """Sequence parts (B, S/U, H_i, D) -> head groups (B, S, H_i/U or 1, D), in one all-to-all over ``comm``.
 
-    The tensors share dtype, batch, length and head dim. Returns views of the received buffer.
+    The tensors share dtype, batch, length and head dim. ``parts``: every Ulysses
+    rank's part length, in Ulysses order (None: all equal to this rank's). Returns
+    views of the received buffer when the parts are equal.
     """
     degree = comm.degree
-    batch, part, _, dim = tensors[0].shape
+    batch, mine, _, dim = tensors[0].shape
+    part = mine if parts is None else max(parts)
     widths = [_heads_per_rank(t.shape[2], degree) for t in tensors]
     send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
     col = 0
     for t, width in zip(tensors, widths):
-        _pack(send[..., col:col + width, :], t, degree)
+        _pack(send[:, :, :mine, col:col + width, :], t, degree)
         col += width
     recv = comm.all_to_all(send)  # recv[i]: rank i's sequence part, this rank's heads
-    # (U, B, S/U, w, D) -> (B, S, w, D): a view when B == 1, one copy otherwise
-    full = recv.permute(1, 0, 2, 3, 4).reshape(batch, degree * part, sum(widths), dim)
+    if parts is None or min(parts) == part:
+        # (U, B, S/U, w, D) -> (B, S, w, D): a view when B == 1, one copy otherwise
+        full = recv.permute(1, 0, 2, 3, 4).reshape(batch, degree * part, sum(widths), dim)
+    else:
+        full = torch.cat([recv[i, :, :length] for i, length in enumerate(parts)], dim=1)
     return list(full.split(widths, dim=2))
 
 
-def gather_heads(tensors, heads, comm):
+def gather_heads(tensors, heads, comm, parts=None, index=0):
     """Head groups (B, S, w_i, D) -> sequence parts (B, S/U, heads[i], D), in one all-to-all over ``comm``.
 
     The inverse of ``scatter_heads``; where a head was replicated (its
     ``heads[i]`` divides U) the copies are summed, as gradients must be.
+    ``parts`` as in ``scatter_heads``; ``index``: this rank's Ulysses index (needed with ``parts``).
     """
     degree = comm.degree
     batch, seqlen, _, dim = tensors[0].shape
-    part = seqlen // degree
+    parts = [seqlen // degree] * degree if parts is None else parts
+    part = max(parts)
     widths = [t.shape[2] for t in tensors]
     send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
     col = 0
     for t, width in zip(tensors, widths):
-        send[..., col:col + width, :].copy_(t.view(batch, degree, part, width, dim).permute(1, 0, 2, 3, 4))
+        if min(parts) == part:
+            send[..., col:col + width, :].copy_(t.view(batch, degree, part, width, dim).permute(1, 0, 2, 3, 4))
+        else:
+            for i, piece in enumerate(t.split(parts, dim=1)):
+                send[i, :, :parts[i], col:col + width].copy_(piece)
         col += width
-    recv = comm.all_to_all(send)  # recv[i]: rank i's heads of this rank's sequence part
+    recv = comm.all_to_all(send)[:, :, :parts[index]]  # recv[i]: rank i's heads of this rank's sequence part
     parts, col = [], 0
     for count, width in zip(heads, widths):
         parts.append(_unpack(recv[..., col:col + width, :], count, degree))

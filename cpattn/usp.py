@@ -44,19 +44,24 @@ def _guarded(mesh, where, fn, *args):
         mesh.comm.fail(where, exc)
 
 
+def _ulysses_index(mesh):
+    return mesh.ulysses.members.index(dist.get_rank())
+
+
 def _local_heads(mesh, heads):
     """The query heads this rank attends with after the Ulysses all-to-all."""
     if mesh.ulysses is None:
         return slice(0, heads)
     width = heads // mesh.ulysses.degree
-    index = mesh.ulysses.members.index(dist.get_rank())
+    index = _ulysses_index(mesh)
     return slice(index * width, (index + 1) * width)
 
 
-def _forward(ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap, return_lse):
+def _forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse):
     heads, heads_kv, in_dtype = q.shape[2], k.shape[2], q.dtype
+    parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, docs)  # the Ulysses ranks' token counts
     if mesh.ulysses is not None:
-        q, k, v = scatter_heads((q, k, v), mesh.ulysses)
+        q, k, v = scatter_heads((q, k, v), mesh.ulysses, parts)
         fault_point("ulysses forward")
     local_sinks = sinks[_local_heads(mesh, heads)] if sinks is not None else None
     dtype = _kernel_dtype(q)
@@ -64,32 +69,34 @@ def _forward(ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap, return_l
         q, k, v = (t.to(dtype) for t in (q, k, v))
     if mesh.ring is not None:  # sent as they are: contiguous once, here, and saved so
         k, v = k.contiguous(), v.contiguous()
-    out, lse = ring_forward(q, k, v, mesh.layout, mesh.ring_index, mesh.ring, window, softmax_scale, softcap,
-                            local_sinks)
+    out, lse = ring_forward(q, k, v, mesh.layout, seq_len, mesh.ring_index, mesh.ring, window, softmax_scale,
+                            softcap, local_sinks, docs)
     out = out.to(dtype)
     ctx.save_for_backward(q, k, v, out, lse, local_sinks)
-    ctx.args = (mesh, window, softmax_scale, softcap, heads, heads_kv, in_dtype)
+    ctx.args = (mesh, seq_len, docs, parts, window, softmax_scale, softcap, heads, heads_kv, in_dtype)
     if dtype != in_dtype:
         out = out.to(in_dtype)
     if mesh.ulysses is not None:
-        (out,) = gather_heads([out], [heads], mesh.ulysses)
+        index = _ulysses_index(mesh)
+        (out,) = gather_heads([out], [heads], mesh.ulysses, parts, index)
         if return_lse:  # (B, H/U, S) as a (B, S, H/U, 1) "tensor"
-            (lse,) = gather_heads([lse.transpose(1, 2).unsqueeze(-1)], [heads], mesh.ulysses)
+            (lse,) = gather_heads([lse.transpose(1, 2).unsqueeze(-1)], [heads], mesh.ulysses, parts, index)
             lse = lse[..., 0].transpose(1, 2)
     return out, (lse if return_lse else None)
 
 
 def _backward(ctx, dout):
     q, k, v, out, lse, local_sinks = ctx.saved_tensors
-    mesh, window, softmax_scale, softcap, heads, heads_kv, in_dtype = ctx.args
+    mesh, seq_len, docs, parts, window, softmax_scale, softcap, heads, heads_kv, in_dtype = ctx.args
     if mesh.ulysses is not None:
-        (dout,) = scatter_heads([dout], mesh.ulysses)
+        (dout,) = scatter_heads([dout], mesh.ulysses, parts)
         fault_point("ulysses backward")
-    dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, mesh.ring_index,
-                                             mesh.ring, window, softmax_scale, softcap, local_sinks)
+    dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, seq_len,
+                                             mesh.ring_index, mesh.ring, window, softmax_scale, softcap, local_sinks,
+                                             docs)
     grads = [g.to(in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
-        grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses)
+        grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses, parts, _ulysses_index(mesh))
     dsinks = None
     if local_sinks is not None:
         # Each rank holds d sinks of its own rows and heads: the sum over the group is the gradient.
@@ -105,10 +112,10 @@ class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, sinks, mesh, window, softmax_scale, softcap,
-                            return_lse)
+        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale,
+                            softcap, return_lse)
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         return out, lse
@@ -117,13 +124,16 @@ class USPAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         mesh = ctx.args[0]
         dq, dk, dv, dsinks = _guarded(mesh, f"{ctx.where} backward", _backward, ctx, dout)
-        return dq, dk, dv, dsinks, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
 
 
-def usp_attention(q, k, v, mesh, window, softmax_scale, return_lse=False, where="usp_attention", softcap=0.0,
-                  sinks=None):
-    """Attention of local shards (flash layout) over the mesh; (out, lse) with ``return_lse``. Inputs are validated.
+def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=False, where="usp_attention",
+                  softcap=0.0, sinks=None, docs=None):
+    """Attention of local shards (flash layout) of a ``seq_len`` sequence over the mesh; (out, lse) with
+    ``return_lse``. Inputs are validated.
 
-    ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``)."""
-    out, lse = USPAttention.apply(q, k, v, sinks, mesh, tuple(window), softmax_scale, softcap, return_lse, where)
+    ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``);
+    ``docs``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
+    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, docs, tuple(window), softmax_scale, softcap,
+                                  return_lse, where)
     return (out, lse) if return_lse else out

@@ -70,7 +70,9 @@ def run_scenarios(rank, world_size):
                     cp.attention(*local, causal=True)  # agreed: the next call skips the exchange
                     if rank == culprit:
                         fault["time"] = time.time()
-                        local = [t[:, :-1] for t in local]
+                        # k/v one token short of q: locally invalid (a shorter q, k and v together
+                        # is a valid uneven length, which this rank cannot tell from a bad one)
+                        local = [local[0], *(t[:, :-1] for t in local[1:])]
                 cp.attention(*local, causal=True).backward(dout)
             outcome = ("no error", None, "")
         except PeerFailure as exc:

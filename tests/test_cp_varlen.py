@@ -169,6 +169,10 @@ def run_uneven(rank, world_size):
             # positions: each local token's position inside its document, the same as sharding them
             positions_ok = torch.equal(cp.positions(seq_len, cu_seqlens=cu),
                                        cp.shard(doc_positions(tuple(cu.tolist())), seq_dim=0, cu_seqlens=cu))
+            # the SDPA-layout method takes the packing too
+            sdpa_out = cp.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in local), is_causal=causal,
+                                                       enable_gqa=True, cu_seqlens=cu)
+            positions_ok = positions_ok and torch.allclose(sdpa_out, out.detach().transpose(1, 2), atol=1e-6)
         tokens = torch.arange(seq_len)
         lse_ok = rel_err(lse, ref_lse[..., cp.shard(tokens, 0, cu)]) < FWD_TOL
         x = torch.randn(2 if cu is None else 1, seq_len, 3)

@@ -154,14 +154,6 @@ class Communicator:
             for work in works:
                 work.wait()
 
-    def all_reduce(self, t):
-        """Sum ``t`` over the group, in place (small tensors: e.g. the gradient of attention sinks)."""
-        try:
-            work = dist.all_reduce(t, group=self.group, async_op=True)
-            self.wait([work], t.device.type == "cpu")
-        except Exception as exc:
-            raise CommError(f"all-reduce over ranks {global_ranks(self.group)}: {describe(exc)}") from exc
-
     # -------------------------------------------------------------- failures
 
     def check(self, where):

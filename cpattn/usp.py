@@ -99,11 +99,10 @@ def _backward(ctx, dout):
         grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses, parts, _ulysses_index(mesh))
     dsinks = None
     if local_sinks is not None:
-        # Each rank holds d sinks of its own rows and heads: the sum over the group is the gradient.
+        # This rank's share (its rows, its heads), as for every replicated parameter under context
+        # parallelism: the data/context-parallel gradient all-reduce sums the shares.
         dsinks = torch.zeros(heads, dtype=torch.float32, device=dout.device)
         dsinks[_local_heads(mesh, heads)] = dsinks_local
-        if mesh.comm is not None:
-            mesh.comm.all_reduce(dsinks)
         dsinks = dsinks.to(local_sinks.dtype)
     return (*grads, dsinks)
 

@@ -68,7 +68,8 @@ def run_cases(rank, world_size, ulysses_degree, ring_impl, cases):
         out = cp.attention(*local, causal=causal, window_size=window, softcap=softcap, sinks=leaf_sinks)
         out.backward(cp.shard(dout))
         got = [cp.gather(t) for t in (out.detach(), *(t.grad for t in local))]
-        if sinks is not None:
+        if sinks is not None:  # each rank holds its share of d sinks: the group sum is the gradient
+            torch.distributed.all_reduce(leaf_sinks.grad)
             got.append(leaf_sinks.grad)
         ref = _reference(q, k, v, dout, sinks=sinks, causal=causal, window_size=window, softcap=softcap)
         results.append([rel_err(g, r, floor=1e-2) for g, r in zip(got, ref)])

@@ -162,25 +162,6 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     return out, None
 
 
-class _GradShare(torch.autograd.Function):
-    """Identity whose backward divides the gradient by ``parts``.
-
-    ContextParallel.attention returns the sinks' gradient already summed over the
-    group, while a replicated parameter's gradient on each rank must be that rank's
-    share: all_reduce_gradients (like DDP) sums the shares, and would otherwise count
-    the sinks' gradient once per rank.
-    """
-
-    @staticmethod
-    def forward(ctx, x, parts):
-        ctx.parts = parts
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad / ctx.parts, None
-
-
 def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel."""
     where = "cpattn_cp attention"
@@ -211,8 +192,6 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
         agree_on_inputs(cp.group, [], error, where, (), hint=query)
     elif error is not None:
         raise error
-    if "sinks" in extras:
-        extras["sinks"] = _GradShare.apply(extras["sinks"], cp.world_size)
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                        causal=causal, softmax_scale=scaling, **extras)
     return out, None

@@ -78,6 +78,9 @@ def parse_args(argv):
     p.add_argument("--impls", type=C.str_list, default=["ring", "zigzag"])
     p.add_argument("--causal", choices=("both", "causal", "full"), default=None, help="default both")
     p.add_argument("--host-only", action="store_true", help="only the host-overhead table (no kernels run)")
+    p.add_argument("--window", type=int, default=4096, help="sliding window of the window table (default 4096)")
+    p.add_argument("--window-seqlen", type=int, default=131072,
+                   help="sequence of the window table, from the schedule alone (default 131072)")
     p.add_argument("--host-calls", type=int, default=None, help="timed calls per host measurement (default 200)")
     args = p.parse_args(argv)
     defaults = dict(seqlen=16384, heads=32, kv_heads=8, head_dim=128, dtype="bf16", degrees=[2, 4, 8], causal="both",
@@ -363,6 +366,24 @@ def replay(args, device):
     return summary, comm
 
 
+def window_work(args):
+    """Sliding windows: ring steps, kv transfers, kernel calls and kv bytes sent per rank, read from
+    ``ring_schedule`` (what every rank of ``ring_forward`` does) for a causal window of
+    ``--window`` tokens over ``--window-seqlen`` on 8 ranks, against full causal attention."""
+    rows = []
+    kv_heads, head_dim, size = args.kv_heads, args.head_dim, C.DTYPES[args.dtype].itemsize
+    for impl, window in itertools.product(args.impls, (None, args.window)):
+        schedule = ring.ring_schedule(args.window_seqlen, 8, impl, causal=True,
+                                      window_size=(-1, -1) if window is None else (window, 0))
+        piece_bytes = 2 * (args.window_seqlen // 8) * kv_heads * head_dim * size  # k and v of one rank
+        calls = [sum(len(c) for _, c in steps) for steps in schedule]
+        rows.append({"impl": impl, "seqlen": args.window_seqlen, "ranks": 8, "window": window or "none",
+                     "steps": len(schedule[0]), "kv_transfers_per_rank": len(schedule[0]) - 1,
+                     "kv_bytes_sent_per_rank": (len(schedule[0]) - 1) * piece_bytes,
+                     "kernel_calls_min": min(calls), "kernel_calls_max": max(calls)})
+    return rows
+
+
 def packed_work(ring_degrees):
     """Per ring rank causal work and tokens of a few packings under each scheme (see the module docstring)."""
     rng = random.Random(0)
@@ -408,6 +429,12 @@ def main(argv=None):
     paths += C.save_results(out_dir, "cp_host", env, host)
     packed = packed_work(args.degrees)
     paths += C.save_results(out_dir, "cp_packed_work", env, packed)
+    windowed = window_work(args)
+    paths += C.save_results(out_dir, "cp_window", env, windowed)
+    C.print_table(windowed, [("impl", "impl"), ("window", "window"), ("steps", "steps"),
+                             ("kv_transfers_per_rank", "kv sends"), ("kv_bytes_sent_per_rank", "kv bytes"),
+                             ("kernel_calls_min", "calls min"), ("kernel_calls_max", "calls max")],
+                  title=f"causal sliding window over {args.window_seqlen} tokens on 8 ranks (forward, per rank)")
     if args.host_only:
         print_host(host, args)
         print_packed(packed)

@@ -96,6 +96,11 @@ def test_bench_cp_decomposition(tmp_path):
     kv_bytes = fwd[0]["send_bytes"]
     assert [r["send_bytes"] for r in fwd] == [kv_bytes, 0]
     assert [r["step"] for r in bwd] == [0, 1, "after last"] and bwd[-1]["nvlink_hidden"] is False
+    # the window table: a 4k causal window over 128k on 8 ranks needs 2 ring steps (1 kv send per rank)
+    window = {(r["impl"], r["window"]): r for r in json.loads((tmp_path / "cp_window.json").read_text())["rows"]}
+    assert window[("ring", 4096)]["steps"] == 2 and window[("ring", "none")]["steps"] == 8
+    assert window[("ring", 4096)]["kv_bytes_sent_per_rank"] * 7 == window[("ring", "none")]["kv_bytes_sent_per_rank"]
+    assert window[("zigzag", 4096)]["kernel_calls_max"] < window[("zigzag", "none")]["kernel_calls_min"]
 
 
 def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):

@@ -3,6 +3,8 @@
 Bad input gets a TypeError or ValueError that names the argument and the
 problem, before any kernel runs; inputs are never modified.
 """
+import math
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,6 +72,13 @@ def positive_int(value, name, where, allow_none=False):
     if value < 1:
         raise ValueError(f"{where}: {name} must be a positive int, got {value}")
     return value
+
+
+def check_timeout(timeout, where):
+    """``timeout`` as a float if it is a positive finite number of seconds; else a ValueError."""
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+    return float(timeout)
 
 
 def refuse_unsupported(where, dropout_p=0.0, alibi_slopes=None, **others):

@@ -1,6 +1,6 @@
 """Process groups and collectives for context parallelism.
 
-* ``Communicator``: where one ContextParallel communicates. cpattn creates its
+* ``Communicator``: where one ContextParallel (or ShardedKVCache) communicates. cpattn creates its
   own process groups over the given group's ranks, with a timeout: one over
   all of them (ring P2P, agreement, gather) and one per Ulysses group. Each is
   created once per distinct set of ranks, shared by every Communicator over
@@ -27,7 +27,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from .faults import CommError, PeerFailure, close_connections, describe, group_store, record_first_failure
+from .faults import CommError, PeerFailure, close_connections, describe, gave_up_waiting, group_store, \
+    record_first_failure
 
 # Stable small ints for dtypes, so ranks can compare them inside a signature.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -56,6 +57,11 @@ class _SharedGroup:
         self.key, self.pg, self.users, self.failure = key, pg, 0, None
         self.failure_key = f"cpattn/failure/{serial}"  # a record per creation: a re-created group starts clean
 
+
+DEFAULT_TIMEOUT = 30.0  # seconds; the bound of faults.py for ContextParallel and ShardedKVCache
+
+# How long a rank that found its connections closed waits for the rank that closed them to say why.
+_CAUSE_GRACE = 2.0
 
 _shared = {}                      # (backend, ranks, timeout) -> _SharedGroup
 _creations = collections.Counter()  # (backend, ranks, timeout) -> groups created so far
@@ -106,7 +112,8 @@ def _group_count():
 
 
 class Communicator:
-    """The process groups one ContextParallel uses, their timeout, and the error path of its calls.
+    """The process groups one ContextParallel or ShardedKVCache (``owner``) uses, their timeout, and the
+    error path of its calls.
 
     ``parent``: the process group; ``timeout``: seconds; ``parts``: the
     Ulysses groups, lists of group ranks of ``parent`` that partition it (or
@@ -115,8 +122,8 @@ class Communicator:
     rank's Ulysses all-to-all.
     """
 
-    def __init__(self, parent, timeout, parts=None):
-        self.parent, self.timeout = parent, float(timeout)
+    def __init__(self, parent, timeout, parts=None, owner="ContextParallel"):
+        self.parent, self.timeout, self.owner = parent, float(timeout), owner
         self.backend = backend_name(parent)
         self._bound = datetime.timedelta(seconds=self.timeout)
         self._failed = None
@@ -140,7 +147,7 @@ class Communicator:
 
     def describe(self):
         if self.own_groups:
-            return (f"cpattn's own process groups (timeout {self.timeout:g} s, shared by every ContextParallel "
+            return (f"cpattn's own process groups (timeout {self.timeout:g} s, shared by every {self.owner} "
                     "over these ranks)")
         return (f"the given group itself (its ranks hold different numbers of process groups, so they cannot "
                 f"create groups among themselves); waits on CPU are bounded by {self.timeout:g} s")
@@ -159,11 +166,11 @@ class Communicator:
     def check(self, where):
         """Raise PeerFailure if an earlier call failed: these communicators are closed."""
         failure = self._failed
-        for entry in self._entries:  # a group shared with another ContextParallel may have failed there
+        for entry in self._entries:  # a group shared with another user may have failed there
             failure = failure or entry.failure
         if failure is not None:
-            raise PeerFailure(f"{where}: the communicators of this ContextParallel were closed after a failure "
-                              f"({failure}); build a new ContextParallel", rank=_rank_of(failure))
+            raise PeerFailure(f"{where}: the communicators of this {self.owner} were closed after a failure "
+                              f"({failure}); build a new {self.owner}", rank=_rank_of(failure))
 
     def fail(self, where, exc):
         """The error path of a call that raised ``exc`` here: record it, close the communicators, raise.
@@ -176,9 +183,12 @@ class Communicator:
             raise exc
         symptom = isinstance(exc, CommError)
         text = f"rank {dist.get_rank()} {'could not complete' if symptom else 'failed in'} {where}: {describe(exc)}"
-        first = record_first_failure(self._store, self._failure_key, text) if self._store is not None else text
+        first = text
+        if self._store is not None:
+            grace = min(self.timeout / 2, _CAUSE_GRACE) if symptom and not gave_up_waiting(exc) else 0.0
+            first = record_first_failure(self._store, self._failure_key, text, grace)
         self._close_after_failure(first)
-        closed = "this ContextParallel's communicators are closed: build a new one to go on"
+        closed = f"this {self.owner}'s communicators are closed: build a new one to go on"
         if not symptom:
             exc.add_note(f"cpattn: the other ranks of the group were told and raise PeerFailure; {closed}")
             raise exc

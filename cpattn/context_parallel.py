@@ -13,7 +13,6 @@ collective and no device-to-host copy besides the attention itself. A failure
 inside a call makes every rank raise within ``timeout`` (faults.py).
 """
 import argparse
-import math
 import struct
 
 import torch
@@ -21,10 +20,11 @@ import torch.distributed as dist
 
 from cpattn.kernels import MaskSpec
 
-from ._checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_window, positive_int
-from .comm import Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
+from ._checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_timeout, check_window, \
+    positive_int
+from .comm import DEFAULT_TIMEOUT, Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
     global_ranks
-from .faults import CommError, describe
+from .faults import comm_error
 from .layout import RING_IMPLS, Layout, doc_positions
 from .mesh import auto_ulysses_degree, node_of_this_process, plan_mesh
 from .ulysses import check_heads
@@ -33,7 +33,6 @@ from .usp import MeshComms, usp_attention
 __all__ = ["ContextParallel", "add_context_parallel_args", "auto_ulysses_degree", "CP_ALGOS"]
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
-DEFAULT_TIMEOUT = 30.0
 
 _CONSTRUCTION_FIELDS = ("ulysses_degree (-1: auto)", "ring_impl index", "num_heads", "num_kv_heads", "timeout ms")
 # A call's signature: what must be the same on every rank. Later arguments (window_size, softcap, sinks,
@@ -68,8 +67,7 @@ def _check_ulysses_degree(ulysses_degree, world_size, num_heads, where):
 def _check_options(check_across_ranks, timeout, where):
     if not (check_across_ranks is True or check_across_ranks is False or check_across_ranks == "always"):
         raise ValueError(f"{where}: check_across_ranks must be True, False or 'always', got {check_across_ranks!r}")
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"{where}: timeout must be a positive number of seconds, got {timeout!r}")
+    check_timeout(timeout, where)
 
 
 def _float_bits(x):
@@ -358,7 +356,7 @@ class ContextParallel:
                 work = dist.all_gather(pieces, padded, group=self._comm.group, async_op=True)
                 self._comm.wait([work], x.device.type == "cpu")
             except Exception as exc:
-                self._comm.fail(where, _comm_error("all-gather", exc))
+                self._comm.fail(where, comm_error("all-gather", exc))
         stacked = torch.cat([p.narrow(seq_dim, 0, n) for p, n in zip(pieces, lengths)], dim=seq_dim)
         order = self.layout.order(seq_len, self._mesh_ranks, docs).to(x.device)  # group rank after group rank
         return torch.empty_like(stacked).index_copy_(seq_dim, order, stacked)
@@ -389,7 +387,7 @@ class ContextParallel:
             rows = gather_rows(self._comm.group, [0 if error is None else 1, *(signature or [0] * len(field_names))],
                                hint, self._comm)
         except Exception as exc:
-            self._comm.fail(where, error if error is not None else _comm_error("agreement all-gather", exc))
+            self._comm.fail(where, error if error is not None else comm_error("agreement all-gather", exc))
         check_agreement(rows, error, where, field_names)
         if len(self._agreed) >= _MAX_SIGNATURES:
             self._agreed.clear()
@@ -497,12 +495,6 @@ class ContextParallel:
                               "ContextParallel.scaled_dot_product_attention", True, enable_gqa, window_size,
                               softcap, sinks, seq_len, cu_seqlens)
         return out.transpose(1, 2)
-
-
-def _comm_error(what, exc):
-    error = CommError(f"{what}: {describe(exc)}")
-    error.__cause__ = exc
-    return error
 
 
 def _ulysses_degree_arg(text):

@@ -13,7 +13,10 @@ minutes) or forever. ``comm.Communicator`` prevents that with three measures:
   "rank r failed in <where>: <error>" in the group's store (``compare_set``:
   the first record wins), then closes its connections (``close_connections``),
   so that peers blocked on it fail at once instead of at the timeout, and do
-  the same to the ranks blocked on them.
+  the same to the ranks blocked on them. A rank that only found a connection
+  closed waits briefly (at most 2 s) for the record of the rank that closed it
+  before recording its own symptom, so that the cause (or the timeout) is what
+  every rank names.
 * **Every rank raises**: the rank at fault its own exception (with a note), the
   others ``PeerFailure`` naming the rank recorded first, or, when no rank
   recorded anything (a process that died or hangs), the collective that timed
@@ -57,7 +60,9 @@ def inject_faults(hook):
 
     Places: "ring forward" and "ring backward" (step = ring step, after the
     step's transfer is posted and before its kernels), "ulysses forward" and
-    "ulysses backward" (between the two all-to-alls).
+    "ulysses backward" (between the two all-to-alls), "prefill" (pass-KV: step =
+    ring step, as in the ring; pass-Q: step None, before the all-to-all of the
+    partials) and "decode" (after the local attention, before the merge).
     """
     global _fault_hook
     previous, _fault_hook = _fault_hook, hook
@@ -69,15 +74,48 @@ def inject_faults(hook):
 
 # ----------------------------------------------------------------------------- error path
 
+def comm_error(what, exc):
+    """The CommError for a collective ``what`` that raised ``exc`` (kept as its cause)."""
+    error = CommError(f"{what}: {describe(exc)}")
+    error.__cause__ = exc
+    return error
+
+
+@contextlib.contextmanager
+def collective(what):
+    """Within the block, an exception is a failed collective ``what``: re-raised as CommError."""
+    try:
+        yield
+    except Exception as exc:
+        raise comm_error(what, exc) from exc
+
+
 def describe(exc):
     """One line: the exception's type and the first line of its message."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def record_first_failure(store, key, text):
-    """Store ``text`` under ``key`` unless a failure is recorded there already; return the record that stands."""
+def gave_up_waiting(exc):
+    """Whether a failed collective timed out itself (rather than finding a connection closed by a peer)."""
+    text = str(exc.__cause__ or exc).lower()
+    return "timed out" in text or "timeout" in text
+
+
+def record_first_failure(store, key, text, grace=0.0):
+    """Store ``text`` under ``key`` unless a failure is recorded there already; return the record that stands.
+
+    ``grace``: seconds to wait for another rank's record first. A rank that only
+    found its connections closed passes one: on gloo a timed-out receive closes
+    every connection of the rank that timed out *before* that rank can record
+    why, so the closed connection is seen first, and without the wait its
+    symptom would win over the cause.
+    """
     try:
+        if grace > 0:
+            with contextlib.suppress(Exception):  # nothing recorded within the grace: record our own
+                store.wait([key], datetime.timedelta(seconds=grace))
+                return store.get(key).decode(errors="replace")
         return store.compare_set(key, "", text).decode(errors="replace")
     except Exception:  # the store itself is gone (e.g. rank 0 died): nobody can be told
         return text

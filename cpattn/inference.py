@@ -45,6 +45,12 @@ where the keys live.
 * Errors: wrong shapes, dtypes, devices, head counts, overflow of the capacity
   or of the page pool raise ``ValueError``/``TypeError`` before anything is
   written, on every rank alike, so the cache is unchanged and no rank hangs.
+  A failure later in ``prefill`` or ``decode`` (out of memory, a kernel error)
+  takes faults.py's path: the rank at fault raises its error, the others
+  ``PeerFailure`` naming it, within the cache's ``timeout``; the caches sharing
+  that process group then refuse further collective calls. ``decode_step``
+  has no such path (a graph holds no ``try``): there a failed peer surfaces as
+  the collective's own timeout error.
 """
 import math
 
@@ -56,7 +62,8 @@ from cpattn.kernels import decode_attention, merge_splits
 
 from ._checks import check_scale, check_sinks, check_softcap, check_window
 from .attention import _kernel_dtype
-from .comm import agree_on_inputs
+from .comm import check_agreement, gather_rows
+from .faults import collective, comm_error, fault_point
 from .kv_cache import ShardedKVCache
 
 STRATEGIES = ("auto", "pass-q", "pass-kv")
@@ -102,7 +109,7 @@ def _agree(cache, check, values, where, hint):
     A rank whose inputs are bad would raise before a collective its peers are
     already waiting in, and they would hang. So the ranks exchange whether their
     check passed and ``values()``, a few ints that must match (shapes, sequences),
-    through ``comm.agree_on_inputs``, and all raise together.
+    on the cache's own process group (bounded by its timeout), and all raise together.
     """
     field_names = ["tokens", "heads", "strategy", "window", "softcap x 1e6", "sinks"] + \
         [f"order of sequence {b}" for b in range(cache.batch)]
@@ -112,11 +119,16 @@ def _agree(cache, check, values, where, hint):
         signature = values()
     except (TypeError, ValueError) as exc:
         error = exc
-    if cache.world_size == 1 or not cache.check_across_ranks:
+    comm = cache.comm
+    if comm is None or not cache.check_across_ranks:
         if error is not None:
             raise error
         return
-    agree_on_inputs(cache.group, signature, error, where, field_names, hint)
+    try:
+        rows = gather_rows(comm.group, [0 if error is None else 1, *signature], hint, comm)
+    except Exception as exc:
+        comm.fail(where, error if error is not None else comm_error("agreement all-gather", exc))
+    check_agreement(rows, error, where, field_names)
 
 
 def _call_values(q, strategy, options, rows, batch):
@@ -213,19 +225,15 @@ def _merge_across_ranks(out, lse, group, world):
     return _unpack(merged[: batch * n * heads].view(batch, n, heads, head_dim + 1))
 
 
-def _decode_core(cache, dev_rows, q, k, v, options, attend=True):
-    """Store the new tokens and attend (or, without ``attend``, contribute the empty partial):
-    device state only, fixed shapes, no host read."""
+def _decode_local(cache, dev_rows, q, k, v, options, attend=True):
+    """Store the new tokens and attend this rank's shard (or, without ``attend``, contribute the empty
+    partial): device state only, fixed shapes, no host read. Returns this rank's partial (out, lse)."""
     positions = cache.seqlens_device[dev_rows][:, None] + torch.arange(q.shape[1], device=cache.device)
     cache._store(dev_rows, positions, k, v)
     cache.seqlens_device[dev_rows] += q.shape[1]
     if attend:
-        out, lse = _attend_local(cache, dev_rows, q, positions, options, options.sinks if cache.rank == 0 else None)
-    else:
-        out, lse = _empty_partial(q)
-    if cache.world_size > 1:
-        out, lse = _merge_across_ranks(out, lse, cache.group or dist.group.WORLD, cache.world_size)
-    return out, lse
+        return _attend_local(cache, dev_rows, q, positions, options, options.sinks if cache.rank == 0 else None)
+    return _empty_partial(q)
 
 
 def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None, return_lse=False,
@@ -257,7 +265,17 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     # A rank holding no key the new tokens can see (a sliding window) launches no kernel.
     attend = (options.sinks is not None and cache.rank == 0) or not _sees_nothing(
         cache.layout, cache.rank, lens + q.shape[1], lens, lens + q.shape[1] - 1, options.window[0])
-    out, lse = _decode_core(cache, cache._device_rows(rows), q, k, v, options, attend)
+    comm = cache.comm
+    try:
+        out, lse = _decode_local(cache, cache._device_rows(rows), q, k, v, options, attend)
+        fault_point("decode")
+        if comm is not None:
+            with collective("decode merge"):
+                out, lse = _merge_across_ranks(out, lse, comm.group, cache.world_size)
+    except Exception as exc:
+        if comm is None:
+            raise
+        comm.fail(where, exc)
     cache._host_seqlens()[rows] += q.shape[1]
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -277,7 +295,9 @@ def decode_step(cache: ShardedKVCache, q, k, v, softmax_scale=None, return_lse=F
     where = "decode_step"
     _check_q(cache, q, k, v, cache.batch, where)
     options = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
-    out, lse = _decode_core(cache, cache._all_rows, q, k, v, options)
+    out, lse = _decode_local(cache, cache._all_rows, q, k, v, options)
+    if cache._comm is not None:  # no failure check here (it reads host state a graph cannot hold)
+        out, lse = _merge_across_ranks(out, lse, cache._comm.group, cache.world_size)
     cache._seqlens_stale = True  # the host copy of the lengths is refreshed on its next use
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
@@ -335,7 +355,8 @@ def _gather_chunk(cache, tensors, every_index, n):
         parts = [t]
         if cache.world_size > 1:
             parts = [torch.empty_like(t) for _ in range(cache.world_size)]
-            dist.all_gather(parts, t.contiguous(), group=cache.group)
+            with collective("prefill all-gather of the chunk"):
+                dist.all_gather(parts, t.contiguous(), group=cache.comm.group)
         full = torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=t.device)
         full[:, order] = torch.cat(parts, dim=1)
         fulls.append(full)
@@ -359,7 +380,9 @@ def _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options):
     packed = _pack(out_all, lse_all)
     send = torch.stack([packed[:, idx.to(cache.device)] for idx in every_index])
     recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=cache.group)
+    fault_point("prefill")
+    with collective("prefill all-to-all of the partials"):
+        dist.all_to_all_single(recv, send, group=cache.comm.group)
     out, _ = merge_splits(*_unpack(recv))
     return out
 
@@ -368,10 +391,11 @@ def _ring_exchange(cache, send, recv):
     """Post: ``send`` to the next rank of the cache's group, the previous rank's into ``recv``.
 
     (The pass-KV ring's own two P2P ops: comm.RingComm belongs to ContextParallel's communicators.)"""
-    group, world = cache.group, cache.world_size
-    peer = lambda r: dist.get_global_rank(group, r) if group is not None else r  # noqa: E731
-    return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer((cache.rank + 1) % world), group),
-                                   dist.P2POp(dist.irecv, recv, peer((cache.rank - 1) % world), group)])
+    group, world = cache.comm.group, cache.world_size
+    peer = lambda r: dist.get_global_rank(group, r)  # noqa: E731
+    with collective("prefill ring exchange"):
+        return dist.batch_isend_irecv([dist.P2POp(dist.isend, send, peer((cache.rank + 1) % world), group),
+                                       dist.P2POp(dist.irecv, recv, peer((cache.rank - 1) % world), group)])
 
 
 def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
@@ -389,6 +413,7 @@ def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
         if step + 1 < world:
             incoming = torch.empty_like(shard)
             pending = _ring_exchange(cache, shard, incoming)  # the next shard travels while this one is used
+        fault_point("prefill", step)
         sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
         if sinks is not None or not _sees_nothing(cache.layout, src, lens, q_pos_host.min(1).values,
                                                   q_pos_host.max(1).values, options.window[0]):
@@ -396,8 +421,8 @@ def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
             partials.append(_attend(q, shard[0], shard[1], src_lens, q_positions, None,
                                     cache.layout.slot_positions(src), options, sinks))
         if step + 1 < world:
-            for work in pending:
-                work.wait()
+            with collective("prefill ring exchange"):
+                cache.comm.wait(pending, shard.is_cpu)
             shard = incoming
     if not partials:
         return _empty_partial(q)[0]
@@ -446,7 +471,12 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
 
     if world > 1:
         every_index = [torch.empty_like(token_index) for _ in range(world)]
-        dist.all_gather(every_index, token_index, group=cache.group)
+        comm = cache.comm
+        try:
+            with collective("prefill all-gather of token_index"):
+                dist.all_gather(every_index, token_index, group=comm.group)
+        except Exception as exc:
+            comm.fail(where, exc)
     else:
         every_index = [token_index]
     if not torch.equal(torch.cat(every_index).sort().values.cpu(), torch.arange(n)):
@@ -457,13 +487,18 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     if strategy == "auto":
         strategy = choose_prefill_strategy(world, len(rows) * n, int(start.sum()), q.shape[2], cache.num_kv_heads,
                                            cache.head_dim, q.element_size())
-    k_full, v_full = _gather_chunk(cache, [k, v], every_index, n)
-    cache._reserve(rows, n, where)
-    dev_rows = cache._device_rows(rows)
-    cache._store(dev_rows, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
-    cache._advance(rows, n)
-    if strategy == "pass-q":
-        out = _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options)
-    else:
-        out = _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options)
+    try:
+        k_full, v_full = _gather_chunk(cache, [k, v], every_index, n)
+        cache._reserve(rows, n, where)
+        dev_rows = cache._device_rows(rows)
+        cache._store(dev_rows, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
+        cache._advance(rows, n)
+        if strategy == "pass-q":
+            out = _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options)
+        else:
+            out = _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options)
+    except Exception as exc:
+        if cache.world_size == 1:
+            raise
+        cache.comm.fail(where, exc)
     return out.to(q.dtype)

@@ -36,7 +36,9 @@ import torch.distributed as dist
 
 from cpattn.kernels.tiles import is_power_of_two
 
-from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, positive_int
+from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_timeout, positive_int
+from .comm import DEFAULT_TIMEOUT, Communicator, check_agreement, gather_rows
+from .faults import collective
 
 DEFAULT_STRIPE = 16
 
@@ -89,11 +91,44 @@ class ShardedKVCache:
     all-gathers a few ints so that bad input on one rank raises on all of them
     instead of hanging the others; False saves that collective.
     Use one cache per attention layer; ``cpattn.inference`` runs attention on it.
+    Collective over ``group`` (every rank constructs it with the same arguments):
+    the caches share cpattn's own process group over its ranks, whose ``timeout``
+    (seconds) bounds how long a rank waits for a failed or missing peer; ``close()``
+    (or ``with``) gives it back. After a failure in a call, the cache raises
+    ``PeerFailure`` at its next collective call (its contents stay readable locally).
     """
 
     def __init__(self, batch, capacity, num_kv_heads, head_dim, dtype=torch.float32, device=None, group=None,
-                 page_size=None, stripe=None, num_pages=None, check_across_ranks=True):
+                 page_size=None, stripe=None, num_pages=None, check_across_ranks=True, timeout=DEFAULT_TIMEOUT):
         where = "ShardedKVCache"
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        elif group is not None:
+            raise ValueError(f"{where}: a process group was given but torch.distributed is not initialised")
+        else:
+            self.world_size, self.rank = 1, 0
+        error = None
+        try:
+            self._build(batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where)
+            self.check_across_ranks = bool(check_across_ranks)
+            timeout = check_timeout(timeout, where)
+        except (TypeError, ValueError) as exc:
+            error = exc
+        self._comm = None
+        if self.world_size > 1:
+            # Collective: the ranks learn whether all of them accepted their arguments (so that none
+            # waits below for one that raised), then share cpattn's own process group over these ranks,
+            # with ``timeout``: prefill, decode and gather run on it, and a failure in one of them makes
+            # every rank raise within the timeout (faults.py) instead of hanging.
+            parent = group or dist.group.WORLD
+            check_agreement(gather_rows(parent, [int(error is not None)]), error, where, ())
+            self._comm = Communicator(parent, timeout, owner=where)
+        elif error is not None:
+            raise error
+
+    def _build(self, batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where):
+        """Check the arguments and allocate the storage (local)."""
         self.batch = positive_int(batch, "batch", where)
         self.capacity = positive_int(capacity, "capacity", where)
         self.num_kv_heads = positive_int(num_kv_heads, "num_kv_heads", where)
@@ -104,14 +139,6 @@ class ShardedKVCache:
             raise ValueError(f"{where}: head_dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
         self.dtype = dtype
         self.device = torch.device(device if device is not None else "cpu")
-        self.group = group
-        self.check_across_ranks = bool(check_across_ranks)
-        if dist.is_available() and dist.is_initialized():
-            self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        elif group is not None:
-            raise ValueError(f"{where}: a process group was given but torch.distributed is not initialised")
-        else:
-            self.world_size, self.rank = 1, 0
         self.paged = page_size is not None
         if self.paged:
             positive_int(page_size, "page_size", where)
@@ -152,6 +179,26 @@ class ShardedKVCache:
         self._limit = torch.full((self.batch,), 0 if self.paged else self.capacity, dtype=torch.int64)
         self.limit_device = self._limit.to(self.device)
         self._all_rows = torch.arange(self.batch, device=self.device)
+
+    # ---- communication --------------------------------------------------------------------------------
+    @property
+    def comm(self):
+        """The ``comm.Communicator`` that prefill, decode and gather use (None for one rank): raises
+        PeerFailure if an earlier call failed on some rank (then this cache can no longer communicate)."""
+        if self._comm is not None:
+            self._comm.check("ShardedKVCache")
+        return self._comm
+
+    def close(self):
+        """Give back the process group shared with other caches (destroyed with its last user). Local."""
+        if self._comm is not None:
+            self._comm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     # ---- layout -------------------------------------------------------------------------------------
     def owner(self, positions):
@@ -365,8 +412,10 @@ class ShardedKVCache:
         if self.world_size > 1:
             ks = [torch.empty_like(k_local) for _ in range(self.world_size)]
             vs = [torch.empty_like(v_local) for _ in range(self.world_size)]
-            dist.all_gather(ks, k_local, group=self.group)
-            dist.all_gather(vs, v_local, group=self.group)
+            comm = self.comm
+            with collective("ShardedKVCache.gather all-gather"):
+                comm.wait([dist.all_gather(ks, k_local, group=comm.group, async_op=True),
+                           dist.all_gather(vs, v_local, group=comm.group, async_op=True)], k_local.is_cpu)
         else:
             ks, vs = [k_local], [v_local]
         length = int(self._host_seqlens().max()) if self.batch else 0

@@ -16,8 +16,9 @@ import time
 import torch
 
 import cpattn
-from cpattn.faults import PeerFailure, inject_faults
+from cpattn.faults import inject_faults
 from cpattn.testing import run_ranks
+from fault_scenarios import check_outcomes, fault_hook, outcome
 from reference import rel_err, sdpa_with_grads
 
 WORLD, SEQ_LEN, HEADS, HEAD_DIM = 4, 32, 4, 16
@@ -54,18 +55,9 @@ def run_scenarios(rank, world_size):
         local = [t.requires_grad_() for t in (q, k, v)]
         fault = {}
 
-        def hook(where, at):
-            if rank == culprit and where == place and (step is None or at == step):
-                fault["time"] = time.time()
-                if action == "hang":
-                    time.sleep(TIMEOUT + 2)  # then goes on, into closed connections
-                elif action == "oom":
-                    raise torch.OutOfMemoryError("injected: out of memory")
-                else:
-                    raise RuntimeError(f"injected fault at {where} step {at}")
-
-        try:
-            with inject_faults(hook):
+        def call():
+            nonlocal local
+            with inject_faults(fault_hook(rank, place, step, culprit, action, TIMEOUT, fault)):
                 if action == "bad input":
                     cp.attention(*local, causal=True)  # agreed: the next call skips the exchange
                     if rank == culprit:
@@ -74,12 +66,8 @@ def run_scenarios(rank, world_size):
                         # is a valid uneven length, which this rank cannot tell from a bad one)
                         local = [local[0], *(t[:, :-1] for t in local[1:])]
                 cp.attention(*local, causal=True).backward(dout)
-            outcome = ("no error", None, "")
-        except PeerFailure as exc:
-            outcome = ("PeerFailure", exc.rank, str(exc))
-        except Exception as exc:
-            outcome = (type(exc).__name__, None, str(exc))
-        outcomes[name] = (*outcome, time.time(), fault.get("time"))
+
+        outcomes[name] = (*outcome(call), time.time(), fault.get("time"))
         cp.close()
     # The group is fine: a new ContextParallel gives the right answer.
     cp = cpattn.ContextParallel(ulysses_degree=2, timeout=TIMEOUT)
@@ -95,23 +83,7 @@ def test_every_rank_raises_within_the_timeout():
     per_rank = run_ranks(run_scenarios, WORLD, timeout=300)
     assert not multiprocessing.active_children(), "a rank process is still running"
     for name, (_, _, _, culprit, action) in SCENARIOS.items():
-        fault_time = per_rank[culprit][0][name][4]
-        assert fault_time is not None, f"{name}: the fault was never injected"
-        for rank, (outcomes, _) in enumerate(per_rank):
-            kind, named, message, raised_at, _ = outcomes[name]
-            label = f"{name}, rank {rank}: {kind}: {message}"
-            if not (action == "hang" and rank == culprit):  # the hung rank itself comes back late, by design
-                assert raised_at - fault_time < TIMEOUT + COMPUTE_SLACK, \
-                    f"{label}: raised {raised_at - fault_time:.1f} s after the fault"
-            if action == "hang":
-                # Nobody failed: the ranks that waited for the hung rank time out, naming the collective.
-                assert kind == "PeerFailure", label
-                assert "ring exchange" in message and "Timed out" in message, label
-            elif rank == culprit:
-                expected = {"oom": "OutOfMemoryError", "bad input": "ValueError"}.get(action, "RuntimeError")
-                assert kind == expected, label
-            else:
-                assert kind == "PeerFailure" and named == culprit, label
-                assert f"rank {culprit} failed in ContextParallel.attention" in message, label
+        check_outcomes([outcomes[name][:4] for outcomes, _ in per_rank], per_rank[culprit][0][name][4], culprit,
+                       action, TIMEOUT + COMPUTE_SLACK, "ring exchange", "ContextParallel.attention", name)
     for rank, (_, errors) in enumerate(per_rank):
         assert max(errors) < 1e-3, f"rank {rank}: a ContextParallel built after the faults is wrong: {errors}"

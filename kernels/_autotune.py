@@ -7,12 +7,15 @@ backward, an in-place merge) need the autotuner to restore their outputs between
 trials; every other launch overwrites its outputs, so cloning them would only
 cost time inside the timed region.
 
-Configs depend on the GPU family and the head dim. Each list below is what an
-ahead-of-time compile (kernels/aot.py, run by tests/test_compile_gate.py for
-sm_80 and sm_90, fp16 and bf16, head dims 64, 128 and 256) found to compile
-without spilling registers and within shared memory; on sm_90 the forward and
-backward configs also keep every dot on wgmma (BLOCK_M, resp. BLOCK_N for dk/dv,
-of at least 64 rows). ``keep_configs`` picks the list for the GPU at hand and
+Configs depend on the GPU family and the head dim. Each list below holds the
+configs that the compile gate (kernels/aot.py: bench/aot_gate.py sweeps it,
+tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
+dims 64, 128 and 256) found to compile without spilling registers and within
+shared memory on every Triton release it ran on (3.4.0, the oldest supported,
+and 3.9.0: ptxas allocates registers differently between them, so a config
+clean on one can spill on the other); on sm_90 the forward and backward configs
+also keep every dot on wgmma (BLOCK_M of at least 64 rows; dk/dv at head dim
+256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
 drops configs whose shared memory estimate exceeds what that GPU allows per
 block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
@@ -33,46 +36,63 @@ def _row_configs(rows):
 # Family "sm_90": Hopper (wgmma) and newer; "sm_80": every GPU with mma.sync (Ampere, Ada).
 # (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
 _FWD = {
-    ("sm_90", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
-                             (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 4, 2), (128, 128, 8, 2)]),
+    ("sm_90", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
+                             (64, 64, 4, 2), (128, 128, 8, 2)]),
     ("sm_90", 128): _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
-                              (64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 4)]),
-    ("sm_90", 256): _configs([(64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 2)]),
-    ("sm_80", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4),
-                             (64, 32, 4, 4), (64, 64, 4, 2), (128, 64, 4, 3), (128, 128, 8, 2)]),
-    ("sm_80", 128): _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
-                              (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 4, 3), (64, 32, 4, 4)]),
-    ("sm_80", 256): _configs([(64, 64, 8, 2), (64, 32, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)]),
+                              (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 4)]),
+    ("sm_90", 256): _configs([(64, 32, 8, 3), (64, 32, 8, 2)]),
+    ("sm_80", 64): _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2)]),
+    ("sm_80", 128): _configs([(128, 32, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 4, 3),
+                              (64, 32, 4, 4)]),
+    ("sm_80", 256): _configs([(64, 32, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)]),
 }
 _DKDV = {
-    ("sm_90", 64): _configs([(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
-                             (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 1)]),
+    ("sm_90", 64): _configs([(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2),
+                             (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 1)]),
     ("sm_90", 128): _configs([(32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3), (32, 128, 8, 1),
-                              (16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 4, 3)]),
-    ("sm_90", 256): _configs([(16, 32, 4, 2), (16, 64, 8, 1), (16, 64, 8, 2)]),
-    ("sm_80", 64): _configs([(64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
-                             (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)]),
-    ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
                               (16, 64, 8, 2), (16, 128, 8, 2)]),
-    ("sm_80", 256): _configs([(16, 64, 8, 1), (16, 32, 4, 2), (16, 64, 8, 2)]),
+    ("sm_90", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+    ("sm_80", 64): _configs([(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)]),
+    ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2)]),
+    ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
 }
 _DQ = {
-    ("sm_90", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2),
-                             (128, 128, 8, 1), (64, 128, 8, 2)]),
-    ("sm_90", 128): _configs([(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (128, 128, 8, 1), (64, 32, 4, 2),
-                              (64, 64, 4, 2)]),
-    ("sm_90", 256): _configs([(64, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 2)]),
-    ("sm_80", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 3), (32, 128, 4, 2),
-                             (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2), (64, 32, 4, 2)]),
-    ("sm_80", 128): _configs([(64, 64, 4, 2), (64, 128, 8, 2), (64, 64, 8, 3), (32, 64, 4, 2), (16, 64, 4, 2),
-                              (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2), (64, 32, 4, 2)]),
-    ("sm_80", 256): _configs([(64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (16, 64, 4, 2)]),
+    ("sm_90", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)]),
+    ("sm_90", 128): _configs([(128, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2)]),
+    ("sm_90", 256): _configs([(64, 32, 8, 2), (64, 16, 8, 2), (64, 16, 4, 2)]),
+    ("sm_80", 64): _configs([(128, 64, 8, 2), (32, 64, 4, 3), (32, 128, 4, 2), (32, 64, 4, 2), (16, 64, 4, 2),
+                             (32, 128, 8, 2), (64, 32, 4, 2)]),
+    ("sm_80", 128): _configs([(64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2),
+                              (64, 32, 4, 2)]),
+    ("sm_80", 256): _configs([(16, 64, 4, 2)]),
 }
-_DECODE = _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3),
-                    (32, 64, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)])
+# Split-KV decode and the merges: one list per family and head-dim bound too (wide rows spill with few warps).
+_DECODE = {
+    ("sm_90", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2),
+                             (64, 64, 4, 2)]),
+    ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2)]),
+    ("sm_90", 256): _configs([(16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
+    ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (64, 64, 4, 2)]),
+    ("sm_80", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2)]),
+    ("sm_80", 256): _configs([(16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)]),
+}
 _PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
-_MERGE = _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)])
-_MERGE_SPLITS = _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4)])
+_MERGE = {(family, bound): _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)
+                                         if not (bound == 256 and bm == 64 and w == 2)])
+          for family in ("sm_80", "sm_90") for bound in (64, 128, 256)}
+_MERGE_SPLITS = {
+    **{(family, 64): _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4)]) for family in ("sm_80", "sm_90")},
+    **{(family, 128): _row_configs([(16, 2), (16, 4), (32, 4)]) for family in ("sm_80", "sm_90")},
+    **{(family, 256): _row_configs([(16, 4)]) for family in ("sm_80", "sm_90")},
+}
+
+# Accumulating launches (a ring step adding into the running fp32 out/lse or gradients) fuse the add into
+# the kernel's epilogue up to this head-dim tile. Above it the epilogue holds two fp32 (rows, head dim)
+# tiles at once: at 128 the fastest forward configs spill (sm_80: 128 x 64 tiles, 48 B) and at 256 every
+# config does (the compile gate). There the step computes its partial alone and the merge kernel
+# (forward) or a tensor add (backward) folds it in: one more pass over the fp32 partial, small next to
+# a ring step's attention.
+FUSED_ACCUMULATE_MAX_BLOCK_D = 64
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
 _ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]

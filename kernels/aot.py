@@ -38,7 +38,7 @@ import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
-from triton.runtime.jit import create_function_from_signature
+from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
 
 from . import _autotune, decode, flash_bwd, flash_fwd, merge
 
@@ -190,8 +190,24 @@ def _bind(launch, config, target):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = {**launch.constants, **config.all_kwargs()}
     bound, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    options, signature, constexprs, attrs = _pack(kernel, backend, kwargs, bound, specialization, options)
     return ASTSource(kernel, signature, constexprs, attrs), options.__dict__
+
+
+def _pack(kernel, backend, kwargs, bound, specialization, options):
+    """(options, signature, constexprs, attrs) as ``JITFunction.run`` derives them: its ``_pack_args``
+    where Triton has one, else the same steps, which older releases (3.4) write inline in ``run``."""
+    if hasattr(kernel, "_pack_args"):
+        return kernel._pack_args(backend, kwargs, bound, specialization, options)
+    options = backend.parse_options(kwargs)
+    sigvals = [kind for kind, _ in specialization]
+    signature = {param.name: kind for param, kind in zip(kernel.params, sigvals)}
+    constexprs = {path: get_iterable_path(list(bound.values()), path)
+                  for path in find_paths_if(sigvals, lambda _, kind: kind == "constexpr")}
+    attrvals = [attr for _, attr in specialization]
+    attrs = {path: backend.parse_attr(get_iterable_path(attrvals, path))
+             for path in find_paths_if(attrvals, lambda _, attr: isinstance(attr, str))}
+    return options, signature, constexprs, attrs
 
 
 def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS,
@@ -260,6 +276,12 @@ def problems(row):
 
 
 # ---------------------------------------------------------------- results cache
+
+def cache_path(directory):
+    """The results cache of this Triton version in ``directory`` (keys name the version anyway:
+    one file per version keeps each CI leg's cache whole)."""
+    return Path(directory) / f"triton-{triton.__version__}.json"
+
 
 def load_cache(path):
     """{case key: row} from a JSON file written by ``save_cache`` (empty if there is none)."""

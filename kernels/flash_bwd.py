@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
 from .flash_fwd import MaskSpec
 from .mask import block_count, block_start, visible, visible_range
@@ -292,6 +293,12 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and ((compute_dq and dq is None) or (compute_dkdv and (dk is None or dv is None))):
         raise ValueError("attention_backward: accumulate=True needs dq, dk and dv buffers")
+    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+        fresh = [None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
+        parts = attention_backward(dout, q, k, v, out, lse, softmax_scale, delta=delta, dq=fresh[0], dk=fresh[1],
+                                   dv=fresh[2], mask=mask, softcap=softcap, compute_dq=compute_dq,
+                                   compute_dkdv=compute_dkdv)
+        return tuple(None if part is None else g.add_(part) for g, part in zip((dq, dk, dv), parts))
     if delta is not None and tuple(delta.shape) != tuple(lse.shape):
         raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
                          f"got {tuple(delta.shape)}")

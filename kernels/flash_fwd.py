@@ -19,7 +19,8 @@ import triton.language as tl
 
 from ._launch import launch
 from .mask import block_count, block_start, visible, visible_range
-from .merge import merge_partials
+from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
+from .merge import merge_attention, merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
@@ -207,6 +208,10 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and (out is None or lse is None):
         raise ValueError("attention_forward: accumulate=True needs the running out and lse")
+    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+        partial = attention_forward(q, k, v, softmax_scale, mask=mask, softcap=softcap, sinks=sinks,
+                                    out=torch.empty(q.shape, dtype=out.dtype, device=q.device))
+        return merge_attention(out, lse, *partial, inplace=True)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if lse is None:

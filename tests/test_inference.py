@@ -282,6 +282,9 @@ def test_bad_constructor_arguments():
         cpattn.ShardedKVCache(1, 64, 1, 32.0)
     with pytest.raises(ValueError, match="num_pages needs page_size"):
         cpattn.ShardedKVCache(1, 64, 1, 32, num_pages=4)
+    for timeout in (0, -1.0, float("inf"), True, "30"):
+        with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
+            cpattn.ShardedKVCache(1, 64, 1, 32, timeout=timeout)
     with pytest.raises(ValueError, match="multiple of the group size"):
         cpattn.split_chunk(torch.zeros(1, 5, 2, 4), type("C", (), {"world_size": 2, "rank": 0})())
 

@@ -8,7 +8,8 @@ before the cross-rank merge, and in decode by hanging instead of raising. The
 failing rank must raise its own error, every other rank ``PeerFailure`` naming
 it (for the hang: the merge that timed out), within the bound; the caches
 sharing the failed process group refuse the next call; a cache built afterwards
-is exact; no process is left running.
+is exact; no process is left running. Also: a constructor argument bad on one
+rank only raises on every rank.
 """
 import multiprocessing
 import time
@@ -53,7 +54,10 @@ def prefill_then_decode(cache, rank, strategy, full):
 
 def run_scenarios(rank, world_size):
     full = inputs()
-    outcomes = {}
+    # Construction is collective: a bad argument on one rank raises on every rank (none is left waiting).
+    bad_construction = outcome(lambda: cpattn.ShardedKVCache(1, CHUNK + 1, HKV, D, page_size=15 if rank == 1 else 16,
+                                                             timeout=TIMEOUT))
+    outcomes = {"bad construction": bad_construction}
     for name, (strategy, place, step, culprit, action) in SCENARIOS.items():
         cache = cpattn.ShardedKVCache(1, CHUNK + 1, HKV, D, page_size=16, timeout=TIMEOUT)
         fault = {}
@@ -78,6 +82,10 @@ def run_scenarios(rank, world_size):
 def test_every_rank_raises_within_the_timeout():
     per_rank = run_ranks(run_scenarios, WORLD, timeout=300)
     assert not multiprocessing.active_children(), "a rank process is still running"
+    for rank, (outcomes, _) in enumerate(per_rank):
+        kind, _, message = outcomes["bad construction"]
+        expected = "page_size must be a power of two" if rank == 1 else "rank(s) [1] of the context-parallel group"
+        assert kind == "ValueError" and expected in message, f"rank {rank}: {kind}: {message}"
     for name, (_, place, _, culprit, action) in SCENARIOS.items():
         check_outcomes([outcomes[name][:4] for outcomes, _ in per_rank], per_rank[culprit][0][name][4], culprit,
                        action, TIMEOUT + COMPUTE_SLACK, "decode merge", place, name)

@@ -3,8 +3,9 @@
 Tiny randomly initialised Llama, Qwen2, Mistral (sliding window), Gemma 2
 (softcap) and gpt-oss (sinks) models built in code (no download): logits, loss
 and every parameter's gradient match transformers' own "sdpa" (or "eager")
-attention in float32, and every input cpattn cannot honour is refused with an
-error naming it.
+attention in float32; packed documents match the model run on each document
+alone, padded batches (and left-padded KV-cache decoding) match "sdpa" with the
+same mask; every input cpattn cannot honour is refused with an error naming it.
 """
 import subprocess
 import sys
@@ -106,12 +107,89 @@ def test_attention_dropout_in_training_is_refused():
     model.eval()(ids, labels=ids, use_cache=False)  # no dropout in eval mode: runs
 
 
+DOCUMENTS = (0, 10, 11, 17, 30)  # packed documents of 10, 1, 6 and 13 tokens
+
+
+def logits_and_grads(model, input_ids, weight, **kwargs):
+    """Logits and every parameter's gradient of sum(logits * weight) (a loss that sees every position)."""
+    model.zero_grad()
+    logits = model(input_ids, use_cache=False, **kwargs).logits
+    (logits * weight).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def assert_close(got, want):
+    assert rel_err(got[0], want[0]) < TOL
+    errors = {name: rel_err(got[1][name], want[1][name]) for name in want[1]}
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 5})])
+@pytest.mark.parametrize("how", ["position_ids", "flash-attention kwargs"])
+def test_packed_sequences_attend_within_each_document(family, overrides, how):
+    """Packed documents (position_ids that restart, or DataCollatorWithFlattening's flash-attention kwargs)
+    give each document's own logits and gradients: the model run on every document alone is the reference."""
+    config, ids = tiny_config(family, **overrides), tokens(1, DOCUMENTS[-1])
+    torch.manual_seed(0)
+    reference = build_model(config, "sdpa")
+    model = build_model(config, "cpattn", reference.state_dict())
+    weight = torch.randn(1, DOCUMENTS[-1], config.vocab_size, generator=torch.Generator().manual_seed(2))
+    pieces = list(zip(DOCUMENTS[:-1], DOCUMENTS[1:]))
+    kwargs = {"position_ids": torch.cat([torch.arange(end - start) for start, end in pieces])[None]}
+    if how == "flash-attention kwargs":
+        cu = torch.tensor(DOCUMENTS, dtype=torch.int32)
+        longest = max(end - start for start, end in pieces)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    got = logits_and_grads(model, ids, weight, **kwargs)
+    reference.zero_grad()
+    want_logits = []
+    for start, end in pieces:
+        logits = reference(ids[:, start:end], use_cache=False).logits
+        (logits * weight[:, start:end]).sum().backward()  # gradients add up over the documents
+        want_logits.append(logits.detach())
+    assert_close(got, (torch.cat(want_logits, dim=1), {n: p.grad for n, p in reference.named_parameters()}))
+
+
+@pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_padded_batch_matches_sdpa(family, overrides):
+    """A padding mask (right and left padded rows): the real tokens' logits and the gradients of a loss
+    over them equal transformers' sdpa with the same mask."""
+    config, ids = tiny_config(family, **overrides), tokens(3, 16)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, 11:] = 0  # right padding
+    mask[1, :4] = 0   # left padding
+    weight = torch.randn(3, 16, config.vocab_size, generator=torch.Generator().manual_seed(3))
+    weight = weight * mask[..., None]  # padded positions take no part in the loss
+    torch.manual_seed(0)
+    reference = build_model(config, "sdpa")
+    model = build_model(config, "cpattn", reference.state_dict())
+    got = logits_and_grads(model, ids, weight, attention_mask=mask)
+    want = logits_and_grads(reference, ids, weight, attention_mask=mask)
+    real = mask.bool()
+    assert_close((got[0][real], got[1]), (want[0][real], want[1]))
+
+
+def test_left_padded_generation_with_a_kv_cache_matches_sdpa():
+    config, ids = tiny_config("llama"), tokens(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, :5] = 0  # a shorter prompt, left padded as generate() pads
+    torch.manual_seed(0)
+    reference = build_model(config, "sdpa")
+    logits = {}
+    for impl, model in (("sdpa", reference), ("cpattn", build_model(config, "cpattn", reference.state_dict()))):
+        cache = transformers.DynamicCache(config=model.config)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        with torch.no_grad():  # the cache is the 4th positional argument (renamed in transformers 5.x)
+            model(ids[:, :-3], mask[:, :-3], positions[:, :-3], cache, use_cache=True)
+            logits[impl] = model(ids[:, -3:], mask, positions[:, -3:], cache, use_cache=True).logits
+    assert rel_err(logits["cpattn"], logits["sdpa"]) < TOL
+
+
 @pytest.mark.parametrize("kwargs, match", [
-    ({"attention_mask": torch.tensor([[1] * 14 + [0] * 2])}, "attention mask .*varlen"),
-    ({"position_ids": torch.cat([torch.arange(10), torch.arange(6)])[None]}, "packed sequences"),
-    ({"cu_seq_lens_q": torch.tensor([0, 10, 16]), "cu_seq_lens_k": torch.tensor([0, 10, 16]),
-      "max_length_q": 10, "max_length_k": 10}, r"packed sequences \(cu_seq_lens_q"),
     ({"output_attentions": True}, "output_attentions"),
+    ({"attention_mask": torch.tensor([[1] * 14 + [0] * 2]), "cu_seq_lens_q": torch.tensor([0, 10, 16]),
+      "cu_seq_lens_k": torch.tensor([0, 10, 16]), "max_length_q": 10, "max_length_k": 10},
+     "padding mask together with packed sequences"),
 ])
 def test_model_inputs_cpattn_cannot_honour_are_refused(kwargs, match):
     model = build_model(tiny_config("llama"), "cpattn")
@@ -147,6 +225,19 @@ def test_keys_past_the_newest_query_are_refused():
                                               scaling=0.3)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.3, enable_gqa=True).transpose(1, 2)
     assert weights is None and rel_err(out, want) < TOL
+
+
+def test_a_static_caches_empty_slots_are_masked_out():
+    """With the 2-D mask transformers passes for a StaticCache (shorter than the keys: the slots past it
+    are empty) a query at position 3 sees keys 0..3 only, and a custom 4-D mask is refused."""
+    q, k, v = _qkv(1, 8)
+    out, _ = cpattn_hf.cpattn_attention(_Attention(), q, k, v, torch.ones(1, 4, dtype=torch.bool),
+                                        position_ids=torch.tensor([[3]]), scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k[:, :, :4], v[:, :, :4], scale=0.3,
+                                                            enable_gqa=True).transpose(1, 2)
+    assert rel_err(out, want) < TOL
+    with pytest.raises(NotImplementedError, match="4-D attention mask"):
+        cpattn_hf.cpattn_attention(_Attention(), q, k, v, torch.ones(1, 1, 1, 8, dtype=torch.bool))
 
 
 def test_cp_attention_outside_context_parallel_block():

@@ -79,19 +79,15 @@ def _layer_name(module):
     return type(module).__name__ + ("" if index is None else f" (layer {index})")
 
 
-def _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where):
+SDPA_HINT = "; use attn_implementation='sdpa' for this input"
+
+
+def _cpattn_arguments(module, dropout, seq_len, kwargs, where):
     """(causal, extra cpattn keyword arguments) of one attention call; refuses what cpattn does not compute.
 
     ``seq_len``: the length of the whole key sequence (all ranks' shards together).
     """
-    sdpa_hint = "; use attn_implementation='sdpa' for this input"
-    if attention_mask is not None:
-        raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) needs cpattn's varlen "
-                                  f"attention (issue 9), which this integration does not use yet{sdpa_hint}")
-    packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
-    if packed:
-        raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) need cpattn's varlen attention "
-                                  f"(issue 9), which this integration does not use yet{sdpa_hint}")
+    sdpa_hint = SDPA_HINT
     if kwargs.get("position_bias") is not None:
         raise NotImplementedError(f"{where}: an additive position bias is not supported by cpattn{sdpa_hint}")
     if kwargs.get("output_attentions"):
@@ -119,12 +115,20 @@ def _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where):
     return causal, extras
 
 
+def _restarts(position_ids):
+    """Whether position_ids (..., L) restart inside a row: packed sequences (one device sync)."""
+    return not bool((position_ids[..., 1:] - position_ids[..., :-1] == 1).all())
+
+
 def _check_positions(position_ids, kv_len):
-    """Refuse position_ids (..., L) that the single-device layer cannot honour (one device sync)."""
+    """Refuse position_ids (..., L) that the dense layer cannot honour: restarts (reached only under
+    torch.compile, which does not build the data-dependent packed layout) and keys past the newest query."""
     where, hint = "cpattn attention", "use attn_implementation='sdpa' for this input"
-    if not bool((position_ids[..., 1:] - position_ids[..., :-1] == 1).all()):
-        raise NotImplementedError(f"{where}: position_ids restart inside a row (packed sequences); that needs "
-                                  f"varlen attention, which this integration does not use yet (issue 9); {hint}")
+    if _restarts(position_ids):
+        raise NotImplementedError(f"{where}: position_ids restart inside a row (packed sequences): under "
+                                  "torch.compile pass the flash-attention packed kwargs instead (cu_seq_lens_q, "
+                                  "max_length_q, ...: DataCollatorWithFlattening(return_flash_attn_kwargs=True)), "
+                                  f"or run eagerly, or {hint}")
     # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys: right
     # when the keys are the newest kv_len tokens (a full or sliding-window DynamicCache), wrong when there
     # are more keys than tokens so far (a StaticCache's empty slots).
@@ -149,17 +153,92 @@ def _(position_ids, kv_len):
     return None
 
 
+def _packed_from_kwargs(kwargs, total_q, total_k, where):
+    """The documents of transformers' flash-attention packed kwargs: (cu_q, cu_k, max_q, max_k)."""
+    missing = [name for name in PACKED_KWARGS if kwargs.get(name) is None]
+    if missing:
+        raise ValueError(f"{where}: packed sequences need all of {PACKED_KWARGS}, missing {missing}")
+    cu_q, cu_k = (kwargs[name].to(torch.int32) for name in PACKED_KWARGS[:2])
+    return cu_q, cu_k, int(kwargs["max_length_q"]), int(kwargs["max_length_k"])
+
+
+def _documents_of_positions(position_ids):
+    """cu_seqlens (int32) and the longest document of rows whose position_ids restart: a document starts
+    at every row's start and wherever a position is not its predecessor + 1 (transformers' own rule)."""
+    batch, length = position_ids.shape
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    first = starts.flatten().nonzero().flatten()
+    cu = torch.cat([first, first.new_tensor([batch * length])]).to(torch.int32)
+    return cu, int(cu.diff().max())
+
+
+def _unpadded(attention_mask, q_len, kv_len):
+    """(query rows, key rows, cu_q, cu_k, max_q, max_k) of a (B, m) 0/1 mask of the tokens seen so far
+    (padding; a StaticCache's kv_len slots past m are empty): rows index the flattened (B * len) tokens.
+    The queries are the newest q_len of those tokens, so each row's queries sit bottom-right against
+    its real keys, which is where flash_attn_varlen_func aligns them."""
+    seen = attention_mask.bool()[:, -kv_len:]
+    keys, queries = F.pad(seen, (0, kv_len - seen.shape[1])), seen[:, -q_len:]
+
+    def layout(mask):
+        lengths = mask.sum(dim=1)
+        cu = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        return mask.flatten().nonzero().flatten(), cu, int(lengths.max())
+
+    (q_rows, cu_q, max_q), (k_rows, cu_k, max_k) = layout(queries), layout(keys)
+    return q_rows, k_rows, cu_q, cu_k, max_q, max_k
+
+
 def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function "cpattn": query (B, H, L, D), key/value (B, Hkv, S, D) -> (B, L, H, D)."""
+    """transformers attention function "cpattn": query (B, H, L, D), key/value (B, Hkv, S, D) -> (B, L, H, D).
+
+    Dense batches run ``flash_attn_func``. Packed sequences (the flash-attention kwargs, or
+    position_ids that restart) and padding masks run ``flash_attn_varlen_func`` on the real tokens
+    only, as transformers' flash-attention layers do; outputs at padded query positions are 0.
+    """
     where = "cpattn attention"
-    causal, extras = _cpattn_arguments(module, attention_mask, dropout, key.shape[2], kwargs, where)
-    if kwargs.get("position_ids") is not None:
-        check = _check_positions_in_graph if torch.compiler.is_compiling() else _check_positions
-        check(kwargs["position_ids"], key.shape[2])
+    causal, extras = _cpattn_arguments(module, dropout, key.shape[2], kwargs, where)
     # (B, H, L, D) -> (B, L, H, D) is a view; cpattn reads any strides and k/v keep their fewer heads (GQA).
-    out = cpattn.flash_attn_func(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                 softmax_scale=scaling, causal=causal, **extras)
-    return out, None
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    position_ids = kwargs.get("position_ids")
+    packed_kwargs = any(kwargs.get(name) is not None for name in PACKED_KWARGS)
+    if torch.compiler.is_compiling():  # the varlen layouts are data-dependent: only the packed kwargs compile
+        if attention_mask is not None:
+            raise NotImplementedError(f"{where}: a padding mask under torch.compile (its layout is "
+                                      f"data-dependent): run eagerly{SDPA_HINT}")
+        if position_ids is not None and not packed_kwargs:
+            _check_positions_in_graph(position_ids, kv_len)
+    elif position_ids is not None and attention_mask is None and not packed_kwargs:
+        if not _restarts(position_ids):
+            _check_positions(position_ids, kv_len)
+        elif q_len != kv_len:
+            raise NotImplementedError(f"{where}: packed sequences (position_ids that restart) with a KV cache"
+                                      f"{SDPA_HINT}")
+        else:
+            packed_kwargs = True
+            cu, longest = _documents_of_positions(position_ids)
+            kwargs = {**kwargs, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest,
+                      "max_length_k": longest}
+    if attention_mask is None and not packed_kwargs:
+        return cpattn.flash_attn_func(q, k, v, softmax_scale=scaling, causal=causal, **extras), None
+    if attention_mask is not None and packed_kwargs:
+        raise NotImplementedError(f"{where}: a padding mask together with packed sequences{SDPA_HINT}")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise NotImplementedError(f"{where}: a {attention_mask.dim()}-D attention mask (a custom mask, not "
+                                  f"padding){SDPA_HINT}")
+    flat = (lambda t: t.reshape(-1, *t.shape[2:]))  # noqa: E731  (B, L, H, D) -> (B * L, H, D)
+    if packed_kwargs:
+        cu_q, cu_k, max_q, max_k = _packed_from_kwargs(kwargs, batch * q_len, batch * kv_len, where)
+        out = cpattn.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_q, cu_k, max_q, max_k,
+                                            softmax_scale=scaling, causal=causal, **extras)
+        return out.view(q.shape), None
+    q_rows, k_rows, cu_q, cu_k, max_q, max_k = _unpadded(attention_mask.to(q.device), q_len, kv_len)
+    out = cpattn.flash_attn_varlen_func(flat(q)[q_rows], flat(k)[k_rows], flat(v)[k_rows], cu_q, cu_k,
+                                        max(max_q, 1), max(max_k, 1), softmax_scale=scaling, causal=causal,
+                                        **extras)
+    return flat(torch.zeros_like(q)).index_copy(0, q_rows, out).view(q.shape), None
 
 
 def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -175,8 +254,16 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
             raise NotImplementedError(f"{where}: queries and keys differ in length ({query.shape[2]} vs "
                                       f"{key.shape[2]}), as with a KV cache; context-parallel layers run whole "
                                       "sharded sequences: pass use_cache=False (decode with cpattn.ShardedKVCache)")
+        if attention_mask is not None:
+            raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) under context "
+                                      f"parallelism; pack the sequences instead{SDPA_HINT}")
+        packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
+        if packed:
+            raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) are not passed to "
+                                      "ContextParallel.attention's cu_seqlens by this integration yet"
+                                      f"{SDPA_HINT}")
         seq_len = query.shape[2] * cp.world_size
-        causal, extras = _cpattn_arguments(module, attention_mask, dropout, seq_len, kwargs, where)
+        causal, extras = _cpattn_arguments(module, dropout, seq_len, kwargs, where)
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
             expected = cp.positions(seq_len).to(position_ids.device)
@@ -184,7 +271,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                                                               expected.expand_as(position_ids)):
                 raise ValueError(f"{where}: position_ids are not this rank's global token positions "
                                  f"cp.positions({seq_len}); pass them (shard_batch does), so that RoPE sees the "
-                                 "true positions (packed sequences, whose positions restart, need issue 9)")
+                                 "true positions (packed sequences, whose positions restart, are not passed "
+                                 "to ContextParallel.attention's cu_seqlens by this integration yet)")
     except (ValueError, NotImplementedError) as exc:
         error = exc
     # A padding mask or wrong positions may reach some ranks only: every rank must raise, none may wait.

@@ -150,6 +150,18 @@ def test_packed_sequences_attend_within_each_document(family, overrides, how):
     assert_close(got, (torch.cat(want_logits, dim=1), {n: p.grad for n, p in reference.named_parameters()}))
 
 
+def test_packed_kwargs_compile_with_fullgraph():
+    """DataCollatorWithFlattening's kwargs (host ints and a cu_seqlens tensor) trace without a graph break."""
+    model, ids = build_model(tiny_config("llama"), "cpattn"), tokens(1, DOCUMENTS[-1])
+    cu = torch.tensor(DOCUMENTS, dtype=torch.int32)
+    kwargs = {"position_ids": torch.cat([torch.arange(b - a) for a, b in zip(DOCUMENTS, DOCUMENTS[1:])])[None],
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 13, "max_length_k": 13, "use_cache": False}
+    with torch.no_grad():
+        want = model(ids, **kwargs).logits
+        got = torch.compile(model, fullgraph=True)(ids, **kwargs).logits
+    assert rel_err(got, want) < TOL
+
+
 @pytest.mark.parametrize("family, overrides", [("llama", {}), ("mistral", {"sliding_window": 6})])
 def test_padded_batch_matches_sdpa(family, overrides):
     """A padding mask (right and left padded rows): the real tokens' logits and the gradients of a loss

@@ -173,8 +173,11 @@ class Case:
     @property
     def key(self):
         """What decides the binary: Triton's version, the kernel source with everything it calls
-        (``ASTSource.hash``: source, specialization, constants), the target and the options."""
-        text = f"{triton.__version__}|{self.source.hash()}|{self.target.name}|{sorted(self.options.items())}"
+        (``ASTSource.hash``: source, specialization, constants), the target and the options, the
+        libraries among them by file name (their folder is wherever Triton is installed)."""
+        options = {**self.options, "extern_libs": tuple((name, os.path.basename(path))
+                                                        for name, path in self.options.get("extern_libs") or ())}
+        text = f"{triton.__version__}|{self.source.hash()}|{self.target.name}|{sorted(options.items())}"
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     @property

@@ -153,7 +153,7 @@ def _(position_ids, kv_len):
     return None
 
 
-def _packed_from_kwargs(kwargs, total_q, total_k, where):
+def _packed_from_kwargs(kwargs, where):
     """The documents of transformers' flash-attention packed kwargs: (cu_q, cu_k, max_q, max_k)."""
     missing = [name for name in PACKED_KWARGS if kwargs.get(name) is None]
     if missing:
@@ -201,7 +201,7 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     causal, extras = _cpattn_arguments(module, dropout, key.shape[2], kwargs, where)
     # (B, H, L, D) -> (B, L, H, D) is a view; cpattn reads any strides and k/v keep their fewer heads (GQA).
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    q_len, kv_len = q.shape[1], k.shape[1]
     position_ids = kwargs.get("position_ids")
     packed_kwargs = any(kwargs.get(name) is not None for name in PACKED_KWARGS)
     if torch.compiler.is_compiling():  # the varlen layouts are data-dependent: only the packed kwargs compile
@@ -230,7 +230,7 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
                                   f"padding){SDPA_HINT}")
     flat = (lambda t: t.reshape(-1, *t.shape[2:]))  # noqa: E731  (B, L, H, D) -> (B * L, H, D)
     if packed_kwargs:
-        cu_q, cu_k, max_q, max_k = _packed_from_kwargs(kwargs, batch * q_len, batch * kv_len, where)
+        cu_q, cu_k, max_q, max_k = _packed_from_kwargs(kwargs, where)
         out = cpattn.flash_attn_varlen_func(flat(q), flat(k), flat(v), cu_q, cu_k, max_q, max_k,
                                             softmax_scale=scaling, causal=causal, **extras)
         return out.view(q.shape), None

@@ -27,8 +27,8 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from .faults import CommError, PeerFailure, close_connections, describe, gave_up_waiting, group_store, \
-    record_first_failure
+from .faults import CommError, PeerFailure, close_connections, comm_error, describe, gave_up_waiting, \
+    group_store, record_first_failure
 
 # Stable small ints for dtypes, so ranks can compare them inside a signature.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
@@ -268,8 +268,7 @@ class RingComm:
             raise self._error(exc) from exc
 
     def _error(self, exc):
-        return CommError(f"ring exchange (send to rank {self.next_rank}, receive from rank {self.prev_rank}): "
-                         f"{describe(exc)}")
+        return comm_error(f"ring exchange (send to rank {self.next_rank}, receive from rank {self.prev_rank})", exc)
 
 
 class UlyssesComm:
@@ -292,7 +291,7 @@ class UlyssesComm:
             work = self.group.alltoall_base(y, x, self.splits, self.splits, self._options)
             self.comm.wait([work], x.device.type == "cpu")
         except Exception as exc:
-            raise CommError(f"Ulysses all-to-all among ranks {self.members}: {describe(exc)}") from exc
+            raise comm_error(f"Ulysses all-to-all among ranks {self.members}", exc) from exc
         return y
 
 

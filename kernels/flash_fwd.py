@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
 from .mask import block_count, block_start, visible, visible_range
-from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
 from .merge import merge_attention, merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs

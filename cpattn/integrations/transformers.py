@@ -129,6 +129,12 @@ def _check_positions(position_ids, kv_len):
                                   "torch.compile pass the flash-attention packed kwargs instead (cu_seq_lens_q, "
                                   "max_length_q, ...: DataCollatorWithFlattening(return_flash_attn_kwargs=True)), "
                                   f"or run eagerly, or {hint}")
+    _check_newest_keys(position_ids, kv_len)
+
+
+def _check_newest_keys(position_ids, kv_len):
+    """Refuse keys that extend past the newest query (one device sync when there is a KV cache)."""
+    where, hint = "cpattn attention", "use attn_implementation='sdpa' for this input"
     # With a KV cache (fewer queries than keys) flash_attn_func aligns the queries with the last keys: right
     # when the keys are the newest kv_len tokens (a full or sliding-window DynamicCache), wrong when there
     # are more keys than tokens so far (a StaticCache's empty slots).
@@ -212,7 +218,7 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
             _check_positions_in_graph(position_ids, kv_len)
     elif position_ids is not None and attention_mask is None and not packed_kwargs:
         if not _restarts(position_ids):
-            _check_positions(position_ids, kv_len)
+            _check_newest_keys(position_ids, kv_len)
         elif q_len != kv_len:
             raise NotImplementedError(f"{where}: packed sequences (position_ids that restart) with a KV cache"
                                       f"{SDPA_HINT}")

@@ -19,11 +19,13 @@ shows up as unsupported for those shapes.
 Results: bench/results/<device>/attention.{json,csv} and attention_<dtype>_<mha|gqa>.png.
 """
 import itertools
+import os
 
 import torch
 
 import _common as C
 import cpattn
+from cpattn.kernels._autotune import chosen_configs
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -92,9 +94,13 @@ def bench_shape(shape, args, device, backends):
     q, k, v, dout = C.attention_inputs(shape["batch"], shape["seqlen"], shape["heads"], shape["kv_heads"],
                                        shape["head_dim"], shape["dtype"], device)
     yield "cpattn"
+    tuned_before = _flat(chosen_configs())
     cp_ms = time_modes(lambda: cpattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dout, modes, device)
     with torch.no_grad():
         cp_out = cpattn.flash_attn_func(q, k, v, causal=causal).transpose(1, 2).float()
+    # The configs autotuning chose for this shape (GPU only: the interpreter has fixed blocks).
+    configs = "; ".join(f"{name}: {config}" for (name, key), config in sorted(_flat(chosen_configs()).items())
+                        if (name, key) not in tuned_before) or ("interpreter" if device.type == "cpu" else "cached")
     # The same values in SDPA's own layout (B, H, S, D), contiguous.
     sq, sk, sv, sdout = (t.transpose(1, 2).contiguous() for t in (q, k, v, dout))
     del q, k, v, dout
@@ -117,7 +123,8 @@ def bench_shape(shape, args, device, backends):
         flops = C.attention_flops(shape["batch"], shape["heads"], shape["seqlen"], shape["seqlen"],
                                   shape["head_dim"], causal, mode)
         row = {**shape, "mode": mode, "flops": flops, "cpattn_ms": cp_ms[mode],
-               "cpattn_tflops": flops / cp_ms[mode] / 1e9, "cpattn_max_abs_err_vs_sdpa": max_err}
+               "cpattn_tflops": flops / cp_ms[mode] / 1e9, "cpattn_max_abs_err_vs_sdpa": max_err,
+               "cpattn_configs": configs}
         for name, result in other.items():
             if isinstance(result, dict):
                 row.update({f"{name}_status": "ok", f"{name}_ms": result[mode],
@@ -128,6 +135,10 @@ def bench_shape(shape, args, device, backends):
     yield rows
 
 
+def _flat(chosen):
+    return {(name, key): config for name, picks in chosen.items() for key, config in picks.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     device = C.pick_device(args.quick)
@@ -135,6 +146,8 @@ def main(argv=None):
     env = C.environment(device, args.quick)
     env["sdpa_gqa"] = "enable_gqa=True (kv not repeated)"
     env["layouts"] = "cpattn (B, S, H, D), SDPA (B, H, S, D), each contiguous"
+    env["autotune"] = (f"CPATTN_AUTOTUNE={os.environ.get('CPATTN_AUTOTUNE', 'all')} (configs tried per kernel; "
+                       "'all': every kept config)")
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']}" + (f"\n{C.QUICK_NOTE}" if args.quick else ""))
 
     grid = list(shapes(args))

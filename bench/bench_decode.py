@@ -7,6 +7,9 @@ Latency (group size 1, one GPU, one new token per sequence):
   kernel    cpattn.kernels.decode_attention over the paged cache (the attention alone)
   step      cpattn.decode: stores the new k, v into the paged cache, then the attention
             (``cache.rewind(1)`` after each call, so every call writes the same slot)
+  graph     cpattn.decode_step captured once in a CUDA graph, then replayed (the step with no
+            host work; GPU only), timed with CUDA events over its replays, and its first
+            replay's difference to the eager step
   sdpa      torch.nn.functional.scaled_dot_product_attention (default backend choice, enable_gqa)
             over the same keys and values held contiguously in its native (B, Hkv, L, D) layout
 Times: triton.testing.do_bench, median, in microseconds; ``x_sdpa`` = sdpa time / kernel time.
@@ -64,7 +67,8 @@ def latency_row(s, seqlen, device):
 
     k_full, v_full = rand(batch, seqlen + 1, kv_heads, head_dim), rand(batch, seqlen + 1, kv_heads, head_dim)
     q = rand(batch, 1, heads, head_dim)
-    cache = cpattn.ShardedKVCache(batch, seqlen + 1, kv_heads, head_dim, dtype=dtype, device=device,
+    # Room for the graph's replays (each adds one token) beyond the timed eager step.
+    cache = cpattn.ShardedKVCache(batch, seqlen + 1 + GRAPH_REPLAYS, kv_heads, head_dim, dtype=dtype, device=device,
                                   page_size=s["page_size"])
     cache.append(k_full[:, :seqlen], v_full[:, :seqlen])
     new_k, new_v = k_full[:, seqlen:], v_full[:, seqlen:]
@@ -98,7 +102,38 @@ def latency_row(s, seqlen, device):
     # Bytes the attention must read (K and V of every sequence): what bounds a decode step.
     kv_bytes = 2 * batch * (seqlen + 1) * kv_heads * head_dim * torch.finfo(dtype).bits // 8
     row["kernel_GBps"] = kv_bytes / (row["kernel_us"] * 1e-6) / 1e9
+    row["graph_us"], row["graph_max_abs_diff_vs_step"] = graph_replay(cache, q, new_k, new_v, out_step, device)
     return row
+
+
+GRAPH_REPLAYS = 50
+
+
+def graph_replay(cache, q, new_k, new_v, out_step, device):
+    """CUDA: ``decode_step`` captured in a CUDA graph, then replayed: (microseconds per replay, the first
+    replay's largest difference to the eager ``decode`` of the same token). (None, None) on CPU.
+    Each replay appends one more token, so the cache grows by GRAPH_REPLAYS while timed."""
+    if device.type != "cuda":
+        return None, None
+    cache.reserve(GRAPH_REPLAYS + 2)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning, allocator
+        cpattn.decode_step(cache, q, new_k, new_v)
+    torch.cuda.current_stream().wait_stream(stream)
+    cache.rewind(1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cpattn.decode_step(cache, q, new_k, new_v)  # recorded, not run
+    graph.replay()
+    diff = (out.float() - out_step.float()).abs().max().item()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(GRAPH_REPLAYS - 1):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return 1e3 * start.elapsed_time(end) / (GRAPH_REPLAYS - 1), diff
 
 
 def memory_rows(s, ranks):
@@ -132,7 +167,7 @@ def main():
     paths = C.save_results(out_dir, "decode", env, rows, extra={"settings": s})
     paths += C.save_results(out_dir, "decode_memory", env, mem, extra={"settings": s})
     C.print_table(rows, [("seqlen", "cache"), ("kernel_us", "kernel us"), ("step_us", "step us"),
-                         ("sdpa_us", "sdpa us"), ("x_sdpa", "x_sdpa"), ("kernel_GBps", "GB/s"),
+                         ("graph_us", "graph us"), ("sdpa_us", "sdpa us"), ("x_sdpa", "x_sdpa"), ("kernel_GBps", "GB/s"),
                          ("max_abs_diff_vs_sdpa", "max diff")],
                   title=f"decode latency, group size 1, {env['device']}" + (" [--quick: NOT timing]" if args.quick else ""))
     C.print_table(mem, [("seqlen", "cache"), ("ranks", "P"), ("kv_GiB_per_rank", "KV GiB/rank"),

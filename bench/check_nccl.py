@@ -80,6 +80,8 @@ def check_rank(rank, world_size, device_type, dtype_name, seqlen, cases):
         cp.close()
         if rank != 0:
             continue
+        print(f"case {index + 1}/{len(cases)}: {algo} causal={causal} kv_heads={kv_heads} head_dim={head_dim} ran",
+              flush=True)
         exact = _out_and_grads(lambda *t: _sdpa(*t, causal), q, k, v, dout)
         row = {"algo": algo, "ulysses_degree": cp.ulysses_degree, "ring_degree": cp.ring_degree,
                "ring_impl": ring_impl, "causal": causal, "heads": heads, "kv_heads": kv_heads,
@@ -117,6 +119,7 @@ def main(argv=None):
                         help="number of ranks (default: GPUs, at least 2; 2 with --quick)")
     parser.add_argument("--seqlen", type=int, default=None, help="full sequence length (default 4096; 64 with --quick)")
     parser.add_argument("--dtype", choices=sorted(C.DTYPES), default=None, help="default bf16 (fp32 with --quick)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds before every rank gives up (default 600)")
     args = parser.parse_args(argv)
     if args.quick:
         device_type, backend = "cpu", "gloo"
@@ -128,7 +131,7 @@ def main(argv=None):
         ranks = args.ranks or max(2, torch.cuda.device_count())
         seqlen, dtype, head_dims = args.seqlen or 4096, args.dtype or "bf16", (64, 128)
     per_rank = run_ranks(check_rank, ranks, device_type, dtype, seqlen, cases_for(ranks, head_dims),
-                         backend=backend, timeout=600)
+                         backend=backend, timeout=args.timeout)
     rows = per_rank[0]
     device = torch.device(device_type)
     env = C.environment(device, args.quick)

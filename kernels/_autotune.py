@@ -20,6 +20,7 @@ drops configs whose shared memory estimate exceeds what that GPU allows per
 block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
 import functools
+import os
 
 import torch
 import triton
@@ -161,14 +162,40 @@ def keep_configs(name, block_d, elem_bytes, capability, smem_limit):
     return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes))]
 
 
+def autotune_limit():
+    """At most how many configs a kernel tries, from ``CPATTN_AUTOTUNE`` (unset or "all": every
+    kept config). A number N bounds the tuning time, which is mostly compile time on a fresh
+    machine (bench/gpu_session.sh sets it): the first N configs of the list with distinct tiles."""
+    value = os.environ.get("CPATTN_AUTOTUNE", "all").strip().lower()
+    if value == "all":
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"CPATTN_AUTOTUNE must be 'all' or a positive integer, got {value!r}")
+    return int(value)
+
+
+def limit_configs(configs, limit):
+    """The first ``limit`` configs with distinct tiles (BLOCK_M, BLOCK_N, warps), in list order
+    (the lists lead with the configs expected fastest); all of them when ``limit`` is None."""
+    if limit is None:
+        return configs
+    first_per_tile = {}
+    for c in configs:
+        tile = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps)
+        first_per_tile.setdefault(tile, c)
+    return list(first_per_tile.values())[:limit]
+
+
 def _prune(name, configs, named_args, **kwargs):
-    """Triton's early_config_prune: the configs ``keep_configs`` keeps for the current GPU."""
+    """Triton's early_config_prune: the configs ``keep_configs`` keeps for the current GPU,
+    at most ``CPATTN_AUTOTUNE`` of them."""
     device = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(device)
     # The limit Triton itself checks a compiled kernel against before launching it.
     smem_limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
     first_tensor = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
-    return keep_configs(name, kwargs["BLOCK_D"], first_tensor.element_size(), 10 * major + minor, smem_limit)
+    kept = keep_configs(name, kwargs["BLOCK_D"], first_tensor.element_size(), 10 * major + minor, smem_limit)
+    return limit_configs(kept, autotune_limit())
 
 
 def _spec(kernel):
@@ -187,8 +214,20 @@ def tuned(kernel, in_place):
     name, (table, key, _) = _spec(kernel)
     configs = table if isinstance(table, list) else [c for rows in table.values() for c in rows]
     restore = [arg for arg in kernel.arg_names if arg in _OUTPUTS] if in_place else None
-    return triton.autotune(configs=configs, key=key, restore_value=restore,
-                           prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(kernel)
+    wrapper = triton.autotune(configs=configs, key=key, restore_value=restore,
+                              prune_configs_by={"early_config_prune": functools.partial(_prune, name)})(kernel)
+    _TUNED.append((name + (" (in place)" if in_place else ""), wrapper))
+    return wrapper
+
+
+_TUNED = []  # (name, autotuned wrapper) of every wrapper ``tuned`` made, for chosen_configs
+
+
+def chosen_configs():
+    """What autotuning chose so far in this process: {kernel name: {autotune key: config}},
+    as text, for benchmarks to report next to their times."""
+    chosen = {name: {str(key): str(config) for key, config in wrapper.cache.items()} for name, wrapper in _TUNED}
+    return {name: picks for name, picks in chosen.items() if picks}
 
 
 # Arguments that kernels write; restored between autotuning trials of in-place launches.

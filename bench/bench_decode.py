@@ -68,7 +68,7 @@ def latency_row(s, seqlen, device):
     k_full, v_full = rand(batch, seqlen + 1, kv_heads, head_dim), rand(batch, seqlen + 1, kv_heads, head_dim)
     q = rand(batch, 1, heads, head_dim)
     # Room for the graph's replays (each adds one token) beyond the timed eager step.
-    cache = cpattn.ShardedKVCache(batch, seqlen + 1 + GRAPH_REPLAYS, kv_heads, head_dim, dtype=dtype, device=device,
+    cache = cpattn.ShardedKVCache(batch, seqlen + 2 + GRAPH_REPLAYS, kv_heads, head_dim, dtype=dtype, device=device,
                                   page_size=s["page_size"])
     cache.append(k_full[:, :seqlen], v_full[:, :seqlen])
     new_k, new_v = k_full[:, seqlen:], v_full[:, seqlen:]
@@ -115,7 +115,7 @@ def graph_replay(cache, q, new_k, new_v, out_step, device):
     Each replay appends one more token, so the cache grows by GRAPH_REPLAYS while timed."""
     if device.type != "cuda":
         return None, None
-    cache.reserve(GRAPH_REPLAYS + 2)
+    cache.reserve(GRAPH_REPLAYS + 1)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm-up outside the graph: autotuning, allocator

@@ -31,10 +31,10 @@ status=0
 
 if [ $dry_run = 1 ]; then
     # Prove the install would resolve (nothing is installed), then reach each stage without a GPU.
-    python3 -m pip install --dry-run -q --no-deps --no-build-isolation -e . || exit 1
+    python3 -m pip install --dry-run -q --no-deps --no-build-isolation --use-pep517 -e . || exit 1
 else
     # The machine has torch and triton and no network: no build isolation, no dependencies.
-    python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+    python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . || exit 1
 fi
 device=$(python3 -c "import torch, re; print(re.sub(r'[^A-Za-z0-9]+', '_', torch.cuda.get_device_name()).strip('_')
                      if torch.cuda.is_available() else 'dry-run')") || exit 1
@@ -105,7 +105,7 @@ headline_stage() {
 cp_stage() {
     stage "4 cp, merge, decode"
     export CPATTN_AUTOTUNE=1
-    run 50 python3 bench/bench_cp_decomposition.py --host-calls 50 --out "$results"
+    run 150 python3 bench/bench_cp_decomposition.py --host-calls 50 --out "$results"
     run 20 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
     run 35 python3 bench/bench_decode.py --seqlens 8192,32768,131072 --out "$results"
     run 25 python3 -m pytest -q -p no:cacheprovider \
@@ -130,15 +130,18 @@ case "$mode" in
     tests)
         stage tests
         run 3600 python3 -m pytest -q tests/test_kernels.py tests/test_api.py tests/test_inference_kernel.py ;;
-    nccl)
-        nccl_stage ;;
+    env) env_stage ;;
+    smoke) smoke_stage ;;
+    headline) headline_stage ;;
+    cp) cp_stage ;;
+    nccl) nccl_stage ;;
     bench)
         stage bench
         for script in bench_attention bench_merge bench_cp_decomposition bench_memory bench_decode; do
             run 3600 python3 "bench/$script.py" --out "$results"
         done ;;
     *)
-        echo "usage: bash bench/gpu_session.sh [all|tests|nccl|bench] [--dry-run]" >&2; exit 2 ;;
+        echo "usage: bash bench/gpu_session.sh [all|env|smoke|headline|cp|nccl|tests|bench] [--dry-run]" >&2; exit 2 ;;
 esac
 save_to_out
 echo "gpu_session $mode: $([ $status = 0 ] && echo 'every step passed' || echo 'SOME STEP FAILED (see above)')" | tee -a "$log"

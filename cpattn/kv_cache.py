@@ -138,7 +138,8 @@ class ShardedKVCache:
         if head_dim > MAX_HEAD_DIM:
             raise ValueError(f"{where}: head_dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
         self.dtype = dtype
-        self.device = torch.device(device if device is not None else "cpu")
+        # "cuda" names the current GPU: resolve it to "cuda:<index>", the device its tensors report.
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.paged = page_size is not None
         if self.paged:
             positive_int(page_size, "page_size", where)

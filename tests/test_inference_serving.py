@@ -229,21 +229,22 @@ def test_decode_step_cuda_graph_replays_exactly():
         cache.reserve(8)
         caches.append(cache)
     static = [t[:, 40:41].clone() for t in data]
+    options = LOCAL_CUDA()  # made before capture: a graph cannot copy from the host
     for _ in range(2):  # warm up (autotuning, allocator) on a side stream, then rewind
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            cpattn.decode_step(caches[1], *static, **LOCAL_CUDA())
+            cpattn.decode_step(caches[1], *static, **options)
         torch.cuda.current_stream().wait_stream(stream)
         caches[1].rewind(1)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = cpattn.decode_step(caches[1], *static, **LOCAL_CUDA())  # recorded, not run
+        out = cpattn.decode_step(caches[1], *static, **options)  # recorded, not run
     for t in range(40, 46):
         for buffer, x in zip(static, data):
             buffer.copy_(x[:, t:t + 1])
         graph.replay()
-        want = cpattn.decode_step(caches[0], *(x[:, t:t + 1] for x in data), **LOCAL_CUDA())
+        want = cpattn.decode_step(caches[0], *(x[:, t:t + 1] for x in data), **options)
         assert torch.equal(out, want)
     assert torch.equal(caches[0].seqlens, caches[1].seqlens)
 

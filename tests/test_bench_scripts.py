@@ -4,6 +4,9 @@ import csv
 import importlib
 import importlib.util
 import json
+import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -119,3 +122,45 @@ def test_check_nccl_quick_runs_every_algorithm_on_gloo(tmp_path):
     assert {r["causal"] for r in rows} == {True, False} and {r["kv_heads"] for r in rows} == {8, 2}
     for r in rows:
         assert r["ok"] and r["out_rel_err"] < 1e-4 and r["dk_rel_err"] < 1e-3
+
+
+def test_gpu_smoke_quick_applies_flash_attn_rule(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:  # its rows differ per kind of case (out/dq/dk/dv, kernel/step): read the JSON only
+        importlib.import_module("gpu_smoke").main(["--quick", "--out", str(tmp_path), "--cases",
+                                                   "flash-bf16-d64-causal-gqa-q>k,decode-bf16-d128-paged-gqa"])
+    finally:
+        sys.path.remove(str(BENCH))
+    payload = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert ENV_KEYS <= set(payload["environment"]) and "2 x torch" in payload["environment"]["rule"]
+    rows = {r["case"]: r for r in payload["rows"]}
+    assert set(rows) == {"flash-bf16-d64-causal-gqa-q>k", "decode-bf16-d128-paged-gqa"}
+    flash = rows["flash-bf16-d64-causal-gqa-q>k"]
+    for name in ("out", "dq", "dk", "dv"):
+        assert flash[f"{name}_err"] <= 2 * flash[f"{name}_torch_err"] + 1e-5
+    assert all(r["ok"] for r in rows.values()) and rows["decode-bf16-d128-paged-gqa"]["kernel_err"] < 1e-5
+
+
+def _session(*args):
+    """bench/gpu_session.sh with this interpreter first on PATH (its stages call python3)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(BENCH / "gpu_session.sh"), *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=BENCH.parent)
+
+
+def test_gpu_session_dry_run_reaches_every_stage():
+    result = _session("all", "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert re.findall(r"^=== stage (\d) ", result.stdout, re.M) == ["1", "2", "3", "4", "5"]
+    for script in ("gpu_env.py", "gpu_smoke.py", "bench_attention.py", "bench_cp_decomposition.py",
+                   "bench_merge.py", "bench_decode.py", "test_decode_step_cuda_graph_replays_exactly",
+                   "check_nccl.py"):
+        assert script in result.stdout
+    assert "every step passed" in result.stdout
+    assert not (BENCH / "results" / "dry-run").exists()  # a dry run writes no results
+
+
+def test_gpu_session_refuses_an_unknown_stage():
+    result = _session("everything", "--dry-run")
+    assert result.returncode == 2 and "usage" in result.stderr

@@ -181,3 +181,20 @@ def test_backward_reads_delta_through_strides():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="delta must have lse's shape"):
         attention_backward(dout, q, k, v, out, lse, delta=wide)
+
+
+def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):
+    from cpattn.kernels import _autotune
+    configs = _autotune.candidate_configs("_fwd_kernel", 128, 90)
+    monkeypatch.delenv("CPATTN_AUTOTUNE", raising=False)
+    assert _autotune.autotune_limit() is None and _autotune.limit_configs(configs, None) == configs
+    monkeypatch.setenv("CPATTN_AUTOTUNE", "2")
+    kept = _autotune.limit_configs(configs, _autotune.autotune_limit())
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
+    assert len(kept) == 2 and len(set(tiles)) == 2 and kept[0] is configs[0]
+    # the second kept config is the first in the list with another tile
+    assert kept[1] is next(c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) != tiles[0])
+    for bad in ("0", "-1", "fast"):
+        monkeypatch.setenv("CPATTN_AUTOTUNE", bad)
+        with pytest.raises(ValueError, match="CPATTN_AUTOTUNE"):
+            _autotune.autotune_limit()

@@ -26,6 +26,11 @@ The interpreter's internals differ between the Triton releases we support
   numpy >= 2.4 refuses for the one-element arrays the interpreter holds scalars
   in, so every ``range(lo, hi, ...)`` with computed bounds fails. During our
   launches ``tl.tensor.__index__`` uses Triton 3.7's conversion instead.
+
+One interpreter defect is common to every release: its cast to bfloat16 drops
+the low bits (rounds toward zero, up to 1 ulp off), where a GPU's cvt.rn rounds
+to nearest even. During our launches that cast goes through torch's conversion,
+which rounds like the GPU, so CPU and GPU results agree bit for bit.
 """
 import contextlib
 import functools
@@ -34,6 +39,7 @@ import sys
 import threading
 import types
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -104,11 +110,24 @@ def _patch_lang_tensor_with_scalar_index(tensor, *scope):
     tensor.__index__ = _scalar_index   # undone by _language_restored
 
 
+_original_cast_impl = interpreter.InterpreterBuilder.cast_impl
+_FLOATS = (tl.float16, tl.float32, tl.float64)
+
+
+def _cast_rounding_to_nearest(builder, src, dst_type):
+    # The interpreter holds bfloat16 as its uint16 bit patterns.
+    if dst_type.scalar == tl.bfloat16 and src.dtype.scalar in _FLOATS:
+        rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
+        return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), dst_type.scalar)
+    return _original_cast_impl(builder, src, dst_type)
+
+
 @contextlib.contextmanager
 def _interpreting():
     with _lock, _language_restored():
         if TRITON_VERSION < (3, 7):
             interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
+        interpreter.InterpreterBuilder.cast_impl = _cast_rounding_to_nearest
         # Patch the language once for the whole launch. InterpretedFunction.__call__ (a
         # helper called from a kernel) would patch it again on every call and, even on
         # Triton >= 3.6, not undo it; helpers therefore run their rewritten source directly.
@@ -120,6 +139,7 @@ def _interpreting():
         finally:
             JITFunction.__call__ = original_call
             interpreter._patch_lang_tensor = _original_patch_lang_tensor
+            interpreter.InterpreterBuilder.cast_impl = _original_cast_impl
 
 
 def uses_interpreter(t: torch.Tensor) -> bool:

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ._launch import launch
 from .mask import visible, visible_range
-from .merge import merge_partials
+from .merge import finish_fold, fold_partial, merge_partials
 from .softmax import dot_precision, finish_softmax, online_softmax_step, scores
 from .tiles import block_d, grid_1d, is_power_of_two, needs_int64, offsets, program_tile, seq_base, tile_ptrs
 
@@ -178,14 +178,17 @@ def _merge_splits_kernel(
     part_lse = seq_base(LseP, b, 0, 0, stride_lpb, 0, 0) + offsets(head, stride_lph, WIDE) + \
         offsets(tok, stride_lps, WIDE)
 
-    o = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lse = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (0, -inf): the empty partial
+    # The empty state; the lse is formed once, after the last fold (kernels/merge.py).
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     for _ in range(0, num_splits):
         o_s = tl.load(part, mask=tile_ok, other=0.0).to(tl.float32)
         lse_s = tl.load(part_lse, mask=row_ok, other=float("-inf"))
-        o, lse = merge_partials(o, lse, o_s, lse_s)
+        acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_s, lse_s)
         part += stride_psplit  # pointers are 64-bit: no overflow however many splits
         part_lse += stride_lpsplit
+    o, lse = finish_fold(acc, m_i, l_i)
     tl.store(_pair_ptrs(seq_base(Out, b, 0, 0, stride_ob, 0, 0), tok, head, offs_d, stride_os, stride_oh, stride_od,
                         WIDE), o.to(Out.dtype.element_ty), mask=tile_ok)
     tl.store(seq_base(Lse, b, 0, 0, stride_lb, 0, 0) + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE),
@@ -196,6 +199,8 @@ def _merge_splits_into(out_parts, lse_parts, out, lse):
     num_splits, batch, seqlen, heads, head_dim = out_parts.shape
     if out.numel() == 0:
         return out, lse
+    if num_splits == 0:  # nothing to fold: the empty state (out 0, lse -inf), as the kernel would leave it
+        return out.zero_(), lse.fill_(float("-inf"))
     args = (out_parts, lse_parts, out, lse, *out_parts.stride(), *lse_parts.stride(), *out.stride(), *lse.stride(),
             num_splits, seqlen, heads)
     constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out_parts[0], lse_parts[0], out, lse),
@@ -226,21 +231,48 @@ def _call(op, fn, *args):
     return op(*args) if torch.compiler.is_compiling() else fn(*args)
 
 
+def _check_splits(out_parts, lse_parts, out, lse):
+    where = "merge_splits"
+    for name, t in (("out_parts", out_parts), ("lse_parts", lse_parts), ("out", out), ("lse", lse)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if out_parts.dim() != 5:
+        raise ValueError(f"{where}: out_parts must be (splits, batch, seqlen, heads, headdim), got shape "
+                         f"{tuple(out_parts.shape)}")
+    num_splits, batch, seqlen, heads, _ = out_parts.shape
+    if tuple(lse_parts.shape) != (num_splits, batch, heads, seqlen):
+        raise ValueError(f"{where}: lse_parts must have shape {(num_splits, batch, heads, seqlen)}, "
+                         f"got {tuple(lse_parts.shape)}")
+    if out is not None and tuple(out.shape) != tuple(out_parts.shape[1:]):
+        raise ValueError(f"{where}: out must have shape {tuple(out_parts.shape[1:])}, got {tuple(out.shape)}")
+    if lse is not None and tuple(lse.shape) != (batch, heads, seqlen):
+        raise ValueError(f"{where}: lse must have shape {(batch, heads, seqlen)}, got {tuple(lse.shape)}")
+    for name, t in (("out_parts", out_parts), ("out", out)):
+        if t is not None and not t.is_floating_point():
+            raise TypeError(f"{where}: {name} must be a floating-point tensor, got {t.dtype}")
+    for name, t in (("lse_parts", lse_parts), ("lse", lse)):
+        if t is not None and t.dtype != torch.float32:
+            raise TypeError(f"{where}: {name} must be float32, got {t.dtype}")
+    devices = {t.device for t in (out_parts, lse_parts, out, lse) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{where}: all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
 def merge_splits(out_parts, lse_parts, out=None, lse=None):
     """Merge N partials stacked on dim 0: out_parts (N, B, S, H, D), lse_parts (N, B, H, S) fp32.
 
     Returns (out, lse): out (B, S, H, D) in ``out``'s dtype (default out_parts'),
     lse (B, H, S) float32. The fold is the LSE merge of kernels/merge.py, in order
-    0..N-1, so equal inputs give equal bits. Serves both the split-KV reduction
-    and the merges across ranks. Without ``out``/``lse`` it is a torch custom
-    operator (torch.compile traces it).
+    0..N-1, so equal inputs give equal bits; it stays exact to fp32 for any finite
+    lse, and an lse of -inf or +inf is an empty partial. N = 0 gives the empty
+    state (out 0, lse -inf). Serves both the split-KV reduction and the merges
+    across ranks. Without ``out``/``lse`` it is a torch custom operator
+    (torch.compile traces it).
     """
-    num_splits, batch, seqlen, heads, head_dim = out_parts.shape
-    if tuple(lse_parts.shape) != (num_splits, batch, heads, seqlen):
-        raise ValueError(f"merge_splits: lse_parts must have shape {(num_splits, batch, heads, seqlen)}, "
-                         f"got {tuple(lse_parts.shape)}")
+    _check_splits(out_parts, lse_parts, out, lse)
     if out is None and lse is None:
         return _call(_merge_splits_op, _merge_splits_new, out_parts, lse_parts)
+    batch, seqlen, heads = out_parts.shape[1:4]
     if out is None:
         out = torch.empty(out_parts.shape[1:], dtype=out_parts.dtype, device=out_parts.device)
     if lse is None:

@@ -1,11 +1,23 @@
-"""Exact merge of two attention partials by their log-sum-exp.
+"""Exact merge of attention partials by their log-sum-exp.
 
 For partials (o_a, lse_a) and (o_b, lse_b) over disjoint key sets:
     lse = logaddexp(lse_a, lse_b)
     o   = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)
-An empty partial (no visible key) is (0, -inf), the identity of the merge.
-``merge_partials`` is the one place this formula lives; the forward kernel's
-epilogue reuses it to accumulate into a running (out, lse).
+An empty partial (no visible key) is (0, -inf), the identity of the merge. An
+lse of +inf also marks an empty partial: flash-attn writes it for rows without
+keys, and vLLM's merge reads it so; here it is read as -inf, never as NaN.
+
+Many partials fold in order into a running state (acc, m_i, l_i), as the
+online softmax folds scores: m_i the largest lse so far, l_i the sum of
+exp(lse_s - m_i), acc the sum of o_s * exp(lse_s - m_i). The lse is formed
+once, at the end, so no rounded intermediate lse feeds a later weight: a fold
+of N partials keeps fp32 accuracy at any finite lse (a running lse rounded to
+fp32 after every step would lose 1e-3 of relative accuracy at |lse| ~ 4e4).
+Natural log throughout: converting lse to base 2 would round it just the same.
+
+``fold_partial``/``finish_fold`` are the one place this arithmetic lives;
+``merge_partials`` (two partials, also the forward kernel's epilogue) and the
+split-KV reduction of kernels/decode.py are made of them.
 """
 import torch
 import triton
@@ -16,20 +28,38 @@ from .tiles import block_d, grid_1d, needs_int64, program_tile, seq_base, tile_p
 
 
 @triton.jit
+def fold_partial(acc, m_i, l_i, o_s, lse_s):
+    """Fold the partial (o_s (BLOCK_M, BLOCK_D), lse_s (BLOCK_M,)) into the running (acc, m_i, l_i).
+
+    Start from the empty state (acc 0, m_i -inf, l_i 0). Returns the new state.
+    """
+    lse_s = tl.where(lse_s == float("inf"), float("-inf"), lse_s)  # +inf marks an empty partial
+    m_new = tl.maximum(m_i, lse_s)
+    # Nothing seen yet (m_new = -inf): shift by 0 so that no (-inf) - (-inf) = NaN appears.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - shift)  # rescales what was folded so far
+    w_s = tl.exp(lse_s - shift)
+    return acc * alpha[:, None] + o_s * w_s[:, None], m_new, l_i * alpha + w_s
+
+
+@triton.jit
+def finish_fold(acc, m_i, l_i):
+    """(o, lse) of a folded state; nothing but empty partials folded gives (0, -inf)."""
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
+    return acc * tl.where(nonempty, 1.0 / l_safe, 0.0)[:, None], lse
+
+
+@triton.jit
 def merge_partials(o_a, lse_a, o_b, lse_b):
     """Merge two fp32 tiles: o_* (BLOCK_M, BLOCK_D), lse_* (BLOCK_M,) in natural log."""
-    lse_max = tl.maximum(lse_a, lse_b)
-    # Two empty partials: shift by 0 instead of -inf so no (-inf) - (-inf) = NaN appears.
-    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    w_a = tl.exp(lse_a - shift)
-    w_b = tl.exp(lse_b - shift)
-    w_sum = w_a + w_b
-    nonempty = w_sum > 0.0
-    w_safe = tl.where(nonempty, w_sum, 1.0)
-    lse = tl.where(nonempty, shift + tl.log(w_safe), float("-inf"))
-    inv = tl.where(nonempty, 1.0 / w_safe, 0.0)
-    o = o_a * (w_a * inv)[:, None] + o_b * (w_b * inv)[:, None]
-    return o, lse
+    acc = tl.zeros(o_a.shape, dtype=tl.float32)
+    m_i = tl.full(lse_a.shape, float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros(lse_a.shape, dtype=tl.float32)
+    acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_a, lse_a)
+    acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_b, lse_b)
+    return finish_fold(acc, m_i, l_i)
 
 
 @triton.jit
@@ -81,8 +111,11 @@ def merge_attention(out_a, lse_a, out_b, lse_b, inplace=False):
     """Merge partial (out_b, lse_b) into (out_a, lse_a).
 
     out: (B, S, H, D) any float dtype and strides; lse: (B, H, S) float32, natural log.
+    A row whose lse is -inf or +inf is empty (flash-attn and vLLM mark rows without
+    keys with +inf): it contributes nothing, and two empty rows give (0, -inf).
     Returns (out, lse); with ``inplace=True`` they are ``out_a`` and ``lse_a``,
-    updated in place, otherwise new tensors of out_a's dtype. Math in fp32.
+    updated in place, otherwise new tensors of out_a's dtype. Math in fp32; a
+    half-precision out is rounded to nearest, on either device.
     """
     _check_partial(out_a, lse_a, "first")
     _check_partial(out_b, lse_b, "second")

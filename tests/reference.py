@@ -59,6 +59,17 @@ def reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, **kwargs
     return torch.cat(outs), torch.cat(lses, dim=-1)
 
 
+def reference_merge(outs, lses):
+    """float64 merge of N partials stacked on dim 0: outs (N, B, S, H, D), lses (N, B, H, S).
+
+    An lse of +inf or -inf is an empty partial; rows with no non-empty partial give (0, -inf).
+    """
+    lses = lses.double().masked_fill(lses == float("inf"), float("-inf"))
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse.masked_fill(torch.isinf(lse), 0.0))  # 0 for empty partials
+    return (outs.double() * weights.transpose(-1, -2)[..., None]).sum(dim=0), lse
+
+
 def sdpa_with_grads(q, k, v, dout, causal):
     """[out, dq, dk, dv] of torch SDPA on flash-layout (B, S, H, D) inputs (GQA allowed)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))

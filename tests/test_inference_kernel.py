@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from cpattn.kernels import decode_attention, merge_splits
+from reference import reference_merge
 
 
 def reference(q, k, v, lens, q_start, key_pos=None, causal=True, window_left=-1, softcap=0.0, sinks=None):
@@ -150,6 +151,55 @@ def test_merge_splits_matches_whole():
     out, lse = merge_splits(torch.stack([a[0], empty[0], b[0]]), torch.stack([a[1], empty[1], b[1]]))
     torch.testing.assert_close(out, whole[0], atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse, whole[1], atol=1e-6, rtol=1e-6)
+
+
+def test_merge_splits_stays_exact_at_large_lse():
+    """The fold keeps fp32 accuracy whatever the lse's size (a running lse rounded to fp32 after every
+    fold lost 5e-4 here), reads +inf as an empty partial, and rounds a bf16 out to nearest."""
+    gen = torch.Generator().manual_seed(8)
+    outs = torch.randn(8, 2, 5, 3, 16, generator=gen)
+    for centre in (4e4, -4e4):
+        lses = centre + 3 * torch.randn(8, 2, 3, 5, generator=gen)
+        lses[2, 0] = float("inf")
+        lses[5, 1] = float("-inf")
+        lses[:, 0, 0, 0] = float("inf")  # a row with no keys anywhere
+        out, lse = merge_splits(outs, lses)
+        ref_out, ref_lse = reference_merge(outs, lses)  # from the same fp32 inputs
+        torch.testing.assert_close(out.double(), ref_out, rtol=2e-6, atol=2e-6)
+        assert lse[0, 0, 0] == float("-inf") and (out[0, 0, 0] == 0).all()
+        finite = torch.isfinite(ref_lse)
+        assert ((lse.double() - ref_lse)[finite].abs() <= abs(centre) * 2.0 ** -23).all()  # within 1 ulp
+        out16, _ = merge_splits(outs.bfloat16(), lses, out=torch.empty(out.shape, dtype=torch.bfloat16))
+        assert torch.equal(out16, merge_splits(outs.bfloat16().float(), lses)[0].bfloat16())
+
+
+def test_merge_splits_of_no_partials_is_empty():
+    parts, part_lses = torch.zeros(0, 2, 3, 4, 8), torch.zeros(0, 2, 4, 3)
+    out, lse = merge_splits(parts, part_lses)
+    assert out.shape == (2, 3, 4, 8) and lse.shape == (2, 4, 3) and lse.dtype == torch.float32
+    assert (out == 0).all() and (lse == float("-inf")).all()
+    given = (torch.full((2, 3, 4, 8), 7.0, dtype=torch.float16), torch.full((2, 4, 3), 7.0))
+    out, lse = merge_splits(parts, part_lses, *given)
+    assert out is given[0] and lse is given[1]
+    assert (out == 0).all() and (lse == float("-inf")).all()
+
+
+def test_merge_splits_rejects_bad_input():
+    parts, part_lses = torch.zeros(2, 1, 3, 4, 8), torch.zeros(2, 1, 4, 3)
+    with pytest.raises(ValueError, match="out_parts must be"):
+        merge_splits(parts[0], part_lses)
+    with pytest.raises(ValueError, match="lse_parts must have shape"):
+        merge_splits(parts, part_lses.transpose(2, 3))
+    with pytest.raises(TypeError, match="lse_parts must be float32"):
+        merge_splits(parts, part_lses.double())
+    with pytest.raises(ValueError, match="out must have shape"):
+        merge_splits(parts, part_lses, out=torch.zeros(1, 3, 4, 4))
+    with pytest.raises(ValueError, match="lse must have shape"):
+        merge_splits(parts, part_lses, lse=torch.zeros(1, 4, 4))
+    with pytest.raises(TypeError, match="lse must be float32"):
+        merge_splits(parts, part_lses, lse=torch.zeros(1, 4, 3, dtype=torch.float16))
+    with pytest.raises(TypeError, match="out_parts must be a torch.Tensor"):
+        merge_splits(parts.tolist(), part_lses)
 
 
 def test_bad_input():

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward, merge_attention
-from reference import devices, reference_attention, rel_err
+from reference import devices, reference_attention, reference_merge, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 GRAD_FLOOR = 1e-2  # gradients with RMS below this count as zero (see rel_err)
@@ -130,6 +130,40 @@ def test_merge_inplace_and_empty_partials(device):
     assert out2.data_ptr() == out_a.data_ptr() and lse2.data_ptr() == lse_a.data_ptr()
     torch.testing.assert_close(out_a, expect_out)
     torch.testing.assert_close(lse_a, expect_lse)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_merge_reads_plus_inf_as_empty(device):
+    """+inf is the empty-row marker of flash-attn and vLLM: such a row adds nothing (as vLLM reads it), never NaN."""
+    gen = torch.Generator().manual_seed(3)
+    outs, lses = torch.randn(2, 1, 12, 2, 8, generator=gen), torch.randn(2, 1, 2, 12, generator=gen)
+    lses[0, :, :, :4] = float("inf")  # a empty by +inf ...
+    lses[1, :, :, 2:6] = float("inf")  # ... b too, both in rows 2, 3
+    lses[1, :, :, 6:8] = float("-inf")  # and -inf with +inf in the same merge
+    lses[0, :, :, 7] = float("inf")
+    outs, lses = outs.to(device), lses.to(device)
+    out, lse = merge_attention(outs[0], lses[0], outs[1], lses[1])
+    ref_out, ref_lse = reference_merge(outs, lses)
+    assert not out.isnan().any() and not lse.isnan().any()
+    assert (lse[..., 2:4] == float("-inf")).all() and (lse[..., 7] == float("-inf")).all()
+    assert (out[:, 2:4] == 0).all() and (out[:, 7] == 0).all()
+    torch.testing.assert_close(lse.double(), ref_lse)
+    torch.testing.assert_close(out.double(), ref_out)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_merge_rounds_bfloat16_to_nearest(device):
+    """A bf16 out is the fp32 result rounded to nearest even (the GPU's cvt.rn), on CPU too; truncating
+    it instead would differ in this data."""
+    gen = torch.Generator().manual_seed(4)
+    outs = torch.randn(2, 1, 64, 2, 32, generator=gen).bfloat16().to(device)
+    lses = torch.randn(2, 1, 2, 64, generator=gen).to(device)
+    out, lse = merge_attention(outs[0], lses[0], outs[1], lses[1])
+    out32, lse32 = merge_attention(outs[0].float(), lses[0], outs[1].float(), lses[1])
+    truncated = (out32.view(torch.int32) & -65536).view(torch.float32).bfloat16()  # the low 16 bits dropped
+    assert out.dtype == torch.bfloat16 and not torch.equal(truncated, out32.bfloat16())
+    assert torch.equal(out, out32.bfloat16())
+    assert torch.equal(lse, lse32)
 
 
 def test_merge_rejects_bad_partials():

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ._launch import launch
 from .mask import visible, visible_range
-from .merge import finish_fold, fold_partial, merge_partials
+from .merge import empty_as_minus_inf, finish_merge, merge_partials, partial_weight
 from .softmax import dot_precision, finish_softmax, online_softmax_step, scores
 from .tiles import block_d, grid_1d, is_power_of_two, needs_int64, offsets, program_tile, seq_base, tile_ptrs
 
@@ -173,22 +173,24 @@ def _merge_splits_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < seqlen * num_heads
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    part = _pair_ptrs(seq_base(OutP, b, 0, 0, stride_pb, 0, 0), tok, head, offs_d, stride_ps, stride_ph, stride_pd,
-                      WIDE)
-    part_lse = seq_base(LseP, b, 0, 0, stride_lpb, 0, 0) + offsets(head, stride_lph, WIDE) + \
-        offsets(tok, stride_lps, WIDE)
-
-    # The empty state; the lse is formed once, after the last fold (kernels/merge.py).
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # (split, sequence) through seq_base's int64 pair: no overflow however many splits.
+    # Two passes (kernels/merge.py): the largest lse of each row, then the weighted sums.
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(0, num_splits):
+        lse_s = tl.load(seq_base(LseP, split, b, 0, stride_lpsplit, stride_lpb, 0) + offsets(head, stride_lph, WIDE)
+                        + offsets(tok, stride_lps, WIDE), mask=row_ok, other=float("-inf"))
+        m_i = tl.maximum(m_i, empty_as_minus_inf(lse_s))
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for _ in range(0, num_splits):
-        o_s = tl.load(part, mask=tile_ok, other=0.0).to(tl.float32)
-        lse_s = tl.load(part_lse, mask=row_ok, other=float("-inf"))
-        acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_s, lse_s)
-        part += stride_psplit  # pointers are 64-bit: no overflow however many splits
-        part_lse += stride_lpsplit
-    o, lse = finish_fold(acc, m_i, l_i)
+    for split in range(0, num_splits):
+        lse_s = tl.load(seq_base(LseP, split, b, 0, stride_lpsplit, stride_lpb, 0) + offsets(head, stride_lph, WIDE)
+                        + offsets(tok, stride_lps, WIDE), mask=row_ok, other=float("-inf"))
+        o_s = tl.load(_pair_ptrs(seq_base(OutP, split, b, 0, stride_psplit, stride_pb, 0), tok, head, offs_d,
+                                 stride_ps, stride_ph, stride_pd, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
+        w_s = partial_weight(lse_s, m_i)
+        acc += o_s * w_s[:, None]
+        l_i += w_s
+    o, lse = finish_merge(acc, m_i, l_i)
     tl.store(_pair_ptrs(seq_base(Out, b, 0, 0, stride_ob, 0, 0), tok, head, offs_d, stride_os, stride_oh, stride_od,
                         WIDE), o.to(Out.dtype.element_ty), mask=tile_ok)
     tl.store(seq_base(Lse, b, 0, 0, stride_lb, 0, 0) + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE),

@@ -1,23 +1,24 @@
 """Exact merge of attention partials by their log-sum-exp.
 
-For partials (o_a, lse_a) and (o_b, lse_b) over disjoint key sets:
-    lse = logaddexp(lse_a, lse_b)
-    o   = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)
+For partials (o_s, lse_s) over disjoint key sets, with m = max_s lse_s:
+    w_s = exp(lse_s - m)
+    lse = m + log(sum_s w_s)
+    o   = sum_s o_s * w_s / sum_s w_s
+(for two partials: lse = logaddexp(lse_a, lse_b), o = o_a * exp(lse_a - lse) + o_b * exp(lse_b - lse)).
 An empty partial (no visible key) is (0, -inf), the identity of the merge. An
 lse of +inf also marks an empty partial: flash-attn writes it for rows without
 keys, and vLLM's merge reads it so; here it is read as -inf, never as NaN.
 
-Many partials fold in order into a running state (acc, m_i, l_i), as the
-online softmax folds scores: m_i the largest lse so far, l_i the sum of
-exp(lse_s - m_i), acc the sum of o_s * exp(lse_s - m_i). The lse is formed
-once, at the end, so no rounded intermediate lse feeds a later weight: a fold
-of N partials keeps fp32 accuracy at any finite lse (a running lse rounded to
-fp32 after every step would lose 1e-3 of relative accuracy at |lse| ~ 4e4).
-Natural log throughout: converting lse to base 2 would round it just the same.
+Every weight is taken relative to the largest lse, which is one of the inputs
+exactly, and the merged lse is formed once, at the end: no rounded
+intermediate lse feeds a weight, so a merge of N partials keeps fp32 accuracy
+at any finite lse (an lse rounded to fp32 after each pairwise step would lose
+1e-3 of relative accuracy at |lse| ~ 4e4). Natural log throughout: converting
+lse to base 2 would round it just the same.
 
-``fold_partial``/``finish_fold`` are the one place this arithmetic lives;
-``merge_partials`` (two partials, also the forward kernel's epilogue) and the
-split-KV reduction of kernels/decode.py are made of them.
+``empty_as_minus_inf``, ``partial_weight`` and ``finish_merge`` are the one
+place this arithmetic lives; ``merge_partials`` (two partials, also the forward
+kernel's epilogue) and the split-KV reduction of kernels/decode.py are made of them.
 """
 import torch
 import triton
@@ -28,38 +29,36 @@ from .tiles import block_d, grid_1d, needs_int64, program_tile, seq_base, tile_p
 
 
 @triton.jit
-def fold_partial(acc, m_i, l_i, o_s, lse_s):
-    """Fold the partial (o_s (BLOCK_M, BLOCK_D), lse_s (BLOCK_M,)) into the running (acc, m_i, l_i).
-
-    Start from the empty state (acc 0, m_i -inf, l_i 0). Returns the new state.
-    """
-    lse_s = tl.where(lse_s == float("inf"), float("-inf"), lse_s)  # +inf marks an empty partial
-    m_new = tl.maximum(m_i, lse_s)
-    # Nothing seen yet (m_new = -inf): shift by 0 so that no (-inf) - (-inf) = NaN appears.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m_i - shift)  # rescales what was folded so far
-    w_s = tl.exp(lse_s - shift)
-    return acc * alpha[:, None] + o_s * w_s[:, None], m_new, l_i * alpha + w_s
+def empty_as_minus_inf(lse):
+    """``lse`` with the +inf marker of an empty partial read as -inf."""
+    return tl.where(lse == float("inf"), float("-inf"), lse)
 
 
 @triton.jit
-def finish_fold(acc, m_i, l_i):
-    """(o, lse) of a folded state; nothing but empty partials folded gives (0, -inf)."""
-    nonempty = l_i > 0.0
-    l_safe = tl.where(nonempty, l_i, 1.0)
-    lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
+def partial_weight(lse_s, m):
+    """exp(lse_s - m): the weight of partial s in a merge whose largest lse is ``m``; 0 if it is empty."""
+    # Every partial empty (m = -inf): shift by 0 so that no (-inf) - (-inf) = NaN appears.
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    return tl.exp(empty_as_minus_inf(lse_s) - shift)
+
+
+@triton.jit
+def finish_merge(acc, m, l):
+    """(o, lse) from acc = sum of o_s * w_s (BLOCK_M, BLOCK_D), the largest lse ``m`` and l = sum of
+    w_s (BLOCK_M,); nothing but empty partials gives (0, -inf)."""
+    nonempty = l > 0.0
+    l_safe = tl.where(nonempty, l, 1.0)
+    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
     return acc * tl.where(nonempty, 1.0 / l_safe, 0.0)[:, None], lse
 
 
 @triton.jit
 def merge_partials(o_a, lse_a, o_b, lse_b):
     """Merge two fp32 tiles: o_* (BLOCK_M, BLOCK_D), lse_* (BLOCK_M,) in natural log."""
-    acc = tl.zeros(o_a.shape, dtype=tl.float32)
-    m_i = tl.full(lse_a.shape, float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros(lse_a.shape, dtype=tl.float32)
-    acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_a, lse_a)
-    acc, m_i, l_i = fold_partial(acc, m_i, l_i, o_b, lse_b)
-    return finish_fold(acc, m_i, l_i)
+    m = tl.maximum(empty_as_minus_inf(lse_a), empty_as_minus_inf(lse_b))
+    w_a = partial_weight(lse_a, m)
+    w_b = partial_weight(lse_b, m)
+    return finish_merge(o_a * w_a[:, None] + o_b * w_b[:, None], m, w_a + w_b)
 
 
 @triton.jit

@@ -11,10 +11,13 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_qkv(q, k, v, where, layout="flash", same_value_dim=True):
+def check_qkv(q, k, v, where, layout="flash", same_value_dim=True, allow_no_heads=False, min_head_dim=1):
     """Validate q, k, v in flash layout (B, S, H, D) or SDPA layout (B, H, S, D).
 
     ``same_value_dim=False`` lets v's head dim differ from q's and k's (torch SDPA allows it).
+    ``allow_no_heads=True`` accepts q and k/v with zero heads each, and ``min_head_dim=0``
+    head dims of 0: empty problems that torch SDPA accepts (the drop-ins give its result).
+    Batch and sequence lengths may always be 0.
     Returns (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim).
     """
     names = ("q", "k", "v") if layout == "flash" else ("query", "key", "value")
@@ -48,9 +51,10 @@ def check_qkv(q, k, v, where, layout="flash", same_value_dim=True):
         raise ValueError(f"{where}: {names[1]} and {names[2]} head counts differ: {heads_kv} vs {hv}")
     if max(head_dim, dv) > MAX_HEAD_DIM:
         raise ValueError(f"{where}: head dim {max(head_dim, dv)} is above the supported maximum {MAX_HEAD_DIM}")
-    if min(head_dim, dv) < 1:
-        raise ValueError(f"{where}: head dim must be at least 1, got {min(head_dim, dv)}")
-    if heads_kv < 1 or heads % heads_kv != 0:
+    if min(head_dim, dv) < min_head_dim:
+        raise ValueError(f"{where}: head dim must be at least {min_head_dim}, got {min(head_dim, dv)}")
+    no_heads = allow_no_heads and heads == heads_kv == 0
+    if not no_heads and (heads_kv < 1 or heads % heads_kv != 0):
         raise ValueError(f"{where}: query heads ({heads}) must be a multiple of kv heads ({heads_kv})")
     return batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim
 

@@ -65,7 +65,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     where = "flash_attn_func"
     refuse_unsupported(where, dropout_p, alibi_slopes)
     q, k, v = _autocast(q, k, v)
-    _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where)
+    _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where, allow_no_heads=True)
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=seqlen_k - seqlen_q)
     out, lse = _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads)
     return _returns(out, lse, return_attn_probs, return_lse)
@@ -115,7 +115,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     q, k, v = _autocast(q, k, v)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one "batch" of packed rows
-    _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where)
+    _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where, allow_no_heads=True)
     check_cu_seqlens(cu_seqlens_q, total_q, max_seqlen_q, q.device, "cu_seqlens_q", where)
     check_cu_seqlens(cu_seqlens_k, total_k, max_seqlen_k, q.device, "cu_seqlens_k", where)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
@@ -183,16 +183,22 @@ def _sdpa_views(query, key, value, enable_gqa, where):
     heads_q, heads_k, heads_v = query.shape[-3], key.shape[-3], value.shape[-3]
     if heads_k != heads_v:
         raise ValueError(f"{where}: key and value head counts differ: {heads_k} vs {heads_v}")
-    if heads_q != heads_k and not enable_gqa:
+    if heads_k == 0 and heads_q > 0:
+        # As in torch: key/value without heads hold no keys, so every query row sees none (out 0).
+        # Their zero elements take the shape of no keys for each query head; gradients flow back.
+        key, value = (t.expand(*lead, *t.shape[-3:]).reshape(*lead, heads_q, 0, t.shape[-1]) for t in (key, value))
+        heads_k = heads_v = heads_q
+    elif heads_q != heads_k and not enable_gqa:
         if heads_k != 1 and heads_q != 1:
             raise ValueError(f"{where}: query has {heads_q} heads but key/value have {heads_k}; "
                              "pass enable_gqa=True for grouped-query attention")
-        heads = max(heads_q, heads_k)  # a single head broadcasts, as in torch
+        heads = heads_k if heads_q == 1 else heads_q  # a single head broadcasts (to 0 heads too), as in torch
         heads_q = heads_k = heads_v = heads
 
     def flash(t, heads):
         t = t.expand(*lead, heads, *t.shape[-2:])
-        return t.reshape(-1, *t.shape[-3:]).transpose(1, 2)  # a view unless broadcasting forced a copy
+        # (explicit batch size: reshape cannot infer -1 when a dimension is 0)
+        return t.reshape(math.prod(lead), *t.shape[-3:]).transpose(1, 2)  # a view unless broadcasting forced a copy
 
     return flash(query, heads_q), flash(key, heads_k), flash(value, heads_v), lead
 
@@ -230,14 +236,15 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     q, k, v, lead = _sdpa_views(query, key, value, enable_gqa, where)
     q, k, v = _autocast(q, k, v)
-    *_, heads, _, head_dim = check_qkv(q, k, v, where, same_value_dim=False)
+    *_, heads, _, head_dim = check_qkv(q, k, v, where, same_value_dim=False, allow_no_heads=True, min_head_dim=0)
     scale = check_scale(scale, where)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if scale is None:  # with head dim 0 every logit is 0 whatever the scale: torch weighs the keys alike
+        scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
     value_dim = v.shape[-1]
-    if value_dim != head_dim:
-        # The kernels hold one head dim: pad the narrower side with zeros (zero columns add
+    width = max(head_dim, value_dim, 1)
+    if (head_dim, value_dim) != (width, width):
+        # The kernels hold one head dim of at least 1: pad with zeros (zero columns add
         # nothing to q.k, and zero value columns are cut off again).
-        width = max(head_dim, value_dim)
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     mask = MaskSpec(bool(is_causal), check_window(window_size, where))
     out, _ = _attention(q, k, v, where, scale, mask, softcap, sinks, heads)

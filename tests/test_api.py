@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import cpattn
-from reference import devices, reference_attention, rel_err
+from reference import devices, reference_attention, reference_varlen, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 GRAD_FLOOR = 1e-2  # gradients with RMS below this count as zero (see rel_err)
@@ -142,12 +142,134 @@ def test_inputs_are_not_modified():
         assert torch.equal(t.detach(), c)
 
 
-def test_empty_sequences():
-    q = torch.randn(1, 0, 2, 16)
-    k = torch.randn(1, 5, 2, 16)
-    assert cpattn.flash_attn_func(q, k, k).shape == (1, 0, 2, 16)
-    out, lse = cpattn.flash_attn_func(torch.randn(1, 3, 2, 16), k[:, :0], k[:, :0], return_lse=True)
-    assert (out == 0).all() and torch.isinf(lse).all()
+def _outputs_and_grads(fn, shapes, seed=0, **kwargs):
+    """(outputs, gradients of q, k, v for a random dout) of ``fn`` on random inputs of ``shapes``."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(shape, generator=gen).requires_grad_() for shape in shapes)
+    outs = fn(q, k, v, **kwargs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = torch.autograd.grad(outs[0], (q, k, v), torch.randn(outs[0].shape, generator=gen))
+    return outs, grads
+
+
+def _assert_same(got, want):
+    """Equal shapes, values within fp32 rounding, and exact zeros wherever ``want`` has them."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got[want == 0] == 0).all()
+
+
+# (query, key, value shapes, kwargs): every zero-size dimension torch SDPA accepts. Torch (math backend)
+# gives an empty output, zeros for an empty key set (also key/value without heads), uniform weights
+# for a head dim of 0; the gradients are zeros of the inputs' shapes.
+SDPA_ZERO_SIZES = [
+    ("batch 0", (0, 2, 3, 8), (0, 2, 4, 8), (0, 2, 4, 8), {}),
+    ("heads 0", (1, 0, 3, 8), (1, 0, 4, 8), (1, 0, 4, 8), {"is_causal": True}),
+    ("L 0", (1, 2, 0, 8), (1, 2, 4, 8), (1, 2, 4, 8), {"is_causal": True}),
+    ("S 0", (2, 2, 3, 8), (2, 2, 0, 8), (2, 2, 0, 8), {}),
+    ("S 0 causal", (1, 2, 3, 8), (1, 2, 0, 8), (1, 2, 0, 8), {"is_causal": True}),
+    ("L S 0", (1, 2, 0, 8), (1, 2, 0, 8), (1, 2, 0, 8), {}),
+    ("GQA S 0", (1, 4, 3, 8), (1, 2, 0, 8), (1, 2, 0, 8), {"enable_gqa": True}),
+    ("GQA L 0", (1, 4, 0, 8), (1, 2, 5, 8), (1, 2, 5, 8), {"enable_gqa": True, "is_causal": True}),
+    ("GQA no query heads", (1, 0, 3, 8), (1, 2, 4, 8), (1, 2, 4, 8), {"enable_gqa": True}),
+    ("no key heads", (1, 2, 3, 8), (1, 0, 4, 8), (1, 0, 4, 8), {}),
+    ("no key heads GQA", (1, 2, 3, 8), (1, 0, 4, 8), (1, 0, 4, 8), {"enable_gqa": True}),
+    ("one query head, no key heads", (1, 1, 3, 8), (1, 0, 4, 8), (1, 0, 4, 8), {}),
+    ("no query heads, one key head", (1, 0, 3, 8), (1, 1, 4, 8), (1, 1, 4, 8), {}),
+    ("head dim 0", (1, 2, 3, 0), (1, 2, 5, 0), (1, 2, 5, 8), {"is_causal": True}),
+    ("value dim 0", (1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 0), {}),
+    ("head dims 0", (1, 2, 3, 0), (1, 2, 5, 0), (1, 2, 5, 0), {"scale": 0.5}),
+    ("broadcast batch 0", (0, 2, 3, 8), (1, 2, 4, 8), (1, 2, 4, 8), {}),
+    ("3-D S 0", (2, 3, 8), (2, 0, 8), (2, 0, 8), {"is_causal": True}),
+]
+
+
+@pytest.mark.parametrize("query,key,value,kwargs", [c[1:] for c in SDPA_ZERO_SIZES],
+                         ids=[c[0] for c in SDPA_ZERO_SIZES])
+def test_sdpa_zero_sizes_match_torch(query, key, value, kwargs):
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        (want,), want_grads = _outputs_and_grads(F.scaled_dot_product_attention, (query, key, value), **kwargs)
+    (got,), grads = _outputs_and_grads(cpattn.scaled_dot_product_attention, (query, key, value), **kwargs)
+    _assert_same(got, want)
+    for g, w in zip(grads, want_grads):
+        _assert_same(g, w)
+
+
+def test_sdpa_zero_sizes_keep_dtype_and_refuse_what_torch_refuses():
+    q, kv = torch.randn(1, 2, 3, 8, dtype=torch.float16), torch.randn(1, 2, 0, 8, dtype=torch.float16)
+    out = cpattn.scaled_dot_product_attention(q, kv, kv)
+    assert out.dtype == torch.float16 and out.shape == (1, 2, 3, 8) and (out == 0).all()
+    with pytest.raises(ValueError, match="enable_gqa=True"):  # torch: a RuntimeError, the heads do not broadcast
+        cpattn.scaled_dot_product_attention(q[:, :0], kv[:, :, :1].repeat(1, 1, 4, 1), kv[:, :, :1].repeat(1, 1, 4, 1))
+
+
+# (batch, Sq, Sk, heads, heads_kv, causal, sinks): an empty key set gives out 0 and lse -inf (the
+# merge's identity; flash-attn's CUDA code writes +inf there, which cpattn's merges also read as
+# empty), or lse = the sink's logit with sinks; every gradient is zero.
+FLASH_ZERO_SIZES = [
+    (1, 3, 0, 2, 2, False, False),
+    (1, 3, 0, 4, 2, True, False),
+    (1, 3, 0, 2, 2, True, True),
+    (1, 0, 4, 2, 2, True, False),
+    (1, 0, 0, 2, 2, False, False),
+    (0, 3, 4, 2, 2, True, False),
+    (1, 3, 4, 0, 2, False, False),
+    (1, 3, 4, 0, 0, True, False),
+]
+
+
+@pytest.mark.parametrize("batch,seqlen_q,seqlen_k,heads,heads_kv,causal,sinks", FLASH_ZERO_SIZES,
+                         ids=["x".join(map(str, c[:5])) + ("-causal" if c[5] else "") + ("-sinks" if c[6] else "")
+                              for c in FLASH_ZERO_SIZES])
+def test_flash_attn_func_zero_sizes(batch, seqlen_q, seqlen_k, heads, heads_kv, causal, sinks):
+    sinks = torch.randn(heads).requires_grad_() if sinks else None
+    shapes = [(batch, seqlen_q, heads, 8), (batch, seqlen_k, heads_kv, 8), (batch, seqlen_k, heads_kv, 8)]
+    (out, lse, _), grads = _outputs_and_grads(cpattn.flash_attn_func, shapes, causal=causal, sinks=sinks,
+                                              return_attn_probs=True)
+    assert out.shape == shapes[0] and lse.shape == (batch, heads, seqlen_q) and lse.dtype == torch.float32
+    # No row here sees a key (or there is no row).
+    empty_lse = torch.full_like(lse, float("-inf")) if sinks is None else sinks.detach()[None, :, None].expand_as(lse)
+    assert (out == 0).all() and torch.equal(lse, empty_lse)
+    for g, shape in zip(grads, shapes):
+        assert g.shape == shape and (g == 0).all()
+    if sinks is not None:  # d out / d sink = -p_sink * out = 0, and lse is not in the loss
+        (dsinks,) = torch.autograd.grad(cpattn.flash_attn_func(*(torch.randn(s) for s in shapes), sinks=sinks).sum(),
+                                        sinks)
+        assert (dsinks == 0).all()
+
+
+def test_flash_attn_func_refuses_key_heads_0_and_head_dim_0():
+    with pytest.raises(ValueError, match=r"multiple of kv heads \(0\)"):
+        cpattn.flash_attn_func(_t(1, 3, 2, 8), _t(1, 4, 0, 8), _t(1, 4, 0, 8))
+    with pytest.raises(ValueError, match="head dim must be at least 1"):  # its lse would be log(#keys)
+        cpattn.flash_attn_func(_t(1, 3, 2, 0), _t(1, 4, 2, 0), _t(1, 4, 2, 0))
+
+
+# (cu_seqlens_q, cu_seqlens_k): no documents, only empty ones, no keys at all, no queries at all, and
+# documents with queries but no keys next to keys without queries.
+VARLEN_ZERO_SIZES = [([0], [0]), ([0, 0], [0, 0]), ([0, 3], [0, 0]), ([0, 0], [0, 4]),
+                     ([0, 2, 2, 5], [0, 0, 3, 3])]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("cu_q,cu_k", VARLEN_ZERO_SIZES, ids=[f"{q}-{k}" for q, k in VARLEN_ZERO_SIZES])
+def test_flash_attn_varlen_func_zero_sizes(cu_q, cu_k, causal):
+    shapes = [(cu_q[-1], 2, 8), (cu_k[-1], 1, 8), (cu_k[-1], 1, 8)]
+    cu_q, cu_k = torch.tensor(cu_q, dtype=torch.int32), torch.tensor(cu_k, dtype=torch.int32)
+    longest = [int(cu.diff().max()) if cu.numel() > 1 else 0 for cu in (cu_q, cu_k)]
+    (out, lse, _), grads = _outputs_and_grads(
+        lambda q, k, v: cpattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, *longest, causal=causal,
+                                                      return_attn_probs=True), shapes)
+    assert out.shape == shapes[0] and lse.shape == (2, shapes[0][0])
+    if cu_q.numel() > 1:
+        gen = torch.Generator().manual_seed(0)  # _outputs_and_grads' inputs
+        ref_out, ref_lse = reference_varlen(*(torch.randn(s, generator=gen) for s in shapes), cu_q, cu_k,
+                                            causal=causal)
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)) and rel_err(lse, ref_lse) < FWD_TOL
+        assert rel_err(out, ref_out) < FWD_TOL
+    assert (out == 0).all() and (lse == float("-inf")).all()  # every document here lacks keys or queries
+    for g, shape in zip(grads, shapes):
+        assert g.shape == shape and (g == 0).all()
 
 
 def test_sdpa_fallbacks_warn_once_and_match_torch():

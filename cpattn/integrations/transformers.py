@@ -39,14 +39,39 @@ PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k
 _active = []  # ContextParallel objects of the enclosing context_parallel() blocks, innermost last
 
 
-def register():
-    """Add "cpattn" and "cpattn_cp" to transformers' attention and attention-mask interfaces (idempotent)."""
+NEEDS_TRANSFORMERS_5 = "cpattn.integrations.transformers needs transformers 5 (pip install 'cpattn[transformers]')"
+
+
+def _transformers_interfaces():
+    """transformers' AttentionInterface, AttentionMaskInterface and flash_attention_mask.
+
+    An ImportError says which of three things went wrong, chained to the original
+    error: transformers is missing or older than 5 (install it), or it is there but
+    fails to import (a broken dependency: installing transformers again would not help).
+    """
+    try:
+        import transformers
+    except Exception as exc:  # a missing transformers, or whatever a broken dependency raises as it imports
+        if isinstance(exc, ModuleNotFoundError) and exc.name == "transformers":
+            raise ImportError(NEEDS_TRANSFORMERS_5) from exc
+        raise ImportError(f"cpattn.integrations.transformers: transformers is installed but failed to import: "
+                          f"{type(exc).__name__}: {exc}") from exc
+    version = str(getattr(transformers, "__version__", "unknown"))
+    major = version.split(".")[0]
+    if major.isdigit() and int(major) < 5:
+        raise ImportError(f"{NEEDS_TRANSFORMERS_5}; found transformers {version}")
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-    except ImportError as exc:
-        raise ImportError("cpattn.integrations.transformers needs transformers 5 "
-                          "(pip install 'cpattn[transformers]')") from exc
+    except Exception as exc:  # transformers loads these lazily: a broken dependency may surface only here
+        raise ImportError(f"cpattn.integrations.transformers: transformers {version} failed to import its attention "
+                          f"interfaces: {type(exc).__name__}: {exc}") from exc
+    return AttentionInterface, AttentionMaskInterface, flash_attention_mask
+
+
+def register():
+    """Add "cpattn" and "cpattn_cp" to transformers' attention and attention-mask interfaces (idempotent)."""
+    AttentionInterface, AttentionMaskInterface, flash_attention_mask = _transformers_interfaces()
     for name, function in (("cpattn", cpattn_attention), ("cpattn_cp", cpattn_cp_attention)):
         AttentionInterface.register(name, function)
         # flash-attention's mask: None unless the batch is padded. Without a registered mask function

@@ -61,6 +61,8 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     the cpattn keyword ``return_lse=True`` (out, lse), lse (B, H, Sq) float32, natural log,
     -inf for rows that see no key. cpattn keyword ``sinks`` (H,): one value-less logit
     per query head added to every row's softmax (gpt-oss), differentiable.
+    Batch, heads (q and k/v alike) and lengths may be 0: an empty key set gives out 0 and
+    lse -inf (flash-attn's CUDA code writes +inf; cpattn's merges read either as empty).
     """
     where = "flash_attn_func"
     refuse_unsupported(where, dropout_p, alibi_slopes)
@@ -210,7 +212,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Same semantics as torch: ``is_causal`` with L != S is top-left aligned (query i sees
     keys j <= i); leading dimensions broadcast; 3-D inputs (N, L, E) are one head; the
     value head dim may differ from the query's (computed through a zero-padded copy);
-    differing head counts need ``enable_gqa=True``; autocast casts like torch's.
+    differing head counts need ``enable_gqa=True``; autocast casts like torch's; every zero
+    size torch accepts (batch, heads, lengths, head dims) gives torch's result.
     An explicit ``attn_mask``, ``dropout_p > 0`` or float64 inputs are not accelerated:
     they go to torch's own SDPA, with a one-time warning.
 

@@ -190,7 +190,8 @@ def _merge_splits_kernel(
         w_s = partial_weight(lse_s, m_i)
         acc += o_s * w_s[:, None]
         l_i += w_s
-    o, lse = finish_merge(acc, m_i, l_i)
+    lse, inv = finish_merge(m_i, l_i)
+    o = acc * inv[:, None]
     tl.store(_pair_ptrs(seq_base(Out, b, 0, 0, stride_ob, 0, 0), tok, head, offs_d, stride_os, stride_oh, stride_od,
                         WIDE), o.to(Out.dtype.element_ty), mask=tile_ok)
     tl.store(seq_base(Lse, b, 0, 0, stride_lb, 0, 0) + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE),

@@ -43,13 +43,12 @@ def partial_weight(lse_s, m):
 
 
 @triton.jit
-def finish_merge(acc, m, l):
-    """(o, lse) from acc = sum of o_s * w_s (BLOCK_M, BLOCK_D), the largest lse ``m`` and l = sum of
-    w_s (BLOCK_M,); nothing but empty partials gives (0, -inf)."""
+def finish_merge(m, l):
+    """(lse, 1 / l) of a merge whose largest lse is ``m`` and whose weights sum to ``l``: the
+    merged lse and the factor that normalises sum_s o_s * w_s; (-inf, 0) if every partial is empty."""
     nonempty = l > 0.0
     l_safe = tl.where(nonempty, l, 1.0)
-    lse = tl.where(nonempty, m + tl.log(l_safe), float("-inf"))
-    return acc * tl.where(nonempty, 1.0 / l_safe, 0.0)[:, None], lse
+    return tl.where(nonempty, m + tl.log(l_safe), float("-inf")), tl.where(nonempty, 1.0 / l_safe, 0.0)
 
 
 @triton.jit
@@ -58,7 +57,9 @@ def merge_partials(o_a, lse_a, o_b, lse_b):
     m = tl.maximum(empty_as_minus_inf(lse_a), empty_as_minus_inf(lse_b))
     w_a = partial_weight(lse_a, m)
     w_b = partial_weight(lse_b, m)
-    return finish_merge(o_a * w_a[:, None] + o_b * w_b[:, None], m, w_a + w_b)
+    lse, inv = finish_merge(m, w_a + w_b)
+    # Normalised row weights first, then one pass over the tiles.
+    return o_a * (w_a * inv)[:, None] + o_b * (w_b * inv)[:, None], lse
 
 
 @triton.jit

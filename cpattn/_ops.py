@@ -53,8 +53,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_
 @attention_fwd.register_fake
 def _(q, k, v, softmax_scale, window_left, window_right, q_start, k_start, softcap, sinks,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k):
+    # The kernels write a fresh contiguous out, whatever q's strides (an SDPA-layout q is a transposed view).
     batch, seqlen_q, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("cpattn::attention_bwd", mutates_args=())

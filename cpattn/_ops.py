@@ -28,6 +28,11 @@ def _kernel_dtype(t):
     return t.dtype
 
 
+def _fresh(t, dtype=None):
+    """A new contiguous tensor of ``t``'s shape: how every operator here returns its outputs."""
+    return torch.empty(t.shape, dtype=dtype or t.dtype, device=t.device)
+
+
 def _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
           max_seqlen_q, max_seqlen_k):
     if cu_seqlens_q is None:
@@ -53,8 +58,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_
 @attention_fwd.register_fake
 def _(q, k, v, softmax_scale, window_left, window_right, q_start, k_start, softcap, sinks,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k):
+    # The kernels write a fresh contiguous out, whatever q's strides (an SDPA-layout q is a transposed view).
     batch, seqlen_q, heads, _ = q.shape
-    return torch.empty_like(q), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return _fresh(q), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("cpattn::attention_bwd", mutates_args=())
@@ -63,12 +69,17 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
                   k_start: int, softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   pos_q: Optional[Tensor], pos_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                   compute_dq: bool, compute_dkdv: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv); a gradient not asked for is an empty tensor (its kernel does not run)."""
+    """(dq, dk, dv), contiguous; a gradient not asked for is an empty tensor (its kernel does not run)."""
     mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
                  max_seqlen_q, max_seqlen_k)
     dtype = _kernel_dtype(q)
     qc, kc, vc, oc, dc = (t.to(dtype) for t in (q, k, v, out, dout))
+    # Fresh contiguous gradients, whatever the inputs' strides: the layout the fake implementation can
+    # promise (one like q's would copy odd strides of size-1 dimensions, which fake tensors normalise).
     dq, dk, dv = attention_backward(dc, qc, kc, vc, oc, lse, softmax_scale, delta=delta, mask=mask, softcap=softcap,
+                                    dq=_fresh(q, dtype) if compute_dq else None,
+                                    dk=_fresh(k, dtype) if compute_dkdv else None,
+                                    dv=_fresh(v, dtype) if compute_dkdv else None,
                                     compute_dq=compute_dq, compute_dkdv=compute_dkdv)
     # Outputs may not alias each other: every skipped gradient gets its own empty tensor.
     return (dq.to(q.dtype) if compute_dq else q.new_empty(0), dk.to(k.dtype) if compute_dkdv else q.new_empty(0),
@@ -78,8 +89,8 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, q_start, k_start, softcap,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k, compute_dq, compute_dkdv):
-    return (torch.empty_like(q) if compute_dq else q.new_empty(0), torch.empty_like(k) if compute_dkdv else q.new_empty(0),
-            torch.empty_like(v) if compute_dkdv else q.new_empty(0))
+    return (_fresh(q) if compute_dq else q.new_empty(0), _fresh(k) if compute_dkdv else q.new_empty(0),
+            _fresh(v) if compute_dkdv else q.new_empty(0))
 
 
 @torch.library.custom_op("cpattn::attention_delta", mutates_args=())

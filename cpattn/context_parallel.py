@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from cpattn.kernels import MaskSpec
 
+from . import _cp_ops
 from ._checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_timeout, check_window, \
     positive_int
 from .comm import DEFAULT_TIMEOUT, Communicator, RingComm, UlyssesComm, check_agreement, check_backend, dtype_code, gather_rows, \
@@ -28,7 +29,7 @@ from .faults import comm_error
 from .layout import RING_IMPLS, Layout, doc_positions
 from .mesh import auto_ulysses_degree, node_of_this_process, plan_mesh
 from .ulysses import check_heads
-from .usp import MeshComms, usp_attention
+from .usp import MeshComms, usp_attention, usp_attention_backward, usp_attention_forward
 
 __all__ = ["ContextParallel", "add_context_parallel_args", "auto_ulysses_degree", "CP_ALGOS"]
 
@@ -39,9 +40,10 @@ _CONSTRUCTION_FIELDS = ("ulysses_degree (-1: auto)", "ring_impl index", "num_hea
 # cu_seqlens: a hash of its host copy) join by appending fields here and in _attention_signature.
 _ATTENTION_FIELDS = (*[f"{name}.shape[{i}]" for name in ("q", "k", "v") for i in range(4)], "dtype", "causal",
                      "return_lse", "needs grad", "softmax_scale bits", "sdpa layout", "window left", "window right",
-                     "softcap bits", "sinks", "seq_len", "cu_seqlens hash")
+                     "softcap bits", "sinks", "seq_len", "cu_seqlens hash", "compiled")
 _GATHER_FIELDS = ("dtype", "ndim", "seq_dim", *[f"size[{i}] (seq_dim: seq_len)" for i in range(8)],
                   "cu_seqlens hash")
+_METHODS = {False: "ContextParallel.attention", True: "ContextParallel.scaled_dot_product_attention"}  # by layout
 _MAX_SIGNATURES = 4096  # agreed signatures kept per object (shapes that change every call would grow it)
 
 
@@ -74,6 +76,11 @@ def _float_bits(x):
     return 0 if x is None else struct.unpack("<q", struct.pack("<d", x))[0]
 
 
+def _flash_layout(q, k, v, sdpa_layout):
+    """q, k, v as (B, S, H, D) views: the kernels read any strides."""
+    return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)) if sdpa_layout else (q, k, v)
+
+
 def _docs_hash(docs):
     """An int naming a packing (the same in every process: hashes of int tuples are not salted); 0 for none."""
     return 0 if docs is None else hash(docs)
@@ -91,15 +98,17 @@ def _packing(cu_seqlens, seq_len, where):
     return tuple(cu_seqlens.tolist()), seq_len
 
 
-def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout, window, softcap, sinks, seq_len, docs):
+def _attention_signature(q, k, v, causal, scale, return_lse, sdpa_layout, window, softcap, sinks, seq_len, docs,
+                         needs_grad, compiled):
     """What must agree across ranks; the local sequence lengths (which may differ by a token) count only
-    through the full ``seq_len``, which each rank has checked against its own."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    through the full ``seq_len``, which each rank has checked against its own. ``compiled``: the call is
+    torch.compile's operator, whose forward also sends lse back and whose backward sends its inputs
+    again, so it cannot meet an eager call on another rank."""
     seq_dim = 2 if sdpa_layout else 1
     shapes = [size if dim != seq_dim else -1 for t in (q, k, v) for dim, size in enumerate(t.shape)]
     return (*shapes, dtype_code(q.dtype), int(causal), int(return_lse), int(needs_grad),
             _float_bits(scale), int(sdpa_layout), *window, _float_bits(softcap), int(sinks is not None), seq_len,
-            _docs_hash(docs))
+            _docs_hash(docs), int(compiled))
 
 
 class ContextParallel:
@@ -166,6 +175,7 @@ class ContextParallel:
         if self.world_size > 1:
             self._comm = Communicator(self.group, self.timeout, self._plan.ulysses_groups() if degree > 1 else None)
         self._mesh = self._build_mesh()
+        self._handle = _cp_ops.register(self._forward_op, self._backward_op)  # how compiled code names it
 
     def _build_mesh(self):
         comm, degree, ring_degree = self._comm, self.ulysses_degree, self.ring_degree
@@ -398,6 +408,20 @@ class ContextParallel:
     def _attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa=True,
                    window_size=(-1, -1), softcap=0.0, sinks=None, seq_len=None, cu_seqlens=None):
         """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
+        if torch.compiler.is_compiling():
+            return self._compiled_attention(q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout,
+                                            enable_gqa, window_size, softcap, sinks, seq_len, cu_seqlens)
+        softmax_scale, seq_len, docs = self._prepare(q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout,
+                                                     enable_gqa, window_size, softcap, sinks, seq_len, cu_seqlens)
+        q, k, v = _flash_layout(q, k, v, sdpa_layout)
+        window = MaskSpec(bool(causal), window_size).window  # causal is the right bound 0
+        return usp_attention(q, k, v, self._mesh, seq_len, window, softmax_scale, bool(return_lse), where,
+                             float(softcap), sinks, docs)
+
+    def _prepare(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa, window_size,
+                 softcap, sinks, seq_len, cu_seqlens, needs_grad=None, compiled=False):
+        """A call's checks and agreement (``_check_attention``, when its key is new); returns (softmax_scale,
+        full length, packed documents or None). ``needs_grad``: None reads it from q, k, v."""
         self._check_open(where, failures=False)  # usp_attention checks for failures itself
         docs, packing_error = None, None
         try:  # read on the host every call: the plan depends on the packing (a sync on CUDA)
@@ -405,50 +429,53 @@ class ContextParallel:
         except (TypeError, ValueError) as exc:
             packing_error = exc
         try:  # what the local checks depend on; a new key is checked and agreed on
+            if needs_grad is None:
+                needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
             key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, bool(causal),
-                   softmax_scale, bool(return_lse), enable_gqa, sdpa_layout,
-                   torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
-                   tuple(window_size), softcap, None if sinks is None else (sinks.shape, sinks.dtype, sinks.device),
-                   seq_len, docs)
+                   softmax_scale, bool(return_lse), enable_gqa, sdpa_layout, needs_grad, tuple(window_size), softcap,
+                   None if sinks is None else (sinks.shape, sinks.dtype, sinks.device), seq_len, docs, compiled)
             known = packing_error is None and self.check_across_ranks != "always" and key in self._agreed
         except (AttributeError, TypeError):  # not tensors, or an unhashable argument
             key, known = None, False
         if not known:
             softmax_scale = self._check_attention(key, q, k, v, causal, softmax_scale, return_lse, where,
                                                   sdpa_layout, enable_gqa, window_size, softcap, sinks, seq_len,
-                                                  docs, packing_error)
-        seq_len = seq_len or q.shape[2 if sdpa_layout else 1] * self.world_size
-        if sdpa_layout:  # (B, H, S, D) -> (B, S, H, D) is a view; the kernels read any strides
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        window = MaskSpec(bool(causal), window_size).window  # causal is the right bound 0
-        return usp_attention(q, k, v, self._mesh, seq_len, window, softmax_scale, bool(return_lse), where,
-                             float(softcap), sinks, docs)
+                                                  docs, packing_error, needs_grad, compiled)
+        return softmax_scale, seq_len or q.shape[2 if sdpa_layout else 1] * self.world_size, docs
+
+    def _check_arguments(self, q, k, v, softmax_scale, where, sdpa_layout, enable_gqa, window_size, softcap,
+                         sinks):
+        """The checks that read nothing but the arguments (no host data, no group); returns (softmax_scale,
+        window_size, softcap) checked and the local sequence length."""
+        _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, "sdpa" if sdpa_layout else "flash")
+        softmax_scale = check_scale(softmax_scale, where)
+        window_size = check_window(window_size, where)
+        softcap = check_softcap(softcap, where)
+        check_sinks(sinks, heads, q.device, where)
+        if heads != heads_kv and not enable_gqa:
+            raise ValueError(f"{where}: query has {heads} heads but key/value have {heads_kv}; "
+                             "pass enable_gqa=True for grouped-query attention")
+        if seqlen_q != seqlen_k:
+            raise ValueError(f"{where}: queries and keys must have the same local sequence length "
+                             f"(self-attention over one sharded sequence), got {seqlen_q} and {seqlen_k}")
+        check_heads(heads, heads_kv, self.ulysses_degree, where)
+        return softmax_scale, window_size, softcap, seqlen_q
 
     def _check_attention(self, key, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa,
-                         window_size, softcap, sinks, seq_len, docs, packing_error):
+                         window_size, softcap, sinks, seq_len, docs, packing_error, needs_grad, compiled):
         """Local checks, then the cross-rank agreement; returns the softmax scale."""
         error, signature = None, None
         try:
             if packing_error is not None:
                 raise packing_error
-            _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(q, k, v, where, "sdpa" if sdpa_layout else "flash")
-            softmax_scale = check_scale(softmax_scale, where)
-            window_size = check_window(window_size, where)
-            softcap = check_softcap(softcap, where)
-            check_sinks(sinks, heads, q.device, where)
-            if heads != heads_kv and not enable_gqa:
-                raise ValueError(f"{where}: query has {heads} heads but key/value have {heads_kv}; "
-                                 "pass enable_gqa=True for grouped-query attention")
-            if seqlen_q != seqlen_k:
-                raise ValueError(f"{where}: queries and keys must have the same local sequence length "
-                                 f"(self-attention over one sharded sequence), got {seqlen_q} and {seqlen_k}")
+            softmax_scale, window_size, softcap, seqlen = self._check_arguments(
+                q, k, v, softmax_scale, where, sdpa_layout, enable_gqa, window_size, softcap, sinks)
             check_backend(self.group, q.device, where)
-            check_heads(heads, heads_kv, self.ulysses_degree, where)
             if docs is not None and q.shape[0] != 1:
                 raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {q.shape[0]}")
-            seq_len = self._full_length(seqlen_q, seq_len, where, docs)
+            seq_len = self._full_length(seqlen, seq_len, where, docs)
             signature = _attention_signature(q, k, v, causal, softmax_scale, return_lse, sdpa_layout, window_size,
-                                             softcap, sinks, seq_len, docs)
+                                             softcap, sinks, seq_len, docs, needs_grad, compiled)
         except (TypeError, ValueError) as exc:
             error = exc
         self._agree(key, signature, error, where, _ATTENTION_FIELDS, q if error is None else None)
@@ -484,18 +511,55 @@ class ContextParallel:
         it (as ``flash_attn_varlen_func``); chunks that share no document make no
         kernel call. Read to the host every call (a device sync on CUDA).
         """
-        return self._attention(q, k, v, causal, softmax_scale, return_lse, "ContextParallel.attention", False,
-                               True, window_size, softcap, sinks, seq_len, cu_seqlens)
+        return self._attention(q, k, v, causal, softmax_scale, return_lse, _METHODS[False], False, True,
+                               window_size, softcap, sinks, seq_len, cu_seqlens)
 
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False, *,
                                      window_size=(-1, -1), softcap=0.0, sinks=None, seq_len=None,
                                      cu_seqlens=None):
         """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
-        out = self._attention(query, key, value, is_causal, scale, False,
-                              "ContextParallel.scaled_dot_product_attention", True, enable_gqa, window_size,
-                              softcap, sinks, seq_len, cu_seqlens)
+        out = self._attention(query, key, value, is_causal, scale, False, _METHODS[True], True, enable_gqa,
+                              window_size, softcap, sinks, seq_len, cu_seqlens)
         return out.transpose(1, 2)
 
+    # ------------------------------------------------------------------ under torch.compile (_cp_ops.py)
+
+    def _compiled_attention(self, q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout, enable_gqa,
+                            window_size, softcap, sinks, seq_len, cu_seqlens):
+        """``_attention`` while dynamo traces: the checks of the arguments alone run here (a bad argument
+        raises while compiling), then the call is one custom operator that runs ``_forward_op``."""
+        softmax_scale, window_size, softcap, _ = self._check_arguments(q, k, v, softmax_scale, where, sdpa_layout,
+                                                                       enable_gqa, window_size, softcap, sinks)
+        if seq_len is not None:
+            self.layout.check_seq_len(seq_len, where)
+        if cu_seqlens is not None and not isinstance(cu_seqlens, torch.Tensor):
+            raise TypeError(f"{where}: cu_seqlens must be an int32 tensor, got {type(cu_seqlens).__name__}")
+        out, lse = _cp_ops.attention(self._handle, q, k, v, causal, softmax_scale, return_lse, sdpa_layout,
+                                     enable_gqa, window_size, softcap, sinks, seq_len, cu_seqlens)
+        return (out, lse) if return_lse else out
+
+    def _forward_op(self, q, k, v, sinks, cu_seqlens, causal, softmax_scale, return_lse, sdpa_layout, enable_gqa,
+                    window_size, softcap, seq_len, needs_grad):
+        """The forward operator: ``_attention``'s eager path without autograd; (out, lse) in flash layout."""
+        where = _METHODS[sdpa_layout]
+        softmax_scale, seq_len, docs = self._prepare(q, k, v, causal, softmax_scale, return_lse, where, sdpa_layout,
+                                                     enable_gqa, window_size, softcap, sinks, seq_len, cu_seqlens,
+                                                     needs_grad, compiled=True)
+        q, k, v = _flash_layout(q, k, v, sdpa_layout)
+        window = MaskSpec(causal, window_size).window
+        return usp_attention_forward(q, k, v, self._mesh, seq_len, window, softmax_scale, where, softcap, sinks,
+                                     docs)
+
+    def _backward_op(self, dout, q, k, v, out, lse, sinks, cu_seqlens, causal, softmax_scale, sdpa_layout,
+                     window_size, softcap, seq_len):
+        """The backward operator: (dq, dk, dv in flash layout, d sinks or None) from the forward's inputs and
+        outputs (the forward checked and agreed on them)."""
+        where = f"{_METHODS[sdpa_layout]} backward"
+        docs, seq_len = _packing(cu_seqlens, seq_len, where)
+        q, k, v = _flash_layout(q, k, v, sdpa_layout)
+        window = MaskSpec(causal, window_size).window
+        return usp_attention_backward(dout, q, k, v, out, lse, self._mesh, seq_len or q.shape[1] * self.world_size,
+                                      window, softmax_scale, where, softcap, sinks, docs)
 
 def _ulysses_degree_arg(text):
     if text == "auto":

@@ -5,13 +5,16 @@ gloo process group in each, calls ``fn(rank, world_size, *args)`` and returns
 the per-rank results (anything picklable, tensors included: results travel
 pickled by value, not through shared memory that dies with the rank). An exception on any rank is
 re-raised here with that rank's traceback; a rank that hangs past ``timeout``
-fails the call instead of hanging the test suite.
+fails the call instead of hanging the test suite. Forked ranks that torch.compile
+with inductor compile in their own process (the parent's compile workers do not
+survive the fork).
 """
 import datetime
 import multiprocessing
 import pickle
 import queue
 import socket
+import sys
 import time
 import traceback
 
@@ -32,6 +35,10 @@ def free_port():
 def _worker(rank, world_size, port, timeout, backend, fn, args, results):
     try:
         torch.set_num_threads(1)
+        if backend == "gloo" and "torch._inductor.config" in sys.modules:
+            # A forked rank compiles in its own process: the pool of compile workers inductor started in
+            # the parent does not survive the fork (a compile waiting for it never returns).
+            sys.modules["torch._inductor.config"].compile_threads = 1
         if backend == "nccl":
             # Ranks share the GPUs round-robin (several ranks on one GPU need NCCL >= 2.30
             # and NCCL_MULTI_RANK_GPU_ENABLE=1).

@@ -9,9 +9,13 @@ dout, the ring backward, one all-to-all for dq, dk and dv together.
 Pure ring (ulysses_degree 1) and pure Ulysses (ring_degree 1) are the two
 degenerate meshes of the same path: an axis of one rank does no communication.
 A failure inside forward or backward goes through ``Communicator.fail``, so
-every rank raises (faults.py).
+every rank raises (faults.py). Under torch.compile the same forward and
+backward run inside two custom operators (``usp_attention_forward`` and
+``usp_attention_backward``, called by cpattn/_cp_ops.py) instead of the
+autograd Function.
 """
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -57,52 +61,89 @@ def _local_heads(mesh, heads):
     return slice(index * width, (index + 1) * width)
 
 
-def _forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse):
-    heads, heads_kv, in_dtype = q.shape[2], k.shape[2], q.dtype
-    parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, docs)  # the Ulysses ranks' token counts
-    if mesh.ulysses is not None:
-        q, k, v = scatter_heads((q, k, v), mesh.ulysses, parts)
-        fault_point("ulysses forward")
-    local_sinks = sinks[_local_heads(mesh, heads)] if sinks is not None else None
+class _Call(NamedTuple):
+    """What a call's backward needs besides tensors."""
+    mesh: MeshComms
+    seq_len: int
+    docs: Optional[tuple]
+    parts: list  # the Ulysses ranks' token counts
+    window: tuple
+    softmax_scale: Optional[float]
+    softcap: float
+    heads: int
+    heads_kv: int
+    in_dtype: torch.dtype
+
+    @staticmethod
+    def of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap):
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, docs)
+        return _Call(mesh, seq_len, docs, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
+                     q.dtype)
+
+
+def _ring_inputs(q, k, v, mesh):
+    """q, k, v as the ring takes them: in the kernels' dtype, and k, v contiguous when they travel (made
+    so once, here, and saved so)."""
     dtype = _kernel_dtype(q)
-    if dtype != in_dtype:
+    if dtype != q.dtype:
         q, k, v = (t.to(dtype) for t in (q, k, v))
-    if mesh.ring is not None:  # sent as they are: contiguous once, here, and saved so
+    if mesh.ring is not None:
         k, v = k.contiguous(), v.contiguous()
-    out, lse = ring_forward(q, k, v, mesh.layout, seq_len, mesh.ring_index, mesh.ring, window, softmax_scale,
-                            softcap, local_sinks, docs)
-    out = out.to(dtype)
-    ctx.save_for_backward(q, k, v, out, lse, local_sinks)
-    ctx.args = (mesh, seq_len, docs, parts, window, softmax_scale, softcap, heads, heads_kv, in_dtype)
-    if dtype != in_dtype:
-        out = out.to(in_dtype)
+    return q, k, v
+
+
+def _lse_as_heads(lse):
+    """lse (B, H, S) as a (B, S, H, 1) "tensor", the layout the head all-to-alls move."""
+    return lse.transpose(1, 2).unsqueeze(-1)
+
+
+def _forward(q, k, v, sinks, call, return_lse):
+    """(out, lse or None, the tensors the backward needs) of this rank's part of the sequence."""
+    mesh = call.mesh
+    if mesh.ulysses is not None:
+        q, k, v = scatter_heads((q, k, v), mesh.ulysses, call.parts)
+        fault_point("ulysses forward")
+    local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
+    q, k, v = _ring_inputs(q, k, v, mesh)
+    out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.window,
+                            call.softmax_scale, call.softcap, local_sinks, call.docs)
+    out = out.to(q.dtype)
+    saved = (q, k, v, out, lse, local_sinks)
+    out = out.to(call.in_dtype)
     if mesh.ulysses is not None:
         index = _ulysses_index(mesh)
-        (out,) = gather_heads([out], [heads], mesh.ulysses, parts, index)
-        if return_lse:  # (B, H/U, S) as a (B, S, H/U, 1) "tensor"
-            (lse,) = gather_heads([lse.transpose(1, 2).unsqueeze(-1)], [heads], mesh.ulysses, parts, index)
+        (out,) = gather_heads([out], [call.heads], mesh.ulysses, call.parts, index)
+        if return_lse:
+            (lse,) = gather_heads([_lse_as_heads(lse)], [call.heads], mesh.ulysses, call.parts, index)
             lse = lse[..., 0].transpose(1, 2)
-    return out, (lse if return_lse else None)
+    return out, (lse if return_lse else None), saved
 
 
-def _backward(ctx, dout):
-    q, k, v, out, lse, local_sinks = ctx.saved_tensors
-    mesh, seq_len, docs, parts, window, softmax_scale, softcap, heads, heads_kv, in_dtype = ctx.args
-    if mesh.ulysses is not None:
-        (dout,) = scatter_heads([dout], mesh.ulysses, parts)
+def _backward(dout, saved, call):
+    """(dq, dk, dv, d sinks or None) from this rank's part of dout and what ``_forward`` saved."""
+    if call.mesh.ulysses is not None:
+        (dout,) = scatter_heads([dout], call.mesh.ulysses, call.parts)
         fault_point("ulysses backward")
-    dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, seq_len,
-                                             mesh.ring_index, mesh.ring, window, softmax_scale, softcap, local_sinks,
-                                             docs)
-    grads = [g.to(in_dtype) for g in (dq, dk, dv)]
+    return _ring_backward(dout, saved, call)
+
+
+def _ring_backward(dout, saved, call):
+    """The ring backward on this rank's ring piece (dout already there); the gradients sent back."""
+    q, k, v, out, lse, local_sinks = saved
+    mesh = call.mesh
+    dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, call.seq_len,
+                                             mesh.ring_index, mesh.ring, call.window, call.softmax_scale,
+                                             call.softcap, local_sinks, call.docs)
+    grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
-        grads = gather_heads(grads, [heads, heads_kv, heads_kv], mesh.ulysses, parts, _ulysses_index(mesh))
+        grads = gather_heads(grads, [call.heads, call.heads_kv, call.heads_kv], mesh.ulysses, call.parts,
+                             _ulysses_index(mesh))
     dsinks = None
     if local_sinks is not None:
         # This rank's share (its rows, its heads), as for every replicated parameter under context
         # parallelism: the data/context-parallel gradient all-reduce sums the shares.
-        dsinks = torch.zeros(heads, dtype=torch.float32, device=dout.device)
-        dsinks[_local_heads(mesh, heads)] = dsinks_local
+        dsinks = torch.zeros(call.heads, dtype=torch.float32, device=dout.device)
+        dsinks[_local_heads(mesh, call.heads)] = dsinks_local
         dsinks = dsinks.to(local_sinks.dtype)
     return (*grads, dsinks)
 
@@ -113,16 +154,17 @@ class USPAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        out, lse = _guarded(mesh, where, _forward, ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale,
-                            softcap, return_lse)
+        ctx.call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+        out, lse, saved = _guarded(mesh, where, _forward, q, k, v, sinks, ctx.call, return_lse)
+        ctx.save_for_backward(*saved)
         if lse is not None:
             ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        mesh = ctx.args[0]
-        dq, dk, dv, dsinks = _guarded(mesh, f"{ctx.where} backward", _backward, ctx, dout)
+        dq, dk, dv, dsinks = _guarded(ctx.call.mesh, f"{ctx.where} backward", _backward, dout, ctx.saved_tensors,
+                                      ctx.call)
         return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
 
 
@@ -136,3 +178,35 @@ def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=Fals
     out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, docs, tuple(window), softmax_scale, softcap,
                                   return_lse, where)
     return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- for the custom operators
+# Under torch.compile a call is two custom operators (cpattn/_cp_ops.py), whose outputs must have shapes
+# known before they run. The ring-side tensors USPAttention saves have none such (with packed documents
+# their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
+# outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.
+
+def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, docs=None):
+    """``usp_attention`` without autograd: (out, lse) of this rank's rows, on the same fault path."""
+    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    out, lse, _ = _guarded(mesh, where, _forward, q, k, v, sinks, call, True)
+    return out, lse
+
+
+def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, window, softmax_scale, where, softcap=0.0,
+                           sinks=None, docs=None):
+    """(dq, dk, dv, d sinks or None) of ``usp_attention_forward``, from its inputs and outputs."""
+    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    return _guarded(mesh, where, _backward_from_outputs, dout, q, k, v, out, lse, sinks, call)
+
+
+def _backward_from_outputs(dout, q, k, v, out, lse, sinks, call):
+    mesh = call.mesh
+    if mesh.ulysses is not None:
+        dout, q, k, v, out = scatter_heads((dout, q, k, v, out), mesh.ulysses, call.parts)
+        (lse,) = scatter_heads([_lse_as_heads(lse)], mesh.ulysses, call.parts)
+        lse = lse[..., 0].transpose(1, 2)
+        fault_point("ulysses backward")
+    local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
+    q, k, v = _ring_inputs(q, k, v, mesh)
+    return _ring_backward(dout, (q, k, v, out.to(q.dtype), lse, local_sinks), call)

@@ -1,10 +1,20 @@
 """torch.compile(fullgraph=True) traces through cpattn (the kernels are custom operators),
-and the operators pass torch.library.opcheck."""
+the operators pass torch.library.opcheck, their fake implementations give the real layouts,
+and every single-device entry point compiles with inductor, forward and backward, equal to
+eager. (Context parallelism under torch.compile: test_cp_compile.py.)"""
 import pytest
 import torch
 
 import cpattn
 from cpattn import _ops
+from fake_check import FakeMatchesReal
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles its own functions: no cache entry or recompile count carries over."""
+    yield
+    torch._dynamo.reset()
 
 
 def _opcheck_inputs():
@@ -62,3 +72,87 @@ def test_compiled_two_layer_model_matches_eager():
     torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _entry_point_inputs():
+    """Leaves for ``_every_entry_point``: odd lengths (7, 12, 40), head dims 32 and 40, q shorter and
+    longer than kv, MHA, GQA and MQA."""
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_()
+    return {
+        "sdpa_q": leaf(1, 4, 40, 32), "sdpa_k": leaf(1, 4, 40, 32), "sdpa_v": leaf(1, 4, 40, 32),
+        "q7": leaf(1, 7, 4, 40), "k12": leaf(1, 12, 2, 40), "v12": leaf(1, 12, 2, 40),
+        "q12": leaf(2, 12, 4, 40), "k7": leaf(2, 7, 2, 40), "v7": leaf(2, 7, 2, 40), "sinks": leaf(4),
+        "qkv": leaf(1, 12, 3, 4, 40), "kv_mqa": leaf(1, 12, 2, 1, 40),
+        "packed_q": leaf(12, 4, 40), "packed_qkv": leaf(12, 3, 4, 40), "packed_kv": leaf(12, 2, 2, 40),
+    }
+
+
+CU_SEQLENS = torch.tensor([0, 3, 7, 12], dtype=torch.int32)  # documents of 3, 4 and 5 tokens
+
+
+def _every_entry_point(x):
+    """One call of each public single-device function, in the layouts it is documented for; a dict of outputs."""
+    t = {name: x[name].transpose(1, 2) for name in ("q7", "k12", "v12")}  # SDPA layout as views of flash tensors
+    cu = CU_SEQLENS
+    out = {
+        "sdpa": cpattn.scaled_dot_product_attention(x["sdpa_q"], x["sdpa_k"], x["sdpa_v"], is_causal=True) * 1.5,
+        "sdpa views, gqa": cpattn.scaled_dot_product_attention(t["q7"], t["k12"], t["v12"], enable_gqa=True),
+        "flash, q longer, window, sinks": cpattn.flash_attn_func(x["q12"], x["k7"], x["v7"], causal=True,
+                                                                 window_size=(5, 0), sinks=x["sinks"]),
+        "kvpacked, mqa, softcap": cpattn.flash_attn_kvpacked_func(x["q7"], x["kv_mqa"], softcap=3.0),
+        "varlen": cpattn.flash_attn_varlen_func(x["packed_q"], x["packed_kv"][:, 0], x["packed_kv"][:, 1], cu, cu,
+                                                5, 5, causal=True),
+        "varlen qkvpacked": cpattn.flash_attn_varlen_qkvpacked_func(x["packed_qkv"], cu, 5),
+        "varlen kvpacked": cpattn.flash_attn_varlen_kvpacked_func(x["packed_q"], x["packed_kv"], cu, cu, 5, 5,
+                                                                  causal=True, window_size=(2, 1)),
+    }
+    out["qkvpacked"], out["qkvpacked lse"], _ = cpattn.flash_attn_qkvpacked_func(x["qkv"], causal=True,
+                                                                                 return_attn_probs=True)
+    return out
+
+
+def _outputs_and_grads(fn, inputs):
+    outs = fn(inputs)
+    gen = torch.Generator().manual_seed(1)  # a weighted sum: every output element gets its own gradient
+    loss = sum((o * torch.randn(o.shape, generator=gen)).sum() for o in outs.values())
+    return outs, dict(zip(inputs, torch.autograd.grad(loss, list(inputs.values()))))
+
+
+def test_every_entry_point_compiles_with_inductor():
+    inputs = _entry_point_inputs()
+    with FakeMatchesReal() as check:
+        eager_outs, eager_grads = _outputs_and_grads(_every_entry_point, inputs)
+    # Inductor lays its buffers out from the fake implementations: they must give the real strides.
+    assert not check.mismatches, f"(operator, output, real layout, fake layout): {check.mismatches}"
+    assert {"cpattn::attention_fwd", "cpattn::attention_delta", "cpattn::attention_bwd"} <= check.seen
+    compiled = torch.compile(_every_entry_point, fullgraph=True)  # the default backend: inductor
+    outs, grads = _outputs_and_grads(compiled, inputs)
+    for name, want in {**eager_outs, **eager_grads}.items():
+        got = outs[name] if name in eager_outs else grads[name]
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_decode_step_compiles_with_inductor():
+    """decode_step (one process: no collective) over a paged cache, compiled once for three steps."""
+    gen = torch.Generator().manual_seed(2)
+    batch, heads, heads_kv, head_dim, prompt = 2, 4, 2, 40, 21
+    caches = [cpattn.ShardedKVCache(batch, 64, heads_kv, head_dim, page_size=16) for _ in range(2)]
+    prompt_q = torch.randn(batch, prompt, heads, head_dim, generator=gen)
+    prompt_kv = [torch.randn(batch, prompt, heads_kv, head_dim, generator=gen) for _ in range(2)]
+    for cache in caches:
+        cpattn.prefill(cache, prompt_q, *prompt_kv)
+        cache.reserve(3)
+    compiled = torch.compile(cpattn.decode_step, fullgraph=True)
+    options = dict(window_size=(16, 0), softcap=10.0, sinks=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    for step in range(3):
+        q = torch.randn(batch, 1, heads, head_dim, generator=gen)
+        k, v = (torch.randn(batch, 1, heads_kv, head_dim, generator=gen) for _ in range(2))
+        want = cpattn.decode_step(caches[0], q, k, v, **options)
+        with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
+            got = compiled(caches[1], q, k, v, **options)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert caches[1].seqlens.tolist() == [prompt + 3] * batch

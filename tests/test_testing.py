@@ -1,4 +1,5 @@
-"""The multi-rank harness itself: results (tensors too), errors and hangs."""
+"""The multi-rank harness itself: results (tensors too), errors, hangs, and inductor in forked ranks."""
+import random
 import time
 
 import pytest
@@ -39,3 +40,17 @@ def test_run_ranks_reports_the_failing_rank():
 def test_run_ranks_turns_a_hang_into_an_error():
     with pytest.raises(TimeoutError, match=r"ranks \[0\] did not finish"):
         run_ranks(_hangs_on_rank_zero, 2, timeout=3)
+
+
+def _compiles(rank, world_size, salt):
+    return torch.compile(lambda x: x * salt + rank)(torch.ones(2)).tolist()
+
+
+def test_ranks_compile_with_inductor_after_the_parent_did():
+    # Forked ranks inherit inductor's pool of compile workers, which does not survive the fork: run_ranks
+    # makes them compile in-process (without that, this hung until the timeout). A new constant each run
+    # keeps inductor's on-disk cache from answering instead of a compile.
+    salt = random.randrange(1, 2**20)
+    torch.compile(lambda x: x + salt)(torch.ones(2))
+    assert run_ranks(_compiles, 2, salt, timeout=120) == [[salt, salt], [salt + 1, salt + 1]]
+    torch._dynamo.reset()

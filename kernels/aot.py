@@ -60,6 +60,11 @@ WGMMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 # Except: no dk/dv config with 64 key rows per warpgroup (wgmma's minimum) compiles
 # without spilling at head dim 256 (dk and dv alone fill the registers), so it runs mma.sync.
 WGMMA_EXEMPT = {("_bwd_dkdv_kernel", 256)}
+# The 5-GEMM backward's dq dot (ds @ k) has BLOCK_M query rows, fewer than wgmma's 64: it runs
+# mma.sync beside the dk/dv kernel's own wgmma dots.
+MMA_SYNC_ALLOWED = {("_bwd_dkdv_kernel", "atomic")}
+# Variants whose forward reads through tensor descriptors on sm_90: their loops must issue TMA loads.
+TMA_VARIANTS = ("causal", "ring", "local", "full")
 
 _KERNEL_MODULES = (flash_fwd, flash_bwd, merge, decode)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -113,11 +118,36 @@ def _local_calls(dtype, head_dim):
                             window_size=(64, 0), softcap=30.0, sinks=sinks)
 
 
+def _full_calls(dtype, head_dim):
+    """Non-causal attention over whole key blocks: the forward's one-loop form (no EDGES), where
+    its warp-specialized configs apply."""
+    q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    flash_fwd.attention_forward(q, k, v)
+
+
+def _pointer_calls(dtype, head_dim):
+    """The causal forward with pointer loads (``CPATTN_FORWARD=pointers``), kept for comparison."""
+    with mock.patch.dict(os.environ, {"CPATTN_FORWARD": "pointers"}):
+        _causal_calls(dtype, head_dim)
+
+
+def _atomic_calls(dtype, head_dim):
+    """The causal backward's 5-GEMM form: dq added with atomics inside the dk/dv kernel."""
+    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    lse = torch.empty(2, 4, 128)
+    flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, delta=lse, atomic_dq=True)
+
+
 # variant -> (the calls, the kernels whose code it specializes differently from "causal")
 VARIANTS = {
     "causal": (_causal_calls, KERNELS),
     "ring": (_ring_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")),
     "local": (_local_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")),
+    "full": (_full_calls, ("_fwd_kernel",)),
+    "pointers": (_pointer_calls, ("_fwd_kernel",)),
+    "atomic": (_atomic_calls, ("_bwd_dkdv_kernel",)),
 }
 
 
@@ -128,8 +158,9 @@ class Launch:
     constants: dict
 
 
-def capture(variant, dtype, head_dim):
-    """{kernel name: Launch} of the calls of ``variant`` (nothing runs).
+def capture(variant, dtype, head_dim, target=None):
+    """{kernel name: Launch} of the calls of ``variant`` (nothing runs), with the choices the
+    host makes for a GPU of ``target`` (tensor-descriptor loads from sm_90 on).
 
     Shapes keep every integer that varies in real use above 1 (batch, heads, GQA
     group), so Triton does not fold it into a constant a real launch would not have."""
@@ -139,9 +170,12 @@ def capture(variant, dtype, head_dim):
         launches[kernel.fn.__name__] = Launch(kernel, tuple(args), dict(constants))
 
     calls, kernels = VARIANTS[variant]
+    capability = (target or TARGETS["sm_90"]).capability
     with contextlib.ExitStack() as stack:
         for module in _KERNEL_MODULES:
             stack.enter_context(mock.patch.object(module, "launch", record))
+        stack.enter_context(mock.patch.object(flash_fwd, "use_tma",
+                                              lambda device: flash_fwd.tma_target(capability)))
         calls(dtype, head_dim)
     missing = set(kernels) - set(launches)
     if missing:
@@ -219,13 +253,13 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
     for variant in variants:
         for dtype in dtypes:
             for head_dim in head_dims:
-                for name, launch in capture(variant, DTYPES[dtype], head_dim).items():
-                    if name not in kernels:
-                        continue
-                    block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
-                    for target in (TARGETS[t] for t in targets):
+                for target in (TARGETS[t] for t in targets):
+                    for name, launch in capture(variant, DTYPES[dtype], head_dim, target).items():
+                        if name not in kernels:
+                            continue
+                        block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
                         for config in _autotune.keep_configs(name, block_d, elem_bytes, target.capability,
-                                                             target.smem_limit):
+                                                             target.smem_limit, launch.constants):
                             source, options = _bind(launch, config, target)
                             yield Case(name, variant, target, dtype, head_dim, config, source, options,
                                        _autotune.smem_estimate(name, config, block_d, elem_bytes))
@@ -233,8 +267,46 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
 
 # ---------------------------------------------------------------- compile and read the cubin
 
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_HGMMA_SHAPE = re.compile(r"\bHGMMA\.64x(\d+)x(\d+)")
+
+
+def loop_facts(sass):
+    """What the SASS of one kernel does in its loops (a loop: the instructions from a backward
+    branch's target to the branch).
+
+    ``loop_utmaldg``: TMA loads (UTMALDG) inside any loop; the main loop is the loop with
+    wgmma (HGMMA) that spends the fewest other instructions per unit of MMA work, i.e. the
+    unmasked loop of the forward, dq and dk/dv kernels (their masked loops add the mask);
+    ``main_loop_instrs``: its instructions; ``main_loop_wgmma``: its MMA work in units of one
+    64x128x16 wgmma (an m64nNkK HGMMA counts N/128 * K/16); ``non_mma_per_wgmma``: its
+    instructions other than HGMMA per unit. None where the kernel has no such loop."""
+    code = [(int(addr, 16), text.strip()) for addr, text in _SASS_INSTRUCTION.findall(sass)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            loops.append((int(branch.group(1), 16), addr))
+    facts = {"loop_utmaldg": 0, "main_loop_instrs": None, "main_loop_wgmma": None, "non_mma_per_wgmma": None}
+    in_loop = {addr for addr, _ in code if any(lo <= addr <= hi for lo, hi in loops)}
+    facts["loop_utmaldg"] = sum(1 for addr, text in code if addr in in_loop and "UTMALDG" in text)
+    best = None
+    for lo, hi in loops:
+        body = [text for addr, text in code if lo <= addr <= hi]
+        work = sum(int(n) / 128 * int(k) / 16 for n, k in (_HGMMA_SHAPE.search(t).groups() for t in body
+                                                              if _HGMMA_SHAPE.search(t)))
+        if work:
+            other = sum(1 for t in body if "HGMMA" not in t)
+            if best is None or other / work < best[2] / best[1]:
+                best = (len(body), work, other)
+    if best:
+        facts.update(main_loop_instrs=best[0], main_loop_wgmma=round(best[1], 2),
+                     non_mma_per_wgmma=round(best[2] / best[1], 1))
+    return facts
+
+
 def _cubin_facts(cubin):
-    """(registers, stack bytes, static shared bytes, HGMMA count, HMMA count) of a cubin."""
+    """(registers, stack bytes, static shared bytes, HGMMA count, HMMA count, loop facts) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         Path(path).write_bytes(cubin)
@@ -243,7 +315,7 @@ def _cubin_facts(cubin):
         sass = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return (fields["REG"], fields["STACK"] + fields["LOCAL"], fields["SHARED"],
-            len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)))
+            len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)), loop_facts(sass))
 
 
 def compile_case(case):
@@ -255,12 +327,13 @@ def compile_case(case):
         compiled = triton.compile(case.source, target=GPUTarget("cuda", case.target.capability, 32),
                                   options=case.options)
     seconds = time.perf_counter() - start
-    regs, spill, static_smem, hgmma, hmma = _cubin_facts(compiled.asm["cubin"])
+    regs, spill, static_smem, hgmma, hmma, loops = _cubin_facts(compiled.asm["cubin"])
     return {"key": case.key, "kernel": case.kernel, "variant": case.variant, "target": case.target.name,
             "dtype": case.dtype, "head_dim": case.head_dim, "config": config_name(case.config),
             "regs": regs, "spill_bytes": spill, "smem": compiled.metadata.shared + static_smem,
             "smem_limit": case.target.smem_limit, "smem_estimate": case.smem_estimate,
-            "hgmma": hgmma, "hmma": hmma, "compile_s": round(seconds, 2), "triton": triton.__version__}
+            "hgmma": hgmma, "hmma": hmma, **loops, "warps": compiled.metadata.num_warps,
+            "compile_s": round(seconds, 2), "triton": triton.__version__}
 
 
 def problems(row):
@@ -273,8 +346,12 @@ def problems(row):
     if row["smem_estimate"] < row["smem"]:
         found.append(f"the prune's estimate {row['smem_estimate']} B is below the {row['smem']} B it uses")
     wgmma = row["kernel"] in WGMMA_KERNELS and (row["kernel"], row["head_dim"]) not in WGMMA_EXEMPT
-    if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or row["hmma"] > 0):
+    mma_sync = row["hmma"] > 0 and (row["kernel"], row["variant"]) not in MMA_SYNC_ALLOWED
+    if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or mma_sync):
         found.append(f"sm_90 SASS has {row['hgmma']} HGMMA and {row['hmma']} HMMA: not every dot is a wgmma")
+    if (row["target"] == "sm_90" and row["kernel"] == "_fwd_kernel" and row["variant"] in TMA_VARIANTS
+            and not row.get("loop_utmaldg")):
+        found.append("sm_90 forward issues no TMA load (UTMALDG) in its loops")
     return found
 
 

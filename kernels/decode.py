@@ -136,7 +136,7 @@ def _decode_kernel(
         key_pos = _slot_position(cols, pos_stripe, pos_stride, pos_offset)
         seen = col_ok[None, :] & visible(q_pos[:, None], key_pos[None, :], window_left, window_right, LEFT, RIGHT)
         s = tl.where(seen, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, 1.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 

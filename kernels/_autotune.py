@@ -47,11 +47,11 @@ def _fwd_configs(rows):
 _FWD_TMA = {
     # Warp-specialized configs first (one-loop launches only: keep_configs drops them for the rest):
     # 4 warps of 128 query rows, which Triton turns into a producer and two consumer warpgroups.
-    # Then the best configs with EDGES; 128 x 32 x 4 warps keeps 128 rows per warpgroup there.
+    # Then configs without warp specialization, for every launch.
     ("sm_90+tma", 64): _fwd_configs([(128, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, False),
                                      (128, 64, 4, 3, False), (128, 64, 8, 3, False)]),
     ("sm_90+tma", 128): _fwd_configs([(128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 8, 2, False),
-                                      (128, 64, 8, 3, False), (128, 64, 8, 4, False), (128, 32, 4, 3, False)]),
+                                      (128, 64, 8, 3, False), (128, 64, 8, 4, False)]),
     ("sm_90+tma", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 32, 8, 2, False)]),
 }
 _FWD = {
@@ -120,12 +120,15 @@ _MERGE_SPLITS = {
 }
 
 # Accumulating launches (a ring step adding into the running fp32 out/lse or gradients) fuse the add into
-# the kernel's epilogue up to this head-dim tile. Above it the epilogue holds two fp32 (rows, head dim)
-# tiles at once: at 128 the fastest forward configs spill (sm_80: 128 x 64 tiles, 48 B) and at 256 every
-# config does (the compile gate). There the step computes its partial alone and the merge kernel
-# (forward) or a tensor add (backward) folds it in: one more pass over the fp32 partial, small next to
-# a ring step's attention.
-FUSED_ACCUMULATE_MAX_BLOCK_D = 64
+# the kernel's epilogue up to these head-dim tiles. Above them the epilogue (forward: the running out tile
+# next to the new one; backward: the dk/dv accumulators next to the loaded gradient) makes ptxas spill
+# (the compile gate): the forward at 256 in every config, the backward from 128 on (sm_90 dk/dv tiles of
+# 16 and 32 query rows: 112-128 B). There the step computes its partial alone and the merge kernel
+# (forward) or a tensor add (backward) folds it in: one more pass over the fp32 partial. At 128 the
+# forward's configs of both families compile clean with the fused epilogue (on sm_90 the TMA forward
+# holds no addresses in registers; 128 x 32 tiles of 4 warps, which spilled 80 B there, left its list).
+FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 128
+BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 64
 
 # The widest key block of any forward config: a key length that is a multiple of it fills every block.
 MAX_BLOCK_N = 128

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
+from ._autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
 from .flash_fwd import MaskSpec
 from .mask import block_count, block_start, visible, visible_range
@@ -313,7 +313,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     if atomic_dq and not (compute_dq and compute_dkdv):
         raise ValueError("attention_backward: atomic_dq=True computes dq inside the dk/dv kernel, so it needs "
                          "compute_dq and compute_dkdv")
-    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+    if accumulate and block_d(head_dim) > BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
         fresh = [None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
         parts = attention_backward(dout, q, k, v, out, lse, softmax_scale, delta=delta, dq=fresh[0], dk=fresh[1],
                                    dv=fresh[2], mask=mask, softcap=softcap, compute_dq=compute_dq,

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
+from ._autotune import FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
 from ._launch import launch
 from .mask import block_count, block_start, visible, visible_range
 from .merge import merge_attention, merge_partials
@@ -281,7 +281,7 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and (out is None or lse is None):
         raise ValueError("attention_forward: accumulate=True needs the running out and lse")
-    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+    if accumulate and block_d(head_dim) > FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
         partial = attention_forward(q, k, v, softmax_scale, mask=mask, softcap=softcap, sinks=sinks,
                                     out=torch.empty(q.shape, dtype=out.dtype, device=q.device))
         return merge_attention(out, lse, *partial, inplace=True)

@@ -64,15 +64,17 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
                   softmax_scale: float, window_left: int, window_right: int, q_start: int,
                   k_start: int, softcap: float, cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   pos_q: Optional[Tensor], pos_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
-                  compute_dq: bool, compute_dkdv: bool, atomic_dq: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv); a gradient not asked for is an empty tensor (its kernel does not run)."""
+                  compute_dq: bool, compute_dkdv: bool, atomic_dq: bool = False,
+                  lse_log2: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv); a gradient not asked for is an empty tensor (its kernel does not run).
+    ``lse_log2``: the lse as the kernels read it, from ``attention_row_stats`` (else converted here)."""
     mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
                  max_seqlen_q, max_seqlen_k)
     dtype = _kernel_dtype(q)
     qc, kc, vc, oc, dc = (t.to(dtype) for t in (q, k, v, out, dout))
     dq, dk, dv = attention_backward(dc, qc, kc, vc, oc, lse, softmax_scale, delta=delta, mask=mask, softcap=softcap,
                                     compute_dq=compute_dq, compute_dkdv=compute_dkdv,
-                                    atomic_dq=atomic_dq and compute_dq and compute_dkdv)
+                                    atomic_dq=atomic_dq and compute_dq and compute_dkdv, lse_log2=lse_log2)
     # Outputs may not alias each other: every skipped gradient gets its own empty tensor.
     return (dq.to(q.dtype) if compute_dq else q.new_empty(0), dk.to(k.dtype) if compute_dkdv else q.new_empty(0),
             dv.to(v.dtype) if compute_dkdv else q.new_empty(0))
@@ -81,7 +83,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, q_start, k_start, softcap,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k, compute_dq, compute_dkdv,
-      atomic_dq=False):
+      atomic_dq=False, lse_log2=None):
     return (torch.empty_like(q) if compute_dq else q.new_empty(0), torch.empty_like(k) if compute_dkdv else q.new_empty(0),
             torch.empty_like(v) if compute_dkdv else q.new_empty(0))
 
@@ -97,6 +99,20 @@ def attention_delta(out: Tensor, dout: Tensor) -> Tensor:
 def _(out, dout):
     batch, seqlen, heads, _ = out.shape
     return out.new_empty((batch, heads, seqlen), dtype=torch.float32)
+
+
+@torch.library.custom_op("cpattn::attention_row_stats", mutates_args=())
+def attention_row_stats(out: Tensor, dout: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
+    """(delta, lse in base 2 as the backward kernels read it), both (B, H, Sq) float32, from one pass."""
+    dtype = _kernel_dtype(out)
+    return attention_backward_delta(out.to(dtype), dout.to(dtype), lse)
+
+
+@attention_row_stats.register_fake
+def _(out, dout, lse):
+    batch, seqlen, heads, _ = out.shape
+    return (out.new_empty((batch, heads, seqlen), dtype=torch.float32),
+            out.new_empty((batch, heads, seqlen), dtype=torch.float32))
 
 
 _MASK_ARGS = ("softmax_scale", "window_left", "window_right", "q_start", "k_start", "softcap")
@@ -117,12 +133,12 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, sinks = ctx.saved_tensors
     needs_q, needs_k, needs_v = ctx.needs_input_grad[:3]
-    delta = attention_delta(out, dout)
+    delta, lse_log2 = attention_row_stats(out, dout, lse)
     if dlse is not None:
         # d lse / d score = p, so a gradient reaching lse enters the backward as a shift of delta.
         delta = delta - dlse
     dq, dk, dv = attention_bwd(dout, q, k, v, out, delta, lse, **ctx.args,
-                               compute_dq=needs_q, compute_dkdv=needs_k or needs_v)
+                               compute_dq=needs_q, compute_dkdv=needs_k or needs_v, lse_log2=lse_log2)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX]:
         # The sink's probability is exp(sink - lse); d out / d sink = -p_sink * out per row.

@@ -167,15 +167,19 @@ _RESERVED_SMEM = 1024
 _TMA_BARRIERS_SMEM = 1024
 
 
-def smem_estimate(name, config, block_d, elem_bytes):
-    """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs.
-    Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
+def smem_estimate(name, config, block_d, elem_bytes, constants=None):
+    """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs for a launch
+    with ``constants``. Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
     rows = config.kwargs
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
     (resident, count), (streamed, streamed_count), stats = _SMEM_TILES[name]
     per_stage = streamed_count * rows[streamed] * block_d * elem_bytes + stats * rows[streamed]
     extra = _TMA_BARRIERS_SMEM if name == "_fwd_kernel" else 0
+    if (constants or {}).get("ATOMIC_DQ"):
+        # The 5-GEMM dk/dv kernel's dq dot (ds^T @ k) stages its operands once more: the k tile and,
+        # as the sm_90 compiles show, up to two (BLOCK_M, BLOCK_N) tiles of ds.
+        extra += (rows["BLOCK_N"] * block_d + 2 * rows["BLOCK_M"] * rows["BLOCK_N"]) * elem_bytes
     return _RESERVED_SMEM + extra + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
 
 
@@ -216,8 +220,8 @@ def keep_configs(name, block_d, elem_bytes, capability, smem_limit, constants=No
     configs = candidate_configs(name, block_d, capability, list_variant(constants))
     if constants.get("EDGES", True):
         configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
-    kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes) <= smem_limit]
-    return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes))]
+    kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes, constants) <= smem_limit]
+    return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes, constants))]
 
 
 def autotune_limit():

@@ -262,7 +262,8 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
                                                              target.smem_limit, launch.constants):
                             source, options = _bind(launch, config, target)
                             yield Case(name, variant, target, dtype, head_dim, config, source, options,
-                                       _autotune.smem_estimate(name, config, block_d, elem_bytes))
+                                       _autotune.smem_estimate(name, config, block_d, elem_bytes,
+                                                               launch.constants))
 
 
 # ---------------------------------------------------------------- compile and read the cubin

@@ -5,7 +5,9 @@ probabilities as ``exp(q k^T * scale - lse)`` with the final lse gives exactly
 that step's share of the full softmax, so every step's gradients are exact.
 
 Three kernels, none with atomics (deterministic):
-  * ``_bwd_preprocess``: delta = rowsum(dout * out), per query row.
+  * ``_bwd_preprocess``: delta = rowsum(dout * out) per query row, and in the same pass the
+    lse in base 2 (``attention_backward_delta``), so the kernels below compute each
+    probability as exp2 of one FMA (``q.k * scale * log2(e) - lse``).
   * ``_bwd_dkdv_kernel``: one program per (kv block, kv head); it walks every
     query head of its GQA group and every query block that can see it, so
     dk/dv of a kv head are summed in registers.
@@ -24,45 +26,52 @@ from ._autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
 from .flash_fwd import MaskSpec
 from .mask import block_count, block_start, visible, visible_range
-from .softmax import dot_precision, scores
+from .softmax import LOG2_E, dot_precision, scores
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
 
 @triton.jit
 def _bwd_preprocess(
-    Out, DOut, Delta,
+    Out, DOut, Delta, Lse, LseLog2,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_gb, stride_gs, stride_gh, stride_gd,
     stride_db, stride_dh, stride_ds,
-    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, LSE_LOG2: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Row by row, so packed documents need no special case: a row is a row.
     tile, b, h = program_tile(seqlen_q, num_heads, BLOCK_M)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(tile_ptrs(seq_base(Out, b, h, 0, stride_ob, stride_oh, stride_os), offs_m, offs_d,
                           stride_os, stride_od, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
     do = tl.load(tile_ptrs(seq_base(DOut, b, h, 0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
                            stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
     tl.store(seq_base(Delta, b, h, 0, stride_db, stride_dh, stride_ds) + offs_m * stride_ds, tl.sum(o * do, 1),
-             mask=offs_m < seqlen_q)
+             mask=row_ok)
+    if LSE_LOG2:
+        # The lse as the dk/dv and dq kernels read it (Delta's layout): in base 2, and +inf where a row
+        # saw no key, so that p = exp2(s - lse) is 0 there without a mask and each score costs one FMA.
+        lse = tl.load(seq_base(Lse, b, h, 0, stride_lb, stride_lh, stride_ls) + offs_m * stride_ls, mask=row_ok,
+                      other=0.0)
+        tl.store(seq_base(LseLog2, b, h, 0, stride_db, stride_dh, stride_ds) + offs_m * stride_ds,
+                 tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634, mask=row_ok)  # x log2(e)
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds):
-    """lse (scaled to base 2) and delta for query rows; rows without keys, or past the
-    sequence, get +inf so that p = exp2(s - lse) = 0 there without a mask."""
+def _load_row_stats(LseLog2, Delta, rows, seqlen_q, stride_ls, stride_ds):
+    """The base-2 lse and delta of query rows; rows past the sequence get lse +inf (p = 0)."""
     row_ok = rows < seqlen_q
-    lse = tl.load(Lse + rows * stride_ls, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # x log2(e)
+    lse = tl.load(LseLog2 + rows * stride_ls, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + rows * stride_ds, mask=row_ok, other=0.0)
     return lse, delta
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, DQ,
+def _dkdv_inner(dk, dv, k, v, Q, DOut, LseLog2, Delta, DQ,
                 stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
                 k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
@@ -91,7 +100,8 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, DQ,
         q = tl.load(tile_ptrs(Q + h * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
         do = tl.load(tile_ptrs(DOut + h * stride_gh, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok,
                      other=0.0)
-        lse, delta = _load_row_stats(Lse + h * stride_lh, Delta + h * stride_dh, rows, seqlen_q, stride_ls, stride_ds)
+        lse, delta = _load_row_stats(LseLog2 + h * stride_lh, Delta + h * stride_dh, rows, seqlen_q, stride_ls,
+                                     stride_ds)
         s_t, t_t = scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
@@ -118,7 +128,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta, DQ,
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
                                "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
+    Q, K, V, DOut, LseLog2, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -159,7 +169,7 @@ def _bwd_dkdv_kernel(
     h = h_kv * group_size  # the first query head of the group sharing this kv head (GQA)
     q_ptr = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
     do_ptr = seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs)
-    lse_ptr = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
+    lse_ptr = seq_base(LseLog2, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
     delta_ptr = seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds)
     dq_ptr = seq_base(DQ, batch, h, q_row0, stride_dqb, stride_dqh, stride_dqs)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
@@ -221,7 +231,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stri
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
                                "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
+    Q, K, V, DOut, LseLog2, Delta, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -249,7 +259,7 @@ def _bwd_dq_kernel(
                           stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
     do = tl.load(tile_ptrs(seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
                            stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
+    lse, delta = _load_row_stats(seq_base(LseLog2, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
                                  seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds),
                                  offs_m, seqlen_q, stride_ls, stride_ds)
     K = seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks)
@@ -275,28 +285,43 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-def attention_backward_delta(out, dout):
-    """delta = rowsum(dout * out) as a contiguous (B, H, Sq) float32 tensor."""
+def lse_in_base_2(lse):
+    """The lse (natural log) as the dk/dv and dq kernels read it: in base 2, +inf where a row saw no
+    key. What ``attention_backward_delta(out, dout, lse)`` computes in its pass, as torch ops."""
+    return torch.where(lse == float("-inf"), float("inf"), lse) * LOG2_E
+
+
+def attention_backward_delta(out, dout, lse=None):
+    """delta = rowsum(dout * out) as a contiguous (B, H, Sq) float32 tensor.
+
+    With ``lse`` (B, H, Sq) (natural log, any strides) it returns ``(delta, lse_log2)``: the same
+    pass also writes the lse as the gradient kernels read it (``lse_in_base_2``), so that the
+    conversion costs no pass of its own and none inside their loops. Callers that run the
+    backward many times over row slices (the ring) compute both once and pass both."""
     batch, seqlen_q, heads, head_dim = out.shape
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=out.device)
-    if delta.numel() == 0:
-        return delta
-    args = (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), seqlen_q, heads)
-    constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out, dout), "BLOCK_D": block_d(head_dim)}
-    launch(_bwd_preprocess, grid_1d(seqlen_q, batch * heads), args, constants, out)
-    return delta
+    lse_log2 = None if lse is None else torch.empty_like(delta)
+    if delta.numel():
+        stats = lse if lse is not None else delta  # an unused pointer without lse
+        args = (out, dout, delta, stats, delta if lse_log2 is None else lse_log2,
+                *out.stride(), *dout.stride(), *delta.stride(), *stats.stride(), seqlen_q, heads)
+        constants = {"HEAD_DIM": head_dim, "LSE_LOG2": lse is not None, "WIDE": needs_int64(out, dout),
+                     "BLOCK_D": block_d(head_dim)}
+        launch(_bwd_preprocess, grid_1d(seqlen_q, batch * heads), args, constants, out)
+    return delta if lse is None else (delta, lse_log2)
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, q_start=0, k_start=0,
                        delta=None, dq=None, dk=None, dv=None, accumulate=False, mask=None, softcap=0.0,
-                       compute_dq=True, compute_dkdv=True, atomic_dq=False):
+                       compute_dq=True, compute_dkdv=True, atomic_dq=False, lse_log2=None):
     """Gradients of attention for one (q, kv) pair, given the final out and lse.
 
     Visibility as in ``attention_forward`` (``mask``, or ``causal``/``q_start``/``k_start``);
     ``softcap`` must be the forward's. ``delta`` (shaped like ``lse``, any strides) may be
     precomputed once: the ring backward computes it for its whole local sequence and
-    passes row slices. ``dq``/``dk``/``dv`` may be given (any strides, e.g. float32
-    accumulators); with ``accumulate=True`` this call's gradients are added to them.
+    passes row slices, with ``lse_log2`` (both from one ``attention_backward_delta(out, dout, lse)``;
+    ``delta`` alone costs a conversion of ``lse`` by torch ops). ``dq``/``dk``/``dv`` may be given
+    (any strides, e.g. float32 accumulators); with ``accumulate=True`` this call's gradients are added to them.
     ``compute_dq``/``compute_dkdv=False`` skip a kernel (its outputs are then None).
     ``atomic_dq=True`` (with both gradients asked for) runs the 5-GEMM backward: the dk/dv
     kernel also adds each key block's share of dq into an fp32 buffer with atomics, instead
@@ -317,11 +342,12 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
         fresh = [None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
         parts = attention_backward(dout, q, k, v, out, lse, softmax_scale, delta=delta, dq=fresh[0], dk=fresh[1],
                                    dv=fresh[2], mask=mask, softcap=softcap, compute_dq=compute_dq,
-                                   compute_dkdv=compute_dkdv, atomic_dq=atomic_dq)
+                                   compute_dkdv=compute_dkdv, atomic_dq=atomic_dq, lse_log2=lse_log2)
         return tuple(None if part is None else g.add_(part) for g, part in zip((dq, dk, dv), parts))
-    if delta is not None and tuple(delta.shape) != tuple(lse.shape):
-        raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
-                         f"got {tuple(delta.shape)}")
+    for name, stats in (("delta", delta), ("lse_log2", lse_log2)):
+        if stats is not None and tuple(stats.shape) != tuple(lse.shape):
+            raise ValueError(f"attention_backward: {name} must have lse's shape {tuple(lse.shape)}, "
+                             f"got {tuple(stats.shape)}")
     dq = (torch.empty_like(q) if dq is None else dq) if compute_dq else None
     dk = (torch.empty_like(k) if dk is None else dk) if compute_dkdv else None
     dv = (torch.empty_like(v) if dv is None else dv) if compute_dkdv else None
@@ -331,11 +357,15 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
                 if grad is not None:
                     grad.zero_()
         return dq, dk, dv
-    if delta is None:
+    if delta is None and lse_log2 is None:
+        delta, lse_log2 = attention_backward_delta(out, dout, lse)
+    elif delta is None:
         delta = attention_backward_delta(out, dout)
+    elif lse_log2 is None:
+        lse_log2 = lse_in_base_2(lse)
     max_q, max_k = mask.lengths(seqlen_q, seqlen_k)
     cu_q, cu_k, pos_q, pos_k, *positions = mask.kernel_args(q)
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride())
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse_log2.stride(), *delta.stride())
     per_call = (*positions, float(softmax_scale), float(softcap or 1.0), length_bucket(max_q), length_bucket(max_k))
     constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "ACCUMULATE": bool(accumulate),
                  "WIDE": needs_int64(q, k, v, dout, dq, dk, dv), "DOT_PRECISION": dot_precision(q.dtype),
@@ -347,7 +377,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
                                                                                    device=q.device)
     if compute_dkdv:
         dq_arg = dq_sum if atomic_dq else dk  # without atomics DQ is never touched
-        args = (q, k, v, dout, lse, delta, dk, dv, dq_arg, cu_q, cu_k, pos_q, pos_k, *common, *dk.stride(),
+        args = (q, k, v, dout, lse_log2, delta, dk, dv, dq_arg, cu_q, cu_k, pos_q, pos_k, *common, *dk.stride(),
                 *dv.stride(), *dq_arg.stride(), max_q, max_k, heads_kv, heads // heads_kv, *per_call)
         launch(_bwd_dkdv_kernel, grid_1d(max_k, num_seqs * heads_kv, "BLOCK_N"), args,
                {**constants, "ATOMIC_DQ": bool(atomic_dq)}, q, in_place=accumulate or atomic_dq)
@@ -358,7 +388,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
             dq.copy_(dq_sum)
         return dq, dk, dv
     if compute_dq:
-        args = (q, k, v, dout, lse, delta, dq, cu_q, cu_k, pos_q, pos_k, *common, *dq.stride(),
+        args = (q, k, v, dout, lse_log2, delta, dq, cu_q, cu_k, pos_q, pos_k, *common, *dq.stride(),
                 max_q, max_k, heads, heads // heads_kv, *per_call)
         launch(_bwd_dq_kernel, grid_1d(max_q, num_seqs * heads), args, constants, q, in_place=accumulate)
     return dq, dk, dv

@@ -1,5 +1,7 @@
 """Kernel-level tests: forward, backward and merge against the float64 reference,
 at arbitrary global positions (the rule every context-parallel step relies on)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -183,6 +185,29 @@ def test_backward_reads_delta_through_strides():
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="delta must have lse's shape"):
         attention_backward(dout, q, k, v, out, lse, delta=wide)
+
+
+def test_backward_row_stats_give_the_lse_in_base_2():
+    """attention_backward_delta(out, dout, lse) also writes the lse the gradient kernels read (base 2,
+    +inf for rows that saw no key, through lse's strides); the torch conversion used when only delta is
+    given agrees bit for bit, and the gradients are the same whichever of the two the caller passes."""
+    from cpattn.kernels.flash_bwd import lse_in_base_2
+    q, k, v = make_qkv(1, 40, 30, 2, 1, 16, "cpu")
+    dout = torch.randn_like(q)
+    out, lse = attention_forward(q, k, v, causal=True, q_start=-5)  # rows 0-4 see no key: lse -inf
+    assert torch.isneginf(lse[:, :, :5]).all() and torch.isfinite(lse[:, :, 5:]).all()
+    wide = torch.randn(1, 2, 70)
+    wide[:, :, 10:50] = lse
+    delta, lse_log2 = attention_backward_delta(out, dout, wide[:, :, 10:50])
+    assert torch.equal(delta, attention_backward_delta(out, dout))
+    assert torch.isposinf(lse_log2[:, :, :5]).all()
+    assert torch.equal(lse_log2, lse_in_base_2(lse))
+    torch.testing.assert_close(lse_log2[:, :, 5:], lse[:, :, 5:].double() / math.log(2), check_dtype=False)
+    expected = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=-5)
+    for given in ({"delta": delta}, {"lse_log2": lse_log2}, {"delta": delta, "lse_log2": lse_log2}):
+        got = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=-5, **given)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
 
 
 def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):

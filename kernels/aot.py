@@ -79,8 +79,10 @@ def _causal_calls(dtype, head_dim):
     out, lse = flash_fwd.attention_forward(q, k, v, causal=True)
     flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True)
     merge.merge_attention(out, lse, out, lse)
-    pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)  # 16 pages of 16 slots
-    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    # Pages of 64 slots hold whole key tiles (one table entry per tile); "local" takes pages of 16,
+    # smaller than the tiles (one entry per key).
+    pages = torch.empty(4, 64, 2, head_dim, dtype=dtype)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
     lengths = torch.tensor([100, 120], dtype=torch.int32)
     decode.decode_attention(q[:, :1], pages, pages, lengths, block_table=table, num_splits=2,
                             max_seqlen=128, validate=False, out_dtype=torch.float32)

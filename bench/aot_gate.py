@@ -65,7 +65,7 @@ def sweep(case_list, cache, fresh, jobs, checkpoint=None):
                   f"{flag}", flush=True)
             if checkpoint and i % 50 == 0:
                 checkpoint(compiled)
-    return [compiled.get(c.key) or cache[c.key] for c in case_list]
+    return [compiled.get(c.key) or aot.cached_row(c, cache) for c in case_list]
 
 
 def print_table(rows):

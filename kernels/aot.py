@@ -62,7 +62,7 @@ WGMMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 WGMMA_EXEMPT = {("_bwd_dkdv_kernel", 256)}
 # The 5-GEMM backward's dq dot (ds @ k) has BLOCK_M query rows, fewer than wgmma's 64: it runs
 # mma.sync beside the dk/dv kernel's own wgmma dots.
-MMA_SYNC_ALLOWED = {("_bwd_dkdv_kernel", "atomic")}
+MMA_SYNC_ALLOWED = {("_bwd_dkdv_kernel", "atomic"), ("_bwd_dkdv_kernel", "atomic+local")}
 # Variants whose forward reads through tensor descriptors on sm_90: their loops must issue TMA loads.
 TMA_VARIANTS = ("causal", "ring", "local", "full")
 
@@ -100,13 +100,18 @@ def _ring_calls(dtype, head_dim):
                                  accumulate=True)
 
 
+def _local_mask():
+    """Two packed documents (100 and 156 tokens) under a causal sliding window of 64."""
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
+    starts = torch.zeros(2, dtype=torch.int32)
+    return flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
+                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+
+
 def _local_calls(dtype, head_dim):
     """Every extra at once: packed documents, a sliding window, softcap and sinks (forward,
     backward and a paged decode)."""
-    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
-    starts = torch.zeros(2, dtype=torch.int32)
-    mask = flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
-                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+    mask = _local_mask()
     q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
     k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
     sinks = torch.empty(4)
@@ -142,6 +147,15 @@ def _atomic_calls(dtype, head_dim):
     flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, delta=lse, atomic_dq=True)
 
 
+def _atomic_local_calls(dtype, head_dim):
+    """The 5-GEMM dk/dv kernel with the extras of "local" (documents, window, softcap): the most
+    registers its loop holds."""
+    q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    lse = torch.empty(1, 4, 256)
+    flash_bwd.attention_backward(q, q, k, v, q, lse, mask=_local_mask(), softcap=30.0, delta=lse, atomic_dq=True)
+
+
 # variant -> (the calls, the kernels whose code it specializes differently from "causal")
 VARIANTS = {
     "causal": (_causal_calls, KERNELS),
@@ -150,6 +164,7 @@ VARIANTS = {
     "full": (_full_calls, ("_fwd_kernel",)),
     "pointers": (_pointer_calls, ("_fwd_kernel",)),
     "atomic": (_atomic_calls, ("_bwd_dkdv_kernel",)),
+    "atomic+local": (_atomic_local_calls, ("_bwd_dkdv_kernel",)),
 }
 
 
@@ -379,12 +394,20 @@ def save_cache(path, rows):
     Path(path).write_text(json.dumps(payload, indent=0) + "\n")
 
 
+def cached_row(case, cache):
+    """``case``'s row in ``cache`` (None if absent), with the prune's shared-memory estimate of today's
+    ``_autotune``: the estimate is host arithmetic, not part of the binary, so a row keeps its key
+    when only the estimate changes and is checked against the current one."""
+    row = cache.get(case.key)
+    return None if row is None else {**row, "smem_estimate": case.smem_estimate}
+
+
 def results(case_list, cache, fresh=False, on_row=None):
     """A row for every case: from ``cache`` where its key is there (unless ``fresh``), else compiled.
     ``on_row(i, case, row, compiled)`` is called after each."""
     rows = []
     for i, case in enumerate(case_list, 1):
-        row = None if fresh else cache.get(case.key)
+        row = None if fresh else cached_row(case, cache)
         compiled = row is None
         if compiled:
             row = compile_case(case)

@@ -27,7 +27,7 @@ from cpattn.kernels import aot
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "aot"
 COLUMNS = ("kernel", "variant", "target", "dtype", "head_dim", "config", "regs", "spill_bytes", "smem",
-           "smem_estimate", "hgmma", "hmma", "loop_utmaldg", "main_loop_instrs", "non_mma_per_wgmma")
+           "smem_estimate", "hgmma", "hmma", "loop_utmaldg", "main_loop_instrs", "main_loop_wgmma", "non_mma_per_wgmma")
 
 
 def parse_args(argv=None):

@@ -100,7 +100,8 @@ smoke_stage() {
 headline_stage() {
     stage "3 headline"
     # Issue 18's comparison in one run: the tensor-descriptor forward against the pointer forward of
-    # the first H200 run, the two-kernel backward against the 5-GEMM (atomic dq) one.
+    # the first H200 run, the two-kernel backward against the 5-GEMM (atomic dq) one. Estimated 1.5-2
+    # minutes (bench/NOTES.md: ~30 configs to compile, ~80 tuning runs, ~65 timed calls).
     CPATTN_AUTOTUNE=3 run 200 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
         --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --forward tma,pointers \
         --backward deterministic,atomic --out "$results"

@@ -367,6 +367,8 @@ def problems(row):
     mma_sync = row["hmma"] > 0 and (row["kernel"], row["variant"]) not in MMA_SYNC_ALLOWED
     if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or mma_sync):
         found.append(f"sm_90 SASS has {row['hgmma']} HGMMA and {row['hmma']} HMMA: not every dot is a wgmma")
+    if row["target"] == "sm_90" and wgmma and not row.get("main_loop_wgmma"):
+        found.append("sm_90 SASS has no loop with wgmma (HGMMA): the main loop's dots are elsewhere")
     if (row["target"] == "sm_90" and row["kernel"] == "_fwd_kernel" and row["variant"] in TMA_VARIANTS
             and not row.get("loop_utmaldg")):
         found.append("sm_90 forward issues no TMA load (UTMALDG) in its loops")

@@ -27,7 +27,7 @@ from cpattn.kernels import aot
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "aot"
 COLUMNS = ("kernel", "variant", "target", "dtype", "head_dim", "config", "regs", "spill_bytes", "smem",
-           "smem_estimate", "hgmma", "hmma")
+           "smem_estimate", "hgmma", "hmma", "loop_utmaldg", "main_loop_instrs", "main_loop_wgmma", "non_mma_per_wgmma")
 
 
 def parse_args(argv=None):
@@ -65,14 +65,15 @@ def sweep(case_list, cache, fresh, jobs, checkpoint=None):
                   f"{flag}", flush=True)
             if checkpoint and i % 50 == 0:
                 checkpoint(compiled)
-    return [compiled.get(c.key) or cache[c.key] for c in case_list]
+    return [compiled.get(c.key) or aot.cached_row(c, cache) for c in case_list]
 
 
 def print_table(rows):
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in COLUMNS}
+    widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in COLUMNS}
     print("  ".join(c.ljust(widths[c]) for c in COLUMNS) + "  problems")
     for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in COLUMNS) + "  " + ("; ".join(aot.problems(row)) or "-"))
+        print("  ".join(str(row.get(c)).ljust(widths[c]) for c in COLUMNS) + "  "
+              + ("; ".join(aot.problems(row)) or "-"))
 
 
 def main(argv=None):

@@ -12,6 +12,13 @@ It reports TFLOPS and, per backend, ``x<backend> = backend time / cpattn time``
 (above 1: cpattn is faster). A backend that refuses a shape is reported as
 unsupported with torch's reason.
 
+``--forward tma,pointers`` and ``--backward deterministic,atomic`` time more than one cpattn
+kernel in the same run: the forward reading through tensor descriptors (TMA on sm_90, the
+default) or through pointers (``CPATTN_FORWARD=pointers``, the kernel of the first H200 run),
+and the default two-kernel backward or the 5-GEMM one (``atomic_dq=True``). The first of each
+list is "cpattn" (the SDPA ratios are against it); the others get columns of their own,
+``cpattn[<forward>/<backward>]``, timed in the modes they change.
+
 Each side gets its own native layout: cpattn (batch, seq, heads, dim), SDPA
 (batch, heads, seq, dim), both contiguous. GQA goes to SDPA as
 ``enable_gqa=True`` (kv is not repeated), so a backend without GQA support
@@ -41,6 +48,10 @@ def parse_args(argv):
     p.add_argument("--kv-heads", type=int, default=None, help="kv heads for gqa (default 8)")
     p.add_argument("--tokens", type=int, default=None, help="batch = max(1, tokens // seqlen) (default 16384)")
     p.add_argument("--modes", type=C.str_list, default=list(MODES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--forward", type=C.str_list, default=["tma"],
+                   help="comma list of tma,pointers: the cpattn forwards to time (default tma)")
+    p.add_argument("--backward", type=C.str_list, default=["deterministic"],
+                   help="comma list of deterministic,atomic: the cpattn backwards to time (default deterministic)")
     p.add_argument("--backends", type=C.str_list, default=None,
                    help="torch SDPA backends, comma list of flash,cudnn,efficient,math (default flash,cudnn,efficient)")
     args = p.parse_args(argv)
@@ -56,7 +67,37 @@ def parse_args(argv):
     unknown = set(args.modes) - set(MODES)
     if unknown:
         p.error(f"unknown modes {sorted(unknown)}")
+    for name, allowed in (("forward", ("tma", "pointers")), ("backward", ("deterministic", "atomic"))):
+        if not getattr(args, name) or set(getattr(args, name)) - set(allowed):
+            p.error(f"--{name} takes a comma list of {','.join(allowed)}")
     return args
+
+
+def kernel_variants(args):
+    """[(label, forward loads, backward, modes it is timed in)]: the first forward with the first
+    backward ("cpattn"), each other forward in the modes with a forward, each other backward in
+    the modes with a backward."""
+    first_f, first_b = args.forward[0], args.backward[0]
+    variants = [("cpattn", first_f, first_b, args.modes)]
+    variants += [(f"cpattn[{f}/{first_b}]", f, first_b, args.modes) for f in args.forward[1:]]
+    variants += [(f"cpattn[{first_f}/{b}]", first_f, b, [m for m in args.modes if m != "fwd"])
+                 for b in args.backward[1:]]
+    return [v for v in variants if v[3]]
+
+
+def cpattn_call(q, k, v, causal, forward, backward):
+    """flash_attn_func with the forward chosen by CPATTN_FORWARD and the backward by atomic_dq."""
+    def run():
+        previous = os.environ.get("CPATTN_FORWARD")
+        os.environ["CPATTN_FORWARD"] = forward
+        try:
+            return cpattn.flash_attn_func(q, k, v, causal=causal, atomic_dq=backward == "atomic")
+        finally:
+            if previous is None:
+                del os.environ["CPATTN_FORWARD"]
+            else:
+                os.environ["CPATTN_FORWARD"] = previous
+    return run
 
 
 def shapes(args):
@@ -93,9 +134,13 @@ def bench_shape(shape, args, device, backends):
     causal = shape["causal"]
     q, k, v, dout = C.attention_inputs(shape["batch"], shape["seqlen"], shape["heads"], shape["kv_heads"],
                                        shape["head_dim"], shape["dtype"], device)
-    yield "cpattn"
     tuned_before = _flat(chosen_configs())
-    cp_ms = time_modes(lambda: cpattn.flash_attn_func(q, k, v, causal=causal), q, k, v, dout, modes, device)
+    timed = {}  # label -> {mode: ms}
+    for label, forward, backward, variant_modes in kernel_variants(args):
+        yield label
+        timed[label] = time_modes(cpattn_call(q, k, v, causal, forward, backward), q, k, v, dout, variant_modes,
+                                  device)
+    cp_ms = timed.pop("cpattn")
     with torch.no_grad():
         cp_out = cpattn.flash_attn_func(q, k, v, causal=causal).transpose(1, 2).float()
     # The configs autotuning chose for this shape (GPU only: the interpreter has fixed blocks).
@@ -125,6 +170,10 @@ def bench_shape(shape, args, device, backends):
         row = {**shape, "mode": mode, "flops": flops, "cpattn_ms": cp_ms[mode],
                "cpattn_tflops": flops / cp_ms[mode] / 1e9, "cpattn_max_abs_err_vs_sdpa": max_err,
                "cpattn_configs": configs}
+        for label, result in timed.items():
+            ms = result.get(mode)
+            row.update({f"{label}_ms": ms, f"{label}_tflops": ms and flops / ms / 1e9,
+                        f"x{label}": ms and ms / cp_ms[mode]})
         for name, result in other.items():
             if isinstance(result, dict):
                 row.update({f"{name}_status": "ok", f"{name}_ms": result[mode],
@@ -150,8 +199,9 @@ def main(argv=None):
                        "'all': every kept config)")
     print(f"{env['device']} | torch {env['torch']} | triton {env['triton']}" + (f"\n{C.QUICK_NOTE}" if args.quick else ""))
 
+    env["cpattn_kernels"] = {label: f"forward {f}, backward {b}" for label, f, b, _ in kernel_variants(args)}
     grid = list(shapes(args))
-    total, step, rows = len(grid) * (1 + len(backends)), 0, []
+    total, step, rows = len(grid) * (len(kernel_variants(args)) + len(backends)), 0, []
     for shape in grid:
         tag = (f"S={shape['seqlen']} B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} "
                f"D={shape['head_dim']} {'causal' if shape['causal'] else 'full'} {shape['dtype']}")
@@ -164,7 +214,9 @@ def main(argv=None):
 
     out_dir = C.output_dir(args, device)
     paths = C.save_results(out_dir, "attention", env, rows)
-    series = [("cpattn", "cpattn_tflops")] + [(f"sdpa {b}", f"{b}_tflops") for b in backends]
+    extra = [label for label, *_ in kernel_variants(args)[1:]]
+    series = ([("cpattn", "cpattn_tflops")] + [(label, f"{label}_tflops") for label in extra]
+              + [(f"sdpa {b}", f"{b}_tflops") for b in backends])
     for dtype, kind in itertools.product(args.dtypes, args.attn):
         sub = [r for r in rows if r["dtype"] == dtype and r["attn"] == kind]
         if sub:
@@ -176,10 +228,12 @@ def main(argv=None):
 
     columns = [("seqlen", "seq"), ("batch", "B"), ("heads", "H"), ("kv_heads", "Hkv"), ("head_dim", "D"),
                ("causal", "causal"), ("dtype", "dtype"), ("mode", "mode"), ("cpattn_tflops", "cpattn TF")]
+    for label in extra:
+        columns += [(f"{label}_tflops", f"{label} TF"), (f"x{label}", f"x{label}")]
     for b in backends:
         columns += [(f"{b}_tflops", f"{b} TF"), (f"x{b}", f"x{b}")]
-    C.print_table(rows, columns, title="TFLOPS; x<backend> = backend time / cpattn time (>1: cpattn faster); "
-                                       "- = unsupported (reason in the JSON/CSV)")
+    C.print_table(rows, columns, title="TFLOPS; x<backend> = backend time / cpattn time (>1: cpattn faster; "
+                                       "also for the other cpattn kernels); - = unsupported (reason in the JSON/CSV)")
     C.print_saved(paths, args.quick)
     return rows
 

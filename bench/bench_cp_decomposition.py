@@ -115,12 +115,12 @@ def rank_forward(ranks, r, steps, scale):
 def rank_backward(ranks, r, steps, scale, received):
     """``ring_backward`` of rank r without the exchanges; ``received`` stands in for the incoming dk/dv."""
     me = ranks[r]
-    delta = attention_backward_delta(me.out, me.dout)
+    delta, lse_log2 = attention_backward_delta(me.out, me.dout, me.lse)
     dq = torch.zeros(me.q.shape, dtype=torch.float32, device=me.q.device)
     for step, (kv_index, calls) in enumerate(steps):
         dkv = torch.zeros(received.shape, dtype=torch.float32, device=me.q.device)
         ring.backward_step(me.dout, me.q, ranks[kv_index].k, ranks[kv_index].v, me.out, me.lse, delta, calls,
-                           dq, dkv[0], dkv[1], scale)
+                           dq, dkv[0], dkv[1], scale, lse_log2=lse_log2)
         if step > 0:
             dkv += received
     return dq, dkv
@@ -134,7 +134,7 @@ def step_times(ranks, schedule, direction, scale, device, dq_only=False):
         me = ranks[r]
         out = torch.zeros(me.q.shape, dtype=torch.float32, device=device)
         lse = torch.zeros(me.lse.shape, dtype=torch.float32, device=device)
-        delta = attention_backward_delta(me.out, me.dout)
+        delta, lse_log2 = attention_backward_delta(me.out, me.dout, me.lse)
         dq = torch.zeros_like(out)
         dkv = torch.zeros((2, *me.k.shape), dtype=torch.float32, device=device)
         row = []
@@ -147,7 +147,8 @@ def step_times(ranks, schedule, direction, scale, device, dq_only=False):
             else:
                 row.append(C.time_ms(lambda: ring.backward_step(me.dout, me.q, kv.k, kv.v, me.out, me.lse, delta,
                                                                 calls, dq, dkv[0], dkv[1], scale,
-                                                                compute_dkdv=not dq_only), device))
+                                                                compute_dkdv=not dq_only, lse_log2=lse_log2),
+                                          device))
         times.append(row)
     return times
 
@@ -183,10 +184,11 @@ def stubbed_kernels(counts):
                 (torch.empty_like(k) if dk is None else dk) if compute_dkdv else None,
                 (torch.empty_like(v) if dv is None else dv) if compute_dkdv else None)
 
-    def delta(out, dout):
+    def delta(out, dout, lse=None):
         counts["kernels"] += 1
         batch, seqlen, heads, _ = out.shape
-        return torch.empty((batch, heads, seqlen), dtype=torch.float32)
+        stats = torch.empty((batch, heads, seqlen), dtype=torch.float32)
+        return stats if lse is None else (stats, torch.empty_like(stats))
 
     def any_backend(group, device, where):  # the "fake" process group stands in for gloo/NCCL
         return None

@@ -6,8 +6,9 @@
 #
 #   1 env       GPU, driver, torch, triton, NCCL, CUDA versions
 #   2 smoke     correctness on CUDA: bench/gpu_smoke.py (its docstring lists the cases)
-#   3 headline  forward/backward TFLOPS, bf16, head dim 128, 16 heads, seqlen 1k..16k at 16k tokens,
-#               causal and not, next to every torch SDPA backend in the same run
+#   3 headline  forward/backward TFLOPS, bf16, head dim 128, 16 heads, seqlen 2k/8k/16k at 16k tokens,
+#               causal and not, TMA vs pointer forward and the two backwards, next to every torch SDPA
+#               backend in the same run
 #   4 cp        CP decomposition on one GPU (ring, zigzag at 2/4/8 replayed ranks), merge bandwidth vs a
 #               copy, decode step at 8k..128k with CUDA-graph replay of decode_step, the graph test
 #   5 nccl      2 ranks on the one GPU over NCCL (when this NCCL allows it): ring, zigzag, Ulysses
@@ -98,8 +99,12 @@ smoke_stage() {
 
 headline_stage() {
     stage "3 headline"
-    CPATTN_AUTOTUNE=3 run 170 python3 bench/bench_attention.py --seqlens 1024,2048,4096,8192,16384 --head-dims 128 \
-        --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --out "$results"
+    # Issue 18's comparison in one run: the tensor-descriptor forward against the pointer forward of
+    # the first H200 run, the two-kernel backward against the 5-GEMM (atomic dq) one. Estimated 1.5-2
+    # minutes (bench/NOTES.md: ~30 configs to compile, ~80 tuning runs, ~65 timed calls).
+    CPATTN_AUTOTUNE=3 run 200 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
+        --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --forward tma,pointers \
+        --backward deterministic,atomic --out "$results"
 }
 
 cp_stage() {

@@ -31,12 +31,22 @@ def _autocast(*tensors):
     return tensors
 
 
-def _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads):
+def _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq=False):
     scale = check_scale(softmax_scale, where)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     softcap = check_softcap(softcap, where)
     sinks = check_sinks(sinks, heads, q.device, where)
-    return _ops.attention(q, k, v, scale, mask, softcap, sinks)
+    return _ops.attention(q, k, v, scale, mask, softcap, sinks, atomic_dq)
+
+
+def _check_atomic_dq(atomic_dq, deterministic, where):
+    """The 5-GEMM backward (dq summed with atomics) is opt-in and never deterministic."""
+    if not isinstance(atomic_dq, bool):
+        raise TypeError(f"{where}: atomic_dq must be a bool, got {type(atomic_dq).__name__}")
+    if atomic_dq and deterministic:
+        raise ValueError(f"{where}: atomic_dq=True sums dq with atomics in an order that varies between runs; "
+                         "it cannot be combined with deterministic=True")
+    return atomic_dq
 
 
 def _returns(out, lse, return_attn_probs, return_lse):
@@ -47,15 +57,17 @@ def _returns(out, lse, return_attn_probs, return_lse):
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
-                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False):
+                    alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False,
+                    atomic_dq=False):
     """flash-attn 2's ``flash_attn_func``: q (B, Sq, H, D), k and v (B, Sk, Hkv, D), H a multiple of Hkv.
 
     Causal masks and windows are bottom-right aligned when Sq != Sk, as in flash-attn:
     query row i sits at position i + Sk - Sq and sees keys j with
     pos - window_left <= j <= pos + window_right (causal: window_right = 0; -1: unbounded).
     ``softcap > 0`` caps the logits (``softcap * tanh(s / softcap)``). The backward is
-    always deterministic, so ``deterministic`` changes nothing. ``dropout_p > 0`` and
-    ``alibi_slopes`` raise NotImplementedError.
+    deterministic unless the cpattn keyword ``atomic_dq=True`` asks for the 5-GEMM backward
+    (dq summed with fp32 atomics inside the dk/dv kernel; refused with ``deterministic=True``).
+    ``dropout_p > 0`` and ``alibi_slopes`` raise NotImplementedError.
 
     Returns out (B, Sq, H, D); with ``return_attn_probs=True`` (out, lse, None) and with
     the cpattn keyword ``return_lse=True`` (out, lse), lse (B, H, Sq) float32, natural log,
@@ -68,8 +80,9 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     refuse_unsupported(where, dropout_p, alibi_slopes)
     q, k, v = _autocast(q, k, v)
     _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where, allow_no_heads=True)
+    atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=seqlen_k - seqlen_q)
-    out, lse = _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads)
+    out, lse = _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
     return _returns(out, lse, return_attn_probs, return_lse)
 
 
@@ -99,7 +112,7 @@ def _check_packed(t, parts, name, dims, where, packed_dim=2):
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
-                           return_lse=False):
+                           return_lse=False, atomic_dq=False):
     """flash-attn 2's ``flash_attn_varlen_func``: packed documents, each attended separately.
 
     q (total_q, H, D), k and v (total_k, Hkv, D); ``cu_seqlens_q``/``cu_seqlens_k`` int32
@@ -107,7 +120,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     document. Inside each document, masks follow ``flash_attn_func`` (bottom-right when
     its query and key lengths differ). Returns out (total_q, H, D); lse is (H, total_q)
     float32, as flash-attn's. ``block_table`` (paged KV) is not supported here: see
-    ``cpattn.kernels.decode_attention``.
+    ``cpattn.kernels.decode_attention``. ``atomic_dq`` as in ``flash_attn_func``.
     """
     where = "flash_attn_varlen_func"
     refuse_unsupported(where, dropout_p, alibi_slopes, block_table=block_table)
@@ -128,7 +141,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=(lens_k - lens_q).to(torch.int32),
                     k_start=torch.zeros_like(lens_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max(int(max_seqlen_q), 1), max_seqlen_k=max(int(max_seqlen_k), 1))
-    out, lse = _attention(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads)
+    atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
+    out, lse = _attention(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
     return _returns(out[0], lse[0], return_attn_probs, return_lse)
 
 

@@ -215,10 +215,11 @@ def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row
 
 
 def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap=0.0,
-                  compute_dq=True, compute_dkdv=True, rows=_rows):
+                  compute_dq=True, compute_dkdv=True, rows=_rows, lse_log2=None):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
-    ``delta`` is ``attention_backward_delta(out, dout)`` of the local queries, computed once.
+    ``delta, lse_log2`` are ``attention_backward_delta(out, dout, lse)`` of the local queries,
+    computed once (without ``lse_log2`` every call converts its rows of ``lse``).
     ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
     """
     for c in calls:
@@ -229,7 +230,8 @@ def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_sca
                            delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
                            dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
                            dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
-                           compute_dq=compute_dq, compute_dkdv=compute_dkdv)
+                           compute_dq=compute_dq, compute_dkdv=compute_dkdv,
+                           lse_log2=None if lse_log2 is None else rows(lse_log2, q_lo, q_hi, 2))
 
 
 def _padded(t, length):
@@ -339,7 +341,7 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     plan early, the dk/dv still travel the rest of the ring (without kv) home.
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
-    delta = attention_backward_delta(out, dout)
+    delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     longest, kv = k.shape[1], None
     if comm is not None:
@@ -355,13 +357,14 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
         fault_point("ring backward", step)
         visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
         if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows)
+            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows,
+                          lse_log2=lse_log2)
         else:
             backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
-                          compute_dkdv=False, rows=rows)
+                          compute_dkdv=False, rows=rows, lse_log2=lse_log2)
             comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
             backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
-                          compute_dq=False, rows=rows)
+                          compute_dq=False, rows=rows, lse_log2=lse_log2)
         if kv_pending is not None:
             kv.advance(kv_pending, on_cpu)
         if comm is not None:
@@ -467,12 +470,12 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local, out_local, dout_local, lse_local = q[:, pos], out[:, pos], dout[:, pos], lse[:, :, pos]
-        delta = attention_backward_delta(out_local, dout_local)
+        delta, lse_log2 = attention_backward_delta(out_local, dout_local, lse_local)
         dq = torch.zeros(q_local.shape, dtype=torch.float32, device=q.device)
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
             backward_step(dout_local, q_local, k[:, kv_pos], v[:, kv_pos], out_local, lse_local, delta, calls,
-                          dq, dk_owned[kv_index], dv_owned[kv_index], softmax_scale, softcap)
+                          dq, dk_owned[kv_index], dv_owned[kv_index], softmax_scale, softcap, lse_log2=lse_log2)
         dq_full[:, pos] = dq
     dk_full = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
     dv_full = torch.zeros_like(dk_full)

@@ -34,28 +34,58 @@ def _row_configs(rows):
     return [triton.Config({"BLOCK_M": bm}, num_warps=w) for bm, w in rows]
 
 
+def _fwd_configs(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "WARP_SPECIALIZE": ws}, num_warps=w, num_stages=s)
+            for bm, bn, w, s, ws in rows]
+
+
 # Family "sm_90": Hopper (wgmma) and newer; "sm_80": every GPU with mma.sync (Ampere, Ada).
 # (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
+# The forward has two lists on sm_90: "sm_90+tma" for its tensor-descriptor loads (kernels/tiles.py
+# tma_compatible), "sm_90" for its pointer loads; a config adds whether the unmasked loop is
+# warp-specialized (WARP_SPECIALIZE).
+_FWD_TMA = {
+    # Warp-specialized configs first (one-loop launches only: keep_configs drops them for the rest):
+    # 4 warps of 128 query rows, which Triton turns into a producer and two consumer warpgroups.
+    # Then configs without warp specialization, for every launch.
+    ("sm_90+tma", 64): _fwd_configs([(128, 128, 4, 3, True), (128, 64, 4, 3, True), (128, 128, 8, 3, False),
+                                     (128, 64, 4, 3, False), (128, 64, 8, 3, False)]),
+    ("sm_90+tma", 128): _fwd_configs([(128, 128, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 8, 2, False),
+                                      (128, 64, 8, 3, False), (128, 64, 8, 4, False)]),
+    ("sm_90+tma", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 32, 8, 2, False)]),
+}
 _FWD = {
-    ("sm_90", 64): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4),
-                             (64, 64, 4, 2), (128, 128, 8, 2)]),
-    ("sm_90", 128): _configs([(128, 64, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4), (128, 32, 8, 3),
-                              (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 4, 4)]),
-    ("sm_90", 256): _configs([(64, 32, 8, 3), (64, 32, 8, 2)]),
-    ("sm_80", 64): _configs([(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2)]),
-    ("sm_80", 128): _configs([(128, 32, 8, 3), (64, 64, 8, 2), (64, 64, 8, 3), (64, 128, 8, 2), (64, 32, 4, 3),
-                              (64, 32, 4, 4)]),
-    ("sm_80", 256): _configs([(64, 32, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)]),
+    **_FWD_TMA,
+    ("sm_90", 64): _fwd_configs([(128, 64, 8, 3, False), (128, 128, 8, 3, False), (64, 64, 4, 3, False),
+                                 (128, 32, 4, 4, False), (64, 32, 4, 4, False), (64, 64, 4, 2, False),
+                                 (128, 128, 8, 2, False)]),
+    ("sm_90", 128): _fwd_configs([(128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 64, 8, 4, False),
+                                  (128, 32, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
+                                  (64, 32, 4, 4, False)]),
+    ("sm_90", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 32, 8, 2, False)]),
+    ("sm_80", 64): _fwd_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)]),
+    ("sm_80", 128): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False),
+                                  (64, 128, 8, 2, False), (64, 32, 4, 3, False), (64, 32, 4, 4, False)]),
+    ("sm_80", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 128, 8, 2, False), (32, 64, 4, 3, False)]),
 }
 _DKDV = {
-    ("sm_90", 64): _configs([(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (64, 64, 8, 3), (32, 128, 8, 2),
-                             (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 1)]),
-    ("sm_90", 128): _configs([(32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3), (32, 128, 8, 1),
+    ("sm_90", 64): _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2),
+                             (64, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (64, 128, 8, 1)]),
+    ("sm_90", 128): _configs([(32, 128, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
                               (16, 64, 8, 2), (16, 128, 8, 2)]),
     ("sm_90", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
-    ("sm_80", 64): _configs([(32, 64, 4, 2), (16, 64, 4, 2), (32, 128, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2)]),
-    ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (16, 128, 8, 2)]),
+    ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 8, 2)]),
+    ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)]),
     ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+}
+# The 5-GEMM backward (ATOMIC_DQ): its dk/dv kernel also holds ds @ k for dq, so it has lists of its own.
+_DKDV_ATOMIC = {
+    ("sm_90+atomic", 64): _configs([(32, 128, 8, 2), (32, 64, 4, 2)]),
+    ("sm_90+atomic", 128): _configs([(32, 64, 8, 2)]),
+    ("sm_90+atomic", 256): _configs([(16, 32, 8, 1), (16, 16, 8, 2)]),
+    ("sm_80+atomic", 64): _configs([(32, 64, 4, 2), (16, 64, 4, 2)]),
+    ("sm_80+atomic", 128): _configs([(32, 64, 8, 2), (16, 64, 8, 2)]),
+    ("sm_80+atomic", 256): _configs([(16, 32, 8, 2)]),
 }
 _DQ = {
     ("sm_90", 64): _configs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 2)]),
@@ -88,12 +118,18 @@ _MERGE_SPLITS = {
 }
 
 # Accumulating launches (a ring step adding into the running fp32 out/lse or gradients) fuse the add into
-# the kernel's epilogue up to this head-dim tile. Above it the epilogue holds two fp32 (rows, head dim)
-# tiles at once: at 128 the fastest forward configs spill (sm_80: 128 x 64 tiles, 48 B) and at 256 every
-# config does (the compile gate). There the step computes its partial alone and the merge kernel
-# (forward) or a tensor add (backward) folds it in: one more pass over the fp32 partial, small next to
-# a ring step's attention.
-FUSED_ACCUMULATE_MAX_BLOCK_D = 64
+# the kernel's epilogue up to these head-dim tiles. Above them the epilogue (forward: the running out tile
+# next to the new one; backward: the dk/dv accumulators next to the loaded gradient) makes ptxas spill
+# (the compile gate): the forward at 256 in every config, the backward from 128 on (sm_90 dk/dv tiles of
+# 16 and 32 query rows: 112-128 B). There the step computes its partial alone and the merge kernel
+# (forward) or a tensor add (backward) folds it in: one more pass over the fp32 partial. At 128 the
+# forward's configs of both families compile clean with the fused epilogue (on sm_90 the TMA forward
+# holds no addresses in registers; 128 x 32 tiles of 4 warps, which spilled 80 B there, left its list).
+FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 128
+BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 64
+
+# The widest key block of any forward config: a key length that is a multiple of it fills every block.
+MAX_BLOCK_N = 128
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
 _ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
@@ -101,8 +137,8 @@ _ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", 
 # kernel name -> (GPU configs: one list, or {(family, block_d bound): list}; autotune key;
 #                 CPU interpreter block sizes)
 SPECS = {
-    "_fwd_kernel": (_FWD, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
-    "_bwd_dkdv_kernel": (_DKDV, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
+    "_fwd_kernel": (_FWD, _ATTN_KEY + ["TMA", "EDGES"], {"BLOCK_M": 32, "BLOCK_N": 32, "WARP_SPECIALIZE": True}),
+    "_bwd_dkdv_kernel": ({**_DKDV, **_DKDV_ATOMIC}, _ATTN_KEY + ["ATOMIC_DQ"], {"BLOCK_M": 32, "BLOCK_N": 32}),
     "_bwd_dq_kernel": (_DQ, _ATTN_KEY, {"BLOCK_M": 32, "BLOCK_N": 32}),
     "_bwd_preprocess": (_PREPROCESS, ["HEAD_DIM"], {"BLOCK_M": 32}),
     "_merge_kernel": (_MERGE, ["HEAD_DIM"], {"BLOCK_M": 32}),
@@ -125,17 +161,27 @@ _SMEM_TILES = {
 }
 # Hopper reserves 1 KB of every block's shared memory (cuobjdump shows it as static).
 _RESERVED_SMEM = 1024
+# The forward's TMA loads add their mbarriers and alignment: 1 KB more in every sm_90 compile.
+_TMA_BARRIERS_SMEM = 1024
 
 
-def smem_estimate(name, config, block_d, elem_bytes):
-    """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs.
-    Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
+def smem_estimate(name, config, block_d, elem_bytes, constants=None):
+    """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs for a launch
+    with ``constants``. Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
     rows = config.kwargs
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
     (resident, count), (streamed, streamed_count), stats = _SMEM_TILES[name]
     per_stage = streamed_count * rows[streamed] * block_d * elem_bytes + stats * rows[streamed]
-    return _RESERVED_SMEM + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
+    extra = _TMA_BARRIERS_SMEM if name == "_fwd_kernel" else 0
+    if rows.get("WARP_SPECIALIZE"):
+        # Warp-specialized forwards keep one more (BLOCK_M, BLOCK_D) tile (the sm_90 compiles show it).
+        extra += rows["BLOCK_M"] * block_d * elem_bytes
+    if (constants or {}).get("ATOMIC_DQ"):
+        # The 5-GEMM dk/dv kernel's dq dot (ds^T @ k) stages its operands once more: the k tile and,
+        # as the sm_90 compiles show, up to two (BLOCK_M, BLOCK_N) tiles of ds.
+        extra += (rows["BLOCK_N"] * block_d + 2 * rows["BLOCK_M"] * rows["BLOCK_N"]) * elem_bytes
+    return _RESERVED_SMEM + extra + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
 
 
 def family(capability):
@@ -143,23 +189,40 @@ def family(capability):
     return "sm_90" if capability >= 90 else "sm_80"
 
 
-def candidate_configs(name, block_d, capability):
-    """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family."""
+def list_variant(constants):
+    """Which of a family's lists a launch with these constexprs takes: "+tma" for the forward
+    reading through tensor descriptors, "+atomic" for the 5-GEMM backward's dk/dv, else ""."""
+    if constants.get("TMA"):
+        return "+tma"
+    if constants.get("ATOMIC_DQ"):
+        return "+atomic"
+    return ""
+
+
+def candidate_configs(name, block_d, capability, variant=""):
+    """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family
+    (``variant``: the family's list of that name, see ``list_variant``)."""
     table = SPECS[name][0]
     if isinstance(table, list):
         return table
-    bounds = sorted(bound for fam, bound in table if fam == family(capability))
+    fam = family(capability) + variant
+    bounds = sorted(bound for f, bound in table if f == fam)
     bound = next((b for b in bounds if b >= block_d), bounds[-1])
-    return table[(family(capability), bound)]
+    return table[(fam, bound)]
 
 
-def keep_configs(name, block_d, elem_bytes, capability, smem_limit):
+def keep_configs(name, block_d, elem_bytes, capability, smem_limit, constants=None):
     """The configs of kernel ``name`` worth trying on a GPU of ``capability`` that allows
-    ``smem_limit`` bytes of shared memory per block (never empty: if none fits the
-    estimate, the smallest is kept and Triton reports what it needs)."""
-    configs = candidate_configs(name, block_d, capability)
-    kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes) <= smem_limit]
-    return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes))]
+    ``smem_limit`` bytes of shared memory per block, for a launch with ``constants`` (its
+    constexprs pick the list, see ``list_variant``; warp-specialized forward configs serve
+    only the one-loop form, without EDGES). Never empty: if none fits the estimate, the smallest is
+    kept and Triton reports what it needs."""
+    constants = constants or {}
+    configs = candidate_configs(name, block_d, capability, list_variant(constants))
+    if constants.get("EDGES", True):
+        configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
+    kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes, constants) <= smem_limit]
+    return kept or [min(configs, key=lambda c: smem_estimate(name, c, block_d, elem_bytes, constants))]
 
 
 def autotune_limit():
@@ -175,13 +238,13 @@ def autotune_limit():
 
 
 def limit_configs(configs, limit):
-    """The first ``limit`` configs with distinct tiles (BLOCK_M, BLOCK_N, warps), in list order
+    """The first ``limit`` configs with distinct tiles (BLOCK_M, BLOCK_N, warps, warp specialization), in list order
     (the lists lead with the configs expected fastest); all of them when ``limit`` is None."""
     if limit is None:
         return configs
     first_per_tile = {}
     for c in configs:
-        tile = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps)
+        tile = (c.kwargs.get("BLOCK_M"), c.kwargs.get("BLOCK_N"), c.num_warps, c.kwargs.get("WARP_SPECIALIZE"))
         first_per_tile.setdefault(tile, c)
     return list(first_per_tile.values())[:limit]
 
@@ -194,7 +257,7 @@ def _prune(name, configs, named_args, **kwargs):
     # The limit Triton itself checks a compiled kernel against before launching it.
     smem_limit = triton.runtime.driver.active.utils.get_device_properties(device)["max_shared_mem"]
     first_tensor = next(a for a in named_args.values() if isinstance(a, torch.Tensor))
-    kept = keep_configs(name, kwargs["BLOCK_D"], first_tensor.element_size(), 10 * major + minor, smem_limit)
+    kept = keep_configs(name, kwargs["BLOCK_D"], first_tensor.element_size(), 10 * major + minor, smem_limit, kwargs)
     return limit_configs(kept, autotune_limit())
 
 

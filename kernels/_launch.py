@@ -159,6 +159,20 @@ def check_grid(grid):
     return grid
 
 
+def _scratch(size, alignment, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator():
+    """Kernels that build tensor descriptors on the device (the forward with TMA) need global
+    scratch for them, which Triton takes from ``triton.set_allocator``: ours (torch's caching
+    allocator) unless the user set one. Triton >= 3.5 keeps it in a ContextVar, 3.4 in a global."""
+    from triton.runtime import _allocation
+    current = _allocation._allocator.get() if hasattr(_allocation._allocator, "get") else _allocation._allocator
+    if isinstance(current, _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def launch(kernel, grid, args, constants, reference: torch.Tensor, in_place=False):
     """Run ``kernel`` over ``grid`` with positional ``args`` and constexpr ``constants``.
 
@@ -174,5 +188,7 @@ def launch(kernel, grid, args, constants, reference: torch.Tensor, in_place=Fals
         with _interpreting():
             _interpreted(kernel.fn)[shape(meta)](*args, **meta)
     else:
+        if constants.get("TMA"):
+            _ensure_allocator()
         with torch.cuda.device(reference.device):
             tuned(kernel, bool(in_place))[shape](*args, **constants)

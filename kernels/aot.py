@@ -60,6 +60,11 @@ WGMMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 # Except: no dk/dv config with 64 key rows per warpgroup (wgmma's minimum) compiles
 # without spilling at head dim 256 (dk and dv alone fill the registers), so it runs mma.sync.
 WGMMA_EXEMPT = {("_bwd_dkdv_kernel", 256)}
+# The 5-GEMM backward's dq dot (ds @ k) has BLOCK_M query rows, fewer than wgmma's 64: it runs
+# mma.sync beside the dk/dv kernel's own wgmma dots.
+MMA_SYNC_ALLOWED = {("_bwd_dkdv_kernel", "atomic"), ("_bwd_dkdv_kernel", "atomic+local")}
+# Variants whose forward reads through tensor descriptors on sm_90: their loops must issue TMA loads.
+TMA_VARIANTS = ("causal", "ring", "local", "full")
 
 _KERNEL_MODULES = (flash_fwd, flash_bwd, merge, decode)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -74,8 +79,10 @@ def _causal_calls(dtype, head_dim):
     out, lse = flash_fwd.attention_forward(q, k, v, causal=True)
     flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True)
     merge.merge_attention(out, lse, out, lse)
-    pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)  # 16 pages of 16 slots
-    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    # Pages of 64 slots hold whole key tiles (one table entry per tile); "local" takes pages of 16,
+    # smaller than the tiles (one entry per key).
+    pages = torch.empty(4, 64, 2, head_dim, dtype=dtype)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
     lengths = torch.tensor([100, 120], dtype=torch.int32)
     decode.decode_attention(q[:, :1], pages, pages, lengths, block_table=table, num_splits=2,
                             max_seqlen=128, validate=False, out_dtype=torch.float32)
@@ -93,13 +100,18 @@ def _ring_calls(dtype, head_dim):
                                  accumulate=True)
 
 
+def _local_mask():
+    """Two packed documents (100 and 156 tokens) under a causal sliding window of 64."""
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
+    starts = torch.zeros(2, dtype=torch.int32)
+    return flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
+                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+
+
 def _local_calls(dtype, head_dim):
     """Every extra at once: packed documents, a sliding window, softcap and sinks (forward,
     backward and a paged decode)."""
-    cu = torch.tensor([0, 100, 256], dtype=torch.int32)
-    starts = torch.zeros(2, dtype=torch.int32)
-    mask = flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
-                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+    mask = _local_mask()
     q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
     k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
     sinks = torch.empty(4)
@@ -113,11 +125,46 @@ def _local_calls(dtype, head_dim):
                             window_size=(64, 0), softcap=30.0, sinks=sinks)
 
 
+def _full_calls(dtype, head_dim):
+    """Non-causal attention over whole key blocks: the forward's one-loop form (no EDGES), where
+    its warp-specialized configs apply."""
+    q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    flash_fwd.attention_forward(q, k, v)
+
+
+def _pointer_calls(dtype, head_dim):
+    """The causal forward with pointer loads (``CPATTN_FORWARD=pointers``), kept for comparison."""
+    with mock.patch.dict(os.environ, {"CPATTN_FORWARD": "pointers"}):
+        _causal_calls(dtype, head_dim)
+
+
+def _atomic_calls(dtype, head_dim):
+    """The causal backward's 5-GEMM form: dq added with atomics inside the dk/dv kernel."""
+    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    lse = torch.empty(2, 4, 128)
+    flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, delta=lse, atomic_dq=True)
+
+
+def _atomic_local_calls(dtype, head_dim):
+    """The 5-GEMM dk/dv kernel with the extras of "local" (documents, window, softcap): the most
+    registers its loop holds."""
+    q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
+    k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    lse = torch.empty(1, 4, 256)
+    flash_bwd.attention_backward(q, q, k, v, q, lse, mask=_local_mask(), softcap=30.0, delta=lse, atomic_dq=True)
+
+
 # variant -> (the calls, the kernels whose code it specializes differently from "causal")
 VARIANTS = {
     "causal": (_causal_calls, KERNELS),
     "ring": (_ring_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")),
     "local": (_local_calls, ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel")),
+    "full": (_full_calls, ("_fwd_kernel",)),
+    "pointers": (_pointer_calls, ("_fwd_kernel",)),
+    "atomic": (_atomic_calls, ("_bwd_dkdv_kernel",)),
+    "atomic+local": (_atomic_local_calls, ("_bwd_dkdv_kernel",)),
 }
 
 
@@ -128,8 +175,9 @@ class Launch:
     constants: dict
 
 
-def capture(variant, dtype, head_dim):
-    """{kernel name: Launch} of the calls of ``variant`` (nothing runs).
+def capture(variant, dtype, head_dim, target=None):
+    """{kernel name: Launch} of the calls of ``variant`` (nothing runs), with the choices the
+    host makes for a GPU of ``target`` (tensor-descriptor loads from sm_90 on).
 
     Shapes keep every integer that varies in real use above 1 (batch, heads, GQA
     group), so Triton does not fold it into a constant a real launch would not have."""
@@ -139,9 +187,12 @@ def capture(variant, dtype, head_dim):
         launches[kernel.fn.__name__] = Launch(kernel, tuple(args), dict(constants))
 
     calls, kernels = VARIANTS[variant]
+    capability = (target or TARGETS["sm_90"]).capability
     with contextlib.ExitStack() as stack:
         for module in _KERNEL_MODULES:
             stack.enter_context(mock.patch.object(module, "launch", record))
+        stack.enter_context(mock.patch.object(flash_fwd, "use_tma",
+                                              lambda device: flash_fwd.tma_target(capability)))
         calls(dtype, head_dim)
     missing = set(kernels) - set(launches)
     if missing:
@@ -219,22 +270,61 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
     for variant in variants:
         for dtype in dtypes:
             for head_dim in head_dims:
-                for name, launch in capture(variant, DTYPES[dtype], head_dim).items():
-                    if name not in kernels:
-                        continue
-                    block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
-                    for target in (TARGETS[t] for t in targets):
+                for target in (TARGETS[t] for t in targets):
+                    for name, launch in capture(variant, DTYPES[dtype], head_dim, target).items():
+                        if name not in kernels:
+                            continue
+                        block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
                         for config in _autotune.keep_configs(name, block_d, elem_bytes, target.capability,
-                                                             target.smem_limit):
+                                                             target.smem_limit, launch.constants):
                             source, options = _bind(launch, config, target)
                             yield Case(name, variant, target, dtype, head_dim, config, source, options,
-                                       _autotune.smem_estimate(name, config, block_d, elem_bytes))
+                                       _autotune.smem_estimate(name, config, block_d, elem_bytes,
+                                                               launch.constants))
 
 
 # ---------------------------------------------------------------- compile and read the cubin
 
+_SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+_HGMMA_SHAPE = re.compile(r"\bHGMMA\.64x(\d+)x(\d+)")
+
+
+def loop_facts(sass):
+    """What the SASS of one kernel does in its loops (a loop: the instructions from a backward
+    branch's target to the branch).
+
+    ``loop_utmaldg``: TMA loads (UTMALDG) inside any loop; the main loop is the loop with
+    wgmma (HGMMA) that spends the fewest other instructions per unit of MMA work, i.e. the
+    unmasked loop of the forward, dq and dk/dv kernels (their masked loops add the mask);
+    ``main_loop_instrs``: its instructions; ``main_loop_wgmma``: its MMA work in units of one
+    64x128x16 wgmma (an m64nNkK HGMMA counts N/128 * K/16); ``non_mma_per_wgmma``: its
+    instructions other than HGMMA per unit. None where the kernel has no such loop."""
+    code = [(int(addr, 16), text.strip()) for addr, text in _SASS_INSTRUCTION.findall(sass)]
+    loops = []
+    for addr, text in code:
+        branch = re.search(r"\bBRA(?:\.\w+)*\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            loops.append((int(branch.group(1), 16), addr))
+    facts = {"loop_utmaldg": 0, "main_loop_instrs": None, "main_loop_wgmma": None, "non_mma_per_wgmma": None}
+    in_loop = {addr for addr, _ in code if any(lo <= addr <= hi for lo, hi in loops)}
+    facts["loop_utmaldg"] = sum(1 for addr, text in code if addr in in_loop and "UTMALDG" in text)
+    best = None
+    for lo, hi in loops:
+        body = [text for addr, text in code if lo <= addr <= hi]
+        work = sum(int(n) / 128 * int(k) / 16 for n, k in (_HGMMA_SHAPE.search(t).groups() for t in body
+                                                              if _HGMMA_SHAPE.search(t)))
+        if work:
+            other = sum(1 for t in body if "HGMMA" not in t)
+            if best is None or other / work < best[2] / best[1]:
+                best = (len(body), work, other)
+    if best:
+        facts.update(main_loop_instrs=best[0], main_loop_wgmma=round(best[1], 2),
+                     non_mma_per_wgmma=round(best[2] / best[1], 1))
+    return facts
+
+
 def _cubin_facts(cubin):
-    """(registers, stack bytes, static shared bytes, HGMMA count, HMMA count) of a cubin."""
+    """(registers, stack bytes, static shared bytes, HGMMA count, HMMA count, loop facts) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         Path(path).write_bytes(cubin)
@@ -243,7 +333,7 @@ def _cubin_facts(cubin):
         sass = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
     return (fields["REG"], fields["STACK"] + fields["LOCAL"], fields["SHARED"],
-            len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)))
+            len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass)), loop_facts(sass))
 
 
 def compile_case(case):
@@ -255,12 +345,13 @@ def compile_case(case):
         compiled = triton.compile(case.source, target=GPUTarget("cuda", case.target.capability, 32),
                                   options=case.options)
     seconds = time.perf_counter() - start
-    regs, spill, static_smem, hgmma, hmma = _cubin_facts(compiled.asm["cubin"])
+    regs, spill, static_smem, hgmma, hmma, loops = _cubin_facts(compiled.asm["cubin"])
     return {"key": case.key, "kernel": case.kernel, "variant": case.variant, "target": case.target.name,
             "dtype": case.dtype, "head_dim": case.head_dim, "config": config_name(case.config),
             "regs": regs, "spill_bytes": spill, "smem": compiled.metadata.shared + static_smem,
             "smem_limit": case.target.smem_limit, "smem_estimate": case.smem_estimate,
-            "hgmma": hgmma, "hmma": hmma, "compile_s": round(seconds, 2), "triton": triton.__version__}
+            "hgmma": hgmma, "hmma": hmma, **loops, "warps": compiled.metadata.num_warps,
+            "compile_s": round(seconds, 2), "triton": triton.__version__}
 
 
 def problems(row):
@@ -273,8 +364,14 @@ def problems(row):
     if row["smem_estimate"] < row["smem"]:
         found.append(f"the prune's estimate {row['smem_estimate']} B is below the {row['smem']} B it uses")
     wgmma = row["kernel"] in WGMMA_KERNELS and (row["kernel"], row["head_dim"]) not in WGMMA_EXEMPT
-    if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or row["hmma"] > 0):
+    mma_sync = row["hmma"] > 0 and (row["kernel"], row["variant"]) not in MMA_SYNC_ALLOWED
+    if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or mma_sync):
         found.append(f"sm_90 SASS has {row['hgmma']} HGMMA and {row['hmma']} HMMA: not every dot is a wgmma")
+    if row["target"] == "sm_90" and wgmma and not row.get("main_loop_wgmma"):
+        found.append("sm_90 SASS has no loop with wgmma (HGMMA): the main loop's dots are elsewhere")
+    if (row["target"] == "sm_90" and row["kernel"] == "_fwd_kernel" and row["variant"] in TMA_VARIANTS
+            and not row.get("loop_utmaldg")):
+        found.append("sm_90 forward issues no TMA load (UTMALDG) in its loops")
     return found
 
 
@@ -299,12 +396,20 @@ def save_cache(path, rows):
     Path(path).write_text(json.dumps(payload, indent=0) + "\n")
 
 
+def cached_row(case, cache):
+    """``case``'s row in ``cache`` (None if absent), with the prune's shared-memory estimate of today's
+    ``_autotune``: the estimate is host arithmetic, not part of the binary, so a row keeps its key
+    when only the estimate changes and is checked against the current one."""
+    row = cache.get(case.key)
+    return None if row is None else {**row, "smem_estimate": case.smem_estimate}
+
+
 def results(case_list, cache, fresh=False, on_row=None):
     """A row for every case: from ``cache`` where its key is there (unless ``fresh``), else compiled.
     ``on_row(i, case, row, compiled)`` is called after each."""
     rows = []
     for i, case in enumerate(case_list, 1):
-        row = None if fresh else cache.get(case.key)
+        row = None if fresh else cached_row(case, cache)
         compiled = row is None
         if compiled:
             row = compile_case(case)

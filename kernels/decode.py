@@ -103,6 +103,9 @@ def _decode_kernel(
     seen_pos = visible_range(first_pos, last_pos, 0, key_end, window_left, window_right, LEFT, RIGHT, 1)
     slot_lo = _slots_before(seen_pos[0], pos_stripe, pos_stride, pos_offset)  # [0], [3]: the outer bounds
     slot_hi = _slots_before(seen_pos[3], pos_stripe, pos_stride, pos_offset)
+    # Tiles start at multiples of BLOCK_N (the slots before slot_lo hold keys no row sees: masked), so
+    # a tile never straddles a page of PAGE_SIZE >= BLOCK_N slots.
+    slot_lo = (slot_lo // BLOCK_N) * BLOCK_N
     # This split's share, in whole key tiles: every sequence spreads its own visible keys over all
     # splits, and a split with no share loops zero times and writes the empty partial.
     per_split = tl.cdiv(tl.cdiv(slot_hi - slot_lo, num_splits), BLOCK_N) * BLOCK_N
@@ -123,8 +126,13 @@ def _decode_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
-        if PAGED:
-            # Each column looks up its own page, so a tile may straddle pages.
+        if PAGED and PAGE_SIZE >= BLOCK_N:
+            # The tile lies in one page: one table entry, then rows as in a contiguous cache.
+            page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
+            k_ptrs = tile_ptrs(K + page * stride_kb, offs_d, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
+            v_ptrs = tile_ptrs(V + page * stride_vb, cols % PAGE_SIZE, offs_d, stride_vs, stride_vd, WIDE)
+        elif PAGED:
+            # Pages smaller than a tile: each column looks up its own page.
             page = tl.load(table + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
             k_ptrs = tile_ptrs(K + (page * stride_kb)[None, :], offs_d, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
             v_ptrs = tile_ptrs(V + (page * stride_vb)[:, None], cols % PAGE_SIZE, offs_d, stride_vs, stride_vd, WIDE)
@@ -136,7 +144,7 @@ def _decode_kernel(
         key_pos = _slot_position(cols, pos_stripe, pos_stride, pos_offset)
         seen = col_ok[None, :] & visible(q_pos[:, None], key_pos[None, :], window_left, window_right, LEFT, RIGHT)
         s = tl.where(seen, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, 1.0)
         v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 

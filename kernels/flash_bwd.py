@@ -5,7 +5,9 @@ probabilities as ``exp(q k^T * scale - lse)`` with the final lse gives exactly
 that step's share of the full softmax, so every step's gradients are exact.
 
 Three kernels, none with atomics (deterministic):
-  * ``_bwd_preprocess``: delta = rowsum(dout * out), per query row.
+  * ``_bwd_preprocess``: delta = rowsum(dout * out) per query row, and in the same pass the
+    lse in base 2 (``attention_backward_delta``), so the kernels below compute each
+    probability as exp2 of one FMA (``q.k * scale * log2(e) - lse``).
   * ``_bwd_dkdv_kernel``: one program per (kv block, kv head); it walks every
     query head of its GQA group and every query block that can see it, so
     dk/dv of a kv head are summed in registers.
@@ -20,75 +22,86 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
+from ._autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
 from .flash_fwd import MaskSpec
 from .mask import block_count, block_start, visible, visible_range
-from .softmax import dot_precision, scores
+from .softmax import LOG2_E, dot_precision, scores
 from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
 
 
 @triton.jit
 def _bwd_preprocess(
-    Out, DOut, Delta,
+    Out, DOut, Delta, Lse, LseLog2,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_gb, stride_gs, stride_gh, stride_gd,
     stride_db, stride_dh, stride_ds,
-    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, WIDE: tl.constexpr,
+    stride_lb, stride_lh, stride_ls,
+    seqlen_q, num_heads, HEAD_DIM: tl.constexpr, LSE_LOG2: tl.constexpr, WIDE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Row by row, so packed documents need no special case: a row is a row.
     tile, b, h = program_tile(seqlen_q, num_heads, BLOCK_M)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
+    row_ok = offs_m < seqlen_q
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(tile_ptrs(seq_base(Out, b, h, 0, stride_ob, stride_oh, stride_os), offs_m, offs_d,
                           stride_os, stride_od, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
     do = tl.load(tile_ptrs(seq_base(DOut, b, h, 0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
                            stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0).to(tl.float32)
     tl.store(seq_base(Delta, b, h, 0, stride_db, stride_dh, stride_ds) + offs_m * stride_ds, tl.sum(o * do, 1),
-             mask=offs_m < seqlen_q)
+             mask=row_ok)
+    if LSE_LOG2:
+        # The lse as the dk/dv and dq kernels read it (Delta's layout): in base 2, and +inf where a row
+        # saw no key, so that p = exp2(s - lse) is 0 there without a mask and each score costs one FMA.
+        lse = tl.load(seq_base(Lse, b, h, 0, stride_lb, stride_lh, stride_ls) + offs_m * stride_ls, mask=row_ok,
+                      other=0.0)
+        tl.store(seq_base(LseLog2, b, h, 0, stride_db, stride_dh, stride_ds) + offs_m * stride_ds,
+                 tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634, mask=row_ok)  # x log2(e)
 
 
 @triton.jit
-def _load_row_stats(Lse, Delta, rows, seqlen_q, stride_ls, stride_ds):
-    """lse (scaled to base 2) and delta for query rows; rows without keys, or past the
-    sequence, get +inf so that p = exp2(s - lse) = 0 there without a mask."""
+def _load_row_stats(LseLog2, Delta, rows, seqlen_q, stride_ls, stride_ds):
+    """The base-2 lse and delta of query rows; rows past the sequence get lse +inf (p = 0)."""
     row_ok = rows < seqlen_q
-    lse = tl.load(Lse + rows * stride_ls, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634  # x log2(e)
+    lse = tl.load(LseLog2 + rows * stride_ls, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + rows * stride_ds, mask=row_ok, other=0.0)
     return lse, delta
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
-                stride_qh, stride_gh, stride_lh, stride_dh,
-                stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+def _dkdv_inner(dk, dv, k, v, Q, DOut, LseLog2, Delta, DQ,
+                stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
+                stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
                 k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
                 window_left, window_right, lo, full_lo, full_hi, hi,
                 MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the contributions of the masked or the unmasked query blocks (mask.visible_range)
     of every query head of the GQA group (``group_size`` heads from ``Q``, ``stride_qh``
-    apart) to a kv block's dk, dv.
+    apart) to a kv block's dk, dv; with ATOMIC_DQ also add each block's share of dq
+    (ds @ k, scaled) into the fp32 buffer ``DQ`` with atomics: the 5-GEMM backward.
 
     One flat loop over (head, query block): with a loop over heads around the block
     loops, ptxas spilled registers in every config at head dim 128 (kernels/aot.py).
+    The head and block indices are counters (no division per iteration).
     Works on transposed tiles (keys along rows) so no transpose of p is needed.
     """
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     num_blocks = block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_M)
-    for i in range(0, group_size * num_blocks):
-        g = i // num_blocks
-        rows = block_start(i - g * num_blocks, lo, full_lo, full_hi, MASKED, BLOCK_M) + offs_m
-        g = g.to(tl.int64)  # head offsets in int64, as in seq_base
+    g = 0  # head of the group
+    j = 0  # block within the head
+    for _ in range(0, group_size * num_blocks):
+        rows = block_start(j, lo, full_lo, full_hi, MASKED, BLOCK_M) + offs_m
+        h = g.to(tl.int64)  # head offsets in int64, as in seq_base
         tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
-        q = tl.load(tile_ptrs(Q + g * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
-        do = tl.load(tile_ptrs(DOut + g * stride_gh, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok,
+        q = tl.load(tile_ptrs(Q + h * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
+        do = tl.load(tile_ptrs(DOut + h * stride_gh, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok,
                      other=0.0)
-        lse, delta = _load_row_stats(Lse + g * stride_lh, Delta + g * stride_dh, rows, seqlen_q, stride_ls, stride_ds)
+        lse, delta = _load_row_stats(LseLog2 + h * stride_lh, Delta + h * stride_dh, rows, seqlen_q, stride_ls,
+                                     stride_ds)
         s_t, t_t = scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         p_t = tl.math.exp2(s_t - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
@@ -99,14 +112,23 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, Lse, Delta,
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)  # d/ds of softcap * tanh(s / softcap)
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        ds_t = ds_t.to(q.dtype)
+        dk += tl.dot(ds_t, q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION) * softmax_scale
+            tl.atomic_add(tile_ptrs(DQ + h * stride_dqh, rows, offs_d, stride_dqs, stride_dqd, WIDE), dq,
+                          mask=tile_ok, sem="relaxed")
+        j += 1
+        if j == num_blocks:
+            j = 0
+            g += 1
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
                                "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse, Delta, DK, DV, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
+    Q, K, V, DOut, LseLog2, Delta, DK, DV, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -115,11 +137,12 @@ def _bwd_dkdv_kernel(
     stride_db, stride_dh, stride_ds,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
     seqlen_q, seqlen_k, num_heads_kv, group_size,
     q_start, k_start, window_left, window_right, softmax_scale, softcap,
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile, seq, h_kv = program_tile(seqlen_k, num_heads_kv, BLOCK_N)  # seqlen_k: the longest, if packed
@@ -146,20 +169,21 @@ def _bwd_dkdv_kernel(
     h = h_kv * group_size  # the first query head of the group sharing this kv head (GQA)
     q_ptr = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
     do_ptr = seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs)
-    lse_ptr = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
+    lse_ptr = seq_base(LseLog2, batch, h, q_row0, stride_lb, stride_lh, stride_ls)
     delta_ptr = seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                         stride_qh, stride_gh, stride_lh, stride_dh,
-                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+    dq_ptr = seq_base(DQ, batch, h, q_row0, stride_dqb, stride_dqh, stride_dqs)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                         stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
+                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
                          k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
                          window_left, window_right, lo, full_lo, full_hi, hi,
-                         False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
-    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                         stride_qh, stride_gh, stride_lh, stride_dh,
-                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds,
+                         False, LEFT, RIGHT, SOFTCAP, ATOMIC_DQ, WIDE, BLOCK_M, DOT_PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                         stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
+                         stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
                          k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
                          window_left, window_right, lo, full_lo, full_hi, hi,
-                         True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_M, DOT_PRECISION)
+                         True, LEFT, RIGHT, SOFTCAP, ATOMIC_DQ, WIDE, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
     dk_ptrs = tile_ptrs(seq_base(DK, batch, h_kv, k_row0, stride_dkb, stride_dkh, stride_dks), offs_n, offs_d,
@@ -207,7 +231,7 @@ def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stri
 @triton.jit(do_not_specialize=["seqlen_q", "seqlen_k", "q_start", "k_start", "window_left", "window_right",
                                "seqlen_q_bucket", "seqlen_k_bucket"])
 def _bwd_dq_kernel(
-    Q, K, V, DOut, Lse, Delta, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
+    Q, K, V, DOut, LseLog2, Delta, DQ, CuSeqlensQ, CuSeqlensK, PosQ, PosK,
     stride_qb, stride_qs, stride_qh, stride_qd,
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
@@ -235,7 +259,7 @@ def _bwd_dq_kernel(
                           stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
     do = tl.load(tile_ptrs(seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
                            stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
-    lse, delta = _load_row_stats(seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
+    lse, delta = _load_row_stats(seq_base(LseLog2, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
                                  seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds),
                                  offs_m, seqlen_q, stride_ls, stride_ds)
     K = seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks)
@@ -261,30 +285,48 @@ def _bwd_dq_kernel(
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=tile_ok)
 
 
-def attention_backward_delta(out, dout):
-    """delta = rowsum(dout * out) as a contiguous (B, H, Sq) float32 tensor."""
+def lse_in_base_2(lse):
+    """The lse (natural log) as the dk/dv and dq kernels read it: in base 2, +inf where a row saw no
+    key. What ``attention_backward_delta(out, dout, lse)`` computes in its pass, as torch ops."""
+    return torch.where(lse == float("-inf"), float("inf"), lse) * LOG2_E
+
+
+def attention_backward_delta(out, dout, lse=None):
+    """delta = rowsum(dout * out) as a contiguous (B, H, Sq) float32 tensor.
+
+    With ``lse`` (B, H, Sq) (natural log, any strides) it returns ``(delta, lse_log2)``: the same
+    pass also writes the lse as the gradient kernels read it (``lse_in_base_2``), so that the
+    conversion costs no pass of its own and none inside their loops. Callers that run the
+    backward many times over row slices (the ring) compute both once and pass both."""
     batch, seqlen_q, heads, head_dim = out.shape
     delta = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=out.device)
-    if delta.numel() == 0:
-        return delta
-    args = (out, dout, delta, *out.stride(), *dout.stride(), *delta.stride(), seqlen_q, heads)
-    constants = {"HEAD_DIM": head_dim, "WIDE": needs_int64(out, dout), "BLOCK_D": block_d(head_dim)}
-    launch(_bwd_preprocess, grid_1d(seqlen_q, batch * heads), args, constants, out)
-    return delta
+    lse_log2 = None if lse is None else torch.empty_like(delta)
+    if delta.numel():
+        stats = lse if lse is not None else delta  # an unused pointer without lse
+        args = (out, dout, delta, stats, delta if lse_log2 is None else lse_log2,
+                *out.stride(), *dout.stride(), *delta.stride(), *stats.stride(), seqlen_q, heads)
+        constants = {"HEAD_DIM": head_dim, "LSE_LOG2": lse is not None, "WIDE": needs_int64(out, dout),
+                     "BLOCK_D": block_d(head_dim)}
+        launch(_bwd_preprocess, grid_1d(seqlen_q, batch * heads), args, constants, out)
+    return delta if lse is None else (delta, lse_log2)
 
 
 def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False, q_start=0, k_start=0,
                        delta=None, dq=None, dk=None, dv=None, accumulate=False, mask=None, softcap=0.0,
-                       compute_dq=True, compute_dkdv=True):
+                       compute_dq=True, compute_dkdv=True, atomic_dq=False, lse_log2=None):
     """Gradients of attention for one (q, kv) pair, given the final out and lse.
 
     Visibility as in ``attention_forward`` (``mask``, or ``causal``/``q_start``/``k_start``);
     ``softcap`` must be the forward's. ``delta`` (shaped like ``lse``, any strides) may be
     precomputed once: the ring backward computes it for its whole local sequence and
-    passes row slices. ``dq``/``dk``/``dv`` may be given (any strides, e.g. float32
-    accumulators); with ``accumulate=True`` this call's gradients are added to them.
+    passes row slices, with ``lse_log2`` (both from one ``attention_backward_delta(out, dout, lse)``;
+    ``delta`` alone costs a conversion of ``lse`` by torch ops). ``dq``/``dk``/``dv`` may be given
+    (any strides, e.g. float32 accumulators); with ``accumulate=True`` this call's gradients are added to them.
     ``compute_dq``/``compute_dkdv=False`` skip a kernel (its outputs are then None).
-    Returns (dq, dk, dv).
+    ``atomic_dq=True`` (with both gradients asked for) runs the 5-GEMM backward: the dk/dv
+    kernel also adds each key block's share of dq into an fp32 buffer with atomics, instead
+    of a dq kernel recomputing the scores; the summation order of dq then varies from run
+    to run (not deterministic). Returns (dq, dk, dv).
     """
     mask = mask or MaskSpec(causal=causal, q_start=q_start, k_start=k_start)
     batch, seqlen_q, heads, head_dim = q.shape
@@ -293,15 +335,19 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and ((compute_dq and dq is None) or (compute_dkdv and (dk is None or dv is None))):
         raise ValueError("attention_backward: accumulate=True needs dq, dk and dv buffers")
-    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+    if atomic_dq and not (compute_dq and compute_dkdv):
+        raise ValueError("attention_backward: atomic_dq=True computes dq inside the dk/dv kernel, so it needs "
+                         "compute_dq and compute_dkdv")
+    if accumulate and block_d(head_dim) > BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
         fresh = [None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
         parts = attention_backward(dout, q, k, v, out, lse, softmax_scale, delta=delta, dq=fresh[0], dk=fresh[1],
                                    dv=fresh[2], mask=mask, softcap=softcap, compute_dq=compute_dq,
-                                   compute_dkdv=compute_dkdv)
+                                   compute_dkdv=compute_dkdv, atomic_dq=atomic_dq, lse_log2=lse_log2)
         return tuple(None if part is None else g.add_(part) for g, part in zip((dq, dk, dv), parts))
-    if delta is not None and tuple(delta.shape) != tuple(lse.shape):
-        raise ValueError(f"attention_backward: delta must have lse's shape {tuple(lse.shape)}, "
-                         f"got {tuple(delta.shape)}")
+    for name, stats in (("delta", delta), ("lse_log2", lse_log2)):
+        if stats is not None and tuple(stats.shape) != tuple(lse.shape):
+            raise ValueError(f"attention_backward: {name} must have lse's shape {tuple(lse.shape)}, "
+                             f"got {tuple(stats.shape)}")
     dq = (torch.empty_like(q) if dq is None else dq) if compute_dq else None
     dk = (torch.empty_like(k) if dk is None else dk) if compute_dkdv else None
     dv = (torch.empty_like(v) if dv is None else dv) if compute_dkdv else None
@@ -311,23 +357,38 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
                 if grad is not None:
                     grad.zero_()
         return dq, dk, dv
-    if delta is None:
+    if delta is None and lse_log2 is None:
+        delta, lse_log2 = attention_backward_delta(out, dout, lse)
+    elif delta is None:
         delta = attention_backward_delta(out, dout)
+    elif lse_log2 is None:
+        lse_log2 = lse_in_base_2(lse)
     max_q, max_k = mask.lengths(seqlen_q, seqlen_k)
     cu_q, cu_k, pos_q, pos_k, *positions = mask.kernel_args(q)
-    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(), *delta.stride())
+    common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse_log2.stride(), *delta.stride())
     per_call = (*positions, float(softmax_scale), float(softcap or 1.0), length_bucket(max_q), length_bucket(max_k))
     constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "ACCUMULATE": bool(accumulate),
                  "WIDE": needs_int64(q, k, v, dout, dq, dk, dv), "DOT_PRECISION": dot_precision(q.dtype),
                  "BLOCK_D": block_d(head_dim)}
     num_seqs = mask.num_seqs(batch)
+    if atomic_dq:
+        # The atomics add into fp32: the caller's buffer itself when it is one and is accumulated into.
+        dq_sum = dq if accumulate and dq.dtype == torch.float32 else torch.zeros(q.shape, dtype=torch.float32,
+                                                                                   device=q.device)
     if compute_dkdv:
-        args = (q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, pos_q, pos_k, *common, *dk.stride(), *dv.stride(),
-                max_q, max_k, heads_kv, heads // heads_kv, *per_call)
-        launch(_bwd_dkdv_kernel, grid_1d(max_k, num_seqs * heads_kv, "BLOCK_N"), args, constants, q,
-               in_place=accumulate)
+        dq_arg = dq_sum if atomic_dq else dk  # without atomics DQ is never touched
+        args = (q, k, v, dout, lse_log2, delta, dk, dv, dq_arg, cu_q, cu_k, pos_q, pos_k, *common, *dk.stride(),
+                *dv.stride(), *dq_arg.stride(), max_q, max_k, heads_kv, heads // heads_kv, *per_call)
+        launch(_bwd_dkdv_kernel, grid_1d(max_k, num_seqs * heads_kv, "BLOCK_N"), args,
+               {**constants, "ATOMIC_DQ": bool(atomic_dq)}, q, in_place=accumulate or atomic_dq)
+    if atomic_dq:
+        if dq is not dq_sum and accumulate:
+            dq.add_(dq_sum)
+        elif dq is not dq_sum:
+            dq.copy_(dq_sum)
+        return dq, dk, dv
     if compute_dq:
-        args = (q, k, v, dout, lse, delta, dq, cu_q, cu_k, pos_q, pos_k, *common, *dq.stride(),
+        args = (q, k, v, dout, lse_log2, delta, dq, cu_q, cu_k, pos_q, pos_k, *common, *dq.stride(),
                 max_q, max_k, heads, heads // heads_kv, *per_call)
         launch(_bwd_dq_kernel, grid_1d(max_q, num_seqs * heads), args, constants, q, in_place=accumulate)
     return dq, dk, dv

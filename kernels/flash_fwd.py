@@ -12,17 +12,19 @@ attention sinks (one logit per head with no value): a sink is exactly the
 partial (out 0, lse sink_h), folded into the result by the one LSE merge.
 """
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._autotune import FUSED_ACCUMULATE_MAX_BLOCK_D
+from ._autotune import FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
 from ._launch import launch
 from .mask import block_count, block_start, visible, visible_range
 from .merge import merge_attention, merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
-from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
+from .tiles import (block_d, grid_1d, length_bucket, needs_int64, program_tile, row_descriptor, seq_base, seqlen_info,
+                    tile_ptrs, tma_compatible)
 
 __all__ = ["attention_forward", "MaskSpec", "LOG2_E", "dot_precision", "finish_softmax", "online_softmax_step"]
 
@@ -32,31 +34,52 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_v
                q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
                lo, full_lo, full_hi, hi,
                MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+               SCALE_IN_EXP2: tl.constexpr, TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
                WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax over the masked or the unmasked key blocks (mask.visible_range) of one query tile."""
+    """Online softmax over the masked or the unmasked key blocks (mask.visible_range) of one query tile.
+
+    K and V are tensor descriptors when TMA (rows past the sequence read as zero), else
+    pointers to the sequence's first row. With SCALE_IN_EXP2 the scores stay raw products
+    and the scale joins exp2's argument (softmax.online_softmax_step)."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
-    for i in range(0, block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)):
-        cols = block_start(i, lo, full_lo, full_hi, MASKED, BLOCK_N) + offs_n
+    # Warp specialization (producer warps issue the loads, consumer warpgroups get the registers)
+    # where the config asks for it; Triton forms it only in a kernel with this one loop (no EDGES).
+    for i in tl.range(0, block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N), warp_specialize=WARP_SPECIALIZE):
+        start = block_start(i, lo, full_lo, full_hi, MASKED, BLOCK_N)
+        cols = start + offs_n
         col_ok = cols < seqlen_k
-        # K is loaded as (D, BLOCK_N), ready for q @ k^T.
-        k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
-        v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if TMA:
+            k = K.load([start, 0]).T
         else:
-            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
-        s, _ = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
+            # K is loaded as (D, BLOCK_N), ready for q @ k^T.
+            k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
+            if MASKED:
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+        qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        if SCALE_IN_EXP2:
+            x = qk
+        else:
+            x, _ = scores(qk, softmax_scale, softcap, SOFTCAP)
         if MASKED:
             seen = col_ok[None, :] & visible(q_pos[:, None], (k_pos0 + cols)[None, :],
                                              window_left, window_right, LEFT, RIGHT)
-            s = tl.where(seen, s, float("-inf"))
-        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            x = tl.where(seen, x, float("-inf"))
+        if SCALE_IN_EXP2:
+            p, alpha, m_i, l_i = online_softmax_step(x, m_i, l_i, softmax_scale * 1.4426950408889634)
         else:
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            p, alpha, m_i, l_i = online_softmax_step(x, m_i, l_i, 1.0)
+        if TMA:
+            v = V.load([start, 0])
+        else:
+            v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
+            if MASKED:
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -74,13 +97,13 @@ def _fwd_kernel(
     seqlen_q_bucket, seqlen_k_bucket,
     HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
     SOFTCAP: tl.constexpr, SINKS: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_IN_EXP2: tl.constexpr, TMA: tl.constexpr, EDGES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     tile, seq, h = program_tile(seqlen_q, num_heads, BLOCK_M)  # seqlen_q: the longest, if packed
     batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
         seq, CuSeqlensQ, CuSeqlensK, PosQ, PosK, seqlen_q, seqlen_k, q_start, k_start, VARLEN)
-    if tile * BLOCK_M >= seqlen_q:  # a tile past the end of a shorter document
-        return
     h_kv = h // group_size  # GQA: query heads [h_kv*g, (h_kv+1)*g) share kv head h_kv
 
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -91,7 +114,16 @@ def _fwd_kernel(
     Q = seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs)
     K = seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks)
     V = seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs)
-    q = tl.load(tile_ptrs(Q, offs_m, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
+    Out = seq_base(Out, batch, h, q_row0, stride_ob, stride_oh, stride_os)
+    if TMA:
+        # One descriptor per sequence (or packed document) and head: its rows are exactly the sequence's.
+        Q = row_descriptor(Q, seqlen_q, stride_qs, BLOCK_M, BLOCK_D)
+        K = row_descriptor(K, seqlen_k, stride_ks, BLOCK_N, BLOCK_D)
+        V = row_descriptor(V, seqlen_k, stride_vs, BLOCK_N, BLOCK_D)
+        Out = row_descriptor(Out, seqlen_q, stride_os, BLOCK_M, BLOCK_D)
+        q = Q.load([tile * BLOCK_M, 0])
+    else:
+        q = tl.load(tile_ptrs(Q, offs_m, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -99,17 +131,24 @@ def _fwd_kernel(
 
     q_pos = q_pos0 + offs_m
     last_row = tl.minimum((tile + 1) * BLOCK_M, seqlen_q) - 1
-    lo, full_lo, full_hi, hi = visible_range(q_pos0 + tile * BLOCK_M, q_pos0 + last_row, k_pos0, seqlen_k,
+    # A tile past the end of a shorter document visits no key and stores nothing (its rows are
+    # masked). Not an early return: Triton's warp specialization cannot split a loop that follows one.
+    keys = tl.where(tile * BLOCK_M < seqlen_q, seqlen_k, 0)
+    lo, full_lo, full_hi, hi = visible_range(q_pos0 + tile * BLOCK_M, q_pos0 + last_row, k_pos0, keys,
                                              window_left, window_right, LEFT, RIGHT, BLOCK_N)
-    # Blocks every row sees need no mask; those on the window's edges and the sequence end do.
+    # Blocks every row sees need no mask; those on the window's edges and the sequence end do, and
+    # exist only with EDGES (the host's promise otherwise: no window, no documents, whole key blocks).
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
                                window_left, window_right, lo, full_lo, full_hi, hi,
-                               False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
-                               window_left, window_right, lo, full_lo, full_hi, hi,
-                               True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+                               False, LEFT, RIGHT, SOFTCAP, SCALE_IN_EXP2, TMA, WARP_SPECIALIZE and not EDGES, WIDE,
+                               BLOCK_N, DOT_PRECISION)
+    if EDGES:
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap,
+                                   window_left, window_right, lo, full_lo, full_hi, hi,
+                                   True, LEFT, RIGHT, SOFTCAP, SCALE_IN_EXP2, TMA, False, WIDE, BLOCK_N,
+                                   DOT_PRECISION)
 
     out, lse = finish_softmax(acc, l_i, m_i)
     if SINKS:
@@ -117,16 +156,50 @@ def _fwd_kernel(
         sink = tl.load(Sinks + h).to(tl.float32) + tl.zeros([BLOCK_M], dtype=tl.float32)
         out, lse = merge_partials(out, lse, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), sink)
 
-    out_ptrs = tile_ptrs(seq_base(Out, batch, h, q_row0, stride_ob, stride_oh, stride_os),
-                         offs_m, offs_d, stride_os, stride_od, WIDE)
     lse_ptrs = seq_base(Lse, batch, h, q_row0, stride_lb, stride_lh, stride_ls) + offs_m * stride_ls
+    if not TMA:
+        out_ptrs = tile_ptrs(Out, offs_m, offs_d, stride_os, stride_od, WIDE)
     if ACCUMULATE:
         # Fold this partial into the running (out, lse) already in Out/Lse.
-        out_prev = tl.load(out_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
+        if TMA:
+            out_prev = Out.load([tile * BLOCK_M, 0]).to(tl.float32)
+        else:
+            out_prev = tl.load(out_ptrs, mask=tile_ok, other=0.0).to(tl.float32)
         lse_prev = tl.load(lse_ptrs, mask=row_ok, other=float("-inf"))
         out, lse = merge_partials(out_prev, lse_prev, out, lse)
-    tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=tile_ok)
+    if TMA:
+        Out.store([tile * BLOCK_M, 0], out.to(Out.dtype))
+    else:
+        tl.store(out_ptrs, out.to(Out.dtype.element_ty), mask=tile_ok)
     tl.store(lse_ptrs, lse, mask=row_ok)
+
+
+FORWARD_LOADS = ("tma", "pointers")
+
+
+def forward_loads():
+    """Which forward to run, from ``CPATTN_FORWARD``: "tma" (default: tensor-descriptor loads and the
+    sm_90 TMA config list wherever ``tma_compatible`` holds) or "pointers" (the pointer-tile forward
+    and its config list everywhere, the kernel measured on the H200 on 2026-12-04). Both stay until
+    a GPU has compared them (bench/bench_attention.py --forward tma,pointers)."""
+    value = os.environ.get("CPATTN_FORWARD", "tma").strip().lower()
+    if value not in FORWARD_LOADS:
+        raise ValueError(f"CPATTN_FORWARD must be one of {FORWARD_LOADS}, got {value!r}")
+    return value
+
+
+def tma_target(capability):
+    """Whether the forward reads through tensor descriptors on a GPU of ``capability``
+    (10 * major + minor): from sm_90 on (TMA), unless CPATTN_FORWARD=pointers."""
+    return forward_loads() == "tma" and capability >= 90
+
+
+def use_tma(device):
+    """``tma_target`` for the GPU of ``device``; on CPU the interpreter runs the same descriptors."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return tma_target(10 * major + minor)
+    return device.type == "cpu" and forward_loads() == "tma"
 
 
 class MaskSpec:
@@ -208,7 +281,7 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and (out is None or lse is None):
         raise ValueError("attention_forward: accumulate=True needs the running out and lse")
-    if accumulate and block_d(head_dim) > FUSED_ACCUMULATE_MAX_BLOCK_D:
+    if accumulate and block_d(head_dim) > FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
         partial = attention_forward(q, k, v, softmax_scale, mask=mask, softcap=softcap, sinks=sinks,
                                     out=torch.empty(q.shape, dtype=out.dtype, device=q.device))
         return merge_attention(out, lse, *partial, inplace=True)
@@ -231,6 +304,11 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
             length_bucket(max_q), length_bucket(max_k))
     constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "SINKS": sinks is not None,
                  "ACCUMULATE": bool(accumulate), "WIDE": needs_int64(q, k, v, out, lse),
+                 # The folded scale needs a positive scale (the row max is taken before scaling).
+                 "SCALE_IN_EXP2": not softcap and softmax_scale > 0,
+                 "TMA": use_tma(q.device) and tma_compatible(head_dim, q, k, v, out),
+                 # Whether some key block may need a mask; without, the forward is one loop.
+                 "EDGES": mask.varlen or mask.left >= 0 or mask.right >= 0 or seqlen_k % MAX_BLOCK_N != 0,
                  "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
     launch(_fwd_kernel, grid_1d(max_q, mask.num_seqs(batch) * heads), args, constants, q, in_place=accumulate)
     return out, lse

@@ -30,16 +30,21 @@ def scores(qk, softmax_scale, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def online_softmax_step(s, m_i, l_i):
-    """Fold a tile of base-2 scores ``s`` (invisible entries -inf) into the running max and sum.
+def online_softmax_step(x, m_i, l_i, x_scale):
+    """Fold a tile into the running max and sum, where the tile's base-2 scores are
+    ``x * x_scale`` (``x_scale > 0``; invisible entries of ``x`` are -inf).
 
-    Returns (p, alpha, m_i, l_i): the tile's unnormalised probabilities, the
-    factor that rescales what was accumulated so far, and the new max and sum.
+    The forward passes raw products q.k with ``x_scale = softmax_scale * log2(e)``:
+    the row max is taken on the raw products and scaled once per row, so each score
+    costs one FMA (``x * x_scale - m``) before exp2 instead of a multiply and a
+    subtract. Callers with scores already in base 2 pass ``x_scale = 1.0``.
+    Returns (p, alpha, m_i, l_i): the tile's unnormalised probabilities, the factor
+    that rescales what was accumulated so far, and the new max and sum (base 2).
     """
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(x, 1) * x_scale)
     # A row that has seen no visible key yet keeps m = -inf; shift it by 0 to avoid NaN.
     m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.math.exp2(s - m_shift[:, None])
+    p = tl.math.exp2(x * x_scale - m_shift[:, None])
     alpha = tl.math.exp2(m_i - m_shift)
     return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
 

@@ -64,6 +64,34 @@ def tile_ptrs(base, rows, cols, stride_row, stride_col, WIDE: tl.constexpr):
     return base + offsets(rows, stride_row, WIDE)[:, None] + offsets(cols, stride_col, WIDE)[None, :]
 
 
+@triton.jit
+def row_descriptor(base, rows, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tensor descriptor over the (rows x BLOCK_D) slice at ``base`` (row stride
+    ``stride_row``, unit column stride), read and written BLOCK_ROWS rows at a time:
+    TMA on sm_90. Rows from ``rows`` on read as zero and are never written, so a
+    descriptor over one sequence (or one packed document) needs no row mask.
+    The host uses it only where ``tma_compatible`` holds."""
+    return tl.make_tensor_descriptor(base, shape=[rows, BLOCK_D], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_D])
+
+
+def tma_compatible(head_dim, *tensors):
+    """Whether tensor descriptors can address every (sequence, head) slice of ``tensors``
+    (B, S, H, D) as ``row_descriptor`` does: TMA wants a 16-byte aligned base and 16-byte
+    multiples as strides, a unit stride along the head dim, and the head dim filling its
+    tile (a padded tile would read the next head's columns instead of zeros)."""
+    if block_d(head_dim) != head_dim:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((stride * t.element_size()) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1):
+            return False
+    return True
+
+
 def block_d(head_dim):
     """The padded head dim a tile holds: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))

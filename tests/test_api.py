@@ -347,3 +347,24 @@ def test_positive_int_check():
         positive_int(True, "n", "f")
     with pytest.raises(ValueError, match="f: n must be a positive int, got 0"):
         positive_int(0, "n", "f")
+
+
+@pytest.mark.parametrize("device", devices())
+def test_atomic_dq_keyword(device):
+    """atomic_dq=True (the 5-GEMM backward) gives the reference gradients through the public
+    functions, dense and varlen, and is refused with deterministic=True or a non-bool."""
+    q, k, v, dout = _inputs(1, 33, 65, 4, 2, 32, device)
+    q, k, v = _leaf(q), _leaf(k), _leaf(v)
+    out = cpattn.flash_attn_func(q, k, v, causal=True, atomic_dq=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    _check_against_reference(out, grads, q, k, v, dout, True, q_start=65 - 33)
+    cu = torch.tensor([0, 33], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 65], dtype=torch.int32, device=device)
+    out = cpattn.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu_k, 33, 65, causal=True, atomic_dq=True)
+    varlen_grads = torch.autograd.grad(out, (q, k, v), dout[0])
+    for got, want in zip(varlen_grads, grads):
+        assert rel_err(got[0], want[0].double(), floor=GRAD_FLOOR) < GRAD_TOL
+    with pytest.raises(ValueError, match="deterministic=True"):
+        cpattn.flash_attn_func(q, k, v, deterministic=True, atomic_dq=True)
+    with pytest.raises(TypeError, match="atomic_dq must be a bool"):
+        cpattn.flash_attn_func(q, k, v, atomic_dq=1)

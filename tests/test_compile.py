@@ -40,6 +40,13 @@ def test_opcheck_backward_and_delta_ops():
     for flags in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
                                                    None, None, None, None, 0, 0, *flags))
+    # What autograd runs: delta and the base-2 lse from one pass, passed on to the backward.
+    torch.library.opcheck(_ops.attention_row_stats, (out, dout, lse))
+    row_delta, lse_log2 = _ops.attention_row_stats(out, dout, lse)
+    torch.testing.assert_close(row_delta, delta, rtol=0, atol=0)
+    torch.testing.assert_close(lse_log2, lse * 1.4426950408889634, rtol=0, atol=0)
+    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
+                                               None, None, None, None, 0, 0, True, True, False, lse_log2))
 
 
 class TinyBlock(torch.nn.Module):

@@ -2,8 +2,8 @@
 spills no register, fits in shared memory, and on sm_90 runs its forward and backward dots on wgmma.
 
 No GPU is needed (``kernels/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
-grid (3 variants x fp16/bf16 x head dims 64/128/256 x 7 kernels x 2 targets x each kept config,
-about a thousand compiles) takes half an hour on one core, so its rows are cached in
+grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 x 7 kernels x 2 targets x each kept
+config, over 800 compiles) takes a quarter of an hour on one core, so its rows are cached in
 ``bench/results/aot/triton-<version>.json`` by ``python bench/aot_gate.py``. A row counts only for
 the exact binary it describes (its key hashes the kernel source with every helper it calls, the
 specialization, the config, the target and the Triton version): after an edit the stale cases are

@@ -96,6 +96,19 @@ def test_page_sizes_and_tiles_straddling_pages():
         close(*decode_attention(q, kp, vp, lens, block_table=table, num_splits=3), *ref)
 
 
+@pytest.mark.parametrize("page_size", [32, 64])
+def test_window_on_pages_holding_whole_key_tiles(page_size):
+    """Pages of at least one key tile (32 slots on CPU) take one block-table entry per tile; with a
+    window the first tile starts before the first visible key, and those keys are read and masked."""
+    gen = torch.Generator().manual_seed(20 + page_size)
+    q = torch.randn(2, 2, 4, 32, generator=gen)
+    k, v = (torch.randn(2, 150, 2, 32, generator=gen) for _ in range(2))
+    lens = torch.tensor([150, 77], dtype=torch.int32)
+    kp, vp, table = to_paged(k, v, page_size, gen)
+    out = decode_attention(q, kp, vp, lens, block_table=table, num_splits=2, window_size=(45, -1))
+    close(*out, *reference(q, k, v, lens, lens - 2, window_left=45))
+
+
 def test_positions_causal_noncausal_and_empty():
     gen = torch.Generator().manual_seed(3)
     q = torch.randn(3, 5, 2, 32, generator=gen)

@@ -1,5 +1,7 @@
 """Kernel-level tests: forward, backward and merge against the float64 reference,
 at arbitrary global positions (the rule every context-parallel step relies on)."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -56,7 +58,9 @@ def test_forward_backward_at_global_positions(device, seqlen_q, seqlen_k, q_star
 
 
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("head_dim", [48, 160])  # 160: above FUSED_ACCUMULATE_MAX_BLOCK_D, merged outside
+# 48: pointer tiles, both epilogues fused; 128: the forward's fused epilogue through tensor descriptors, the
+# backward's add outside; 160: both above their fused-accumulate bounds, merged outside
+@pytest.mark.parametrize("head_dim", [48, 128, 160])
 def test_forward_accumulate_and_backward_accumulate(device, head_dim):
     """Two calls on disjoint key ranges, accumulated in place, equal one call on all keys."""
     q, k, v = make_qkv(1, 70, 90, 4, 1, head_dim, device)
@@ -217,6 +221,29 @@ def test_backward_reads_delta_through_strides():
         attention_backward(dout, q, k, v, out, lse, delta=wide)
 
 
+def test_backward_row_stats_give_the_lse_in_base_2():
+    """attention_backward_delta(out, dout, lse) also writes the lse the gradient kernels read (base 2,
+    +inf for rows that saw no key, through lse's strides); the torch conversion used when only delta is
+    given agrees bit for bit, and the gradients are the same whichever of the two the caller passes."""
+    from cpattn.kernels.flash_bwd import lse_in_base_2
+    q, k, v = make_qkv(1, 40, 30, 2, 1, 16, "cpu")
+    dout = torch.randn_like(q)
+    out, lse = attention_forward(q, k, v, causal=True, q_start=-5)  # rows 0-4 see no key: lse -inf
+    assert torch.isneginf(lse[:, :, :5]).all() and torch.isfinite(lse[:, :, 5:]).all()
+    wide = torch.randn(1, 2, 70)
+    wide[:, :, 10:50] = lse
+    delta, lse_log2 = attention_backward_delta(out, dout, wide[:, :, 10:50])
+    assert torch.equal(delta, attention_backward_delta(out, dout))
+    assert torch.isposinf(lse_log2[:, :, :5]).all()
+    assert torch.equal(lse_log2, lse_in_base_2(lse))
+    torch.testing.assert_close(lse_log2[:, :, 5:], lse[:, :, 5:].double() / math.log(2), check_dtype=False)
+    expected = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=-5)
+    for given in ({"delta": delta}, {"lse_log2": lse_log2}, {"delta": delta, "lse_log2": lse_log2}):
+        got = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=-5, **given)
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+
+
 def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):
     from cpattn.kernels import _autotune
     configs = _autotune.candidate_configs("_fwd_kernel", 128, 90)
@@ -232,3 +259,84 @@ def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):
         monkeypatch.setenv("CPATTN_AUTOTUNE", bad)
         with pytest.raises(ValueError, match="CPATTN_AUTOTUNE"):
             _autotune.autotune_limit()
+
+
+# The 5-GEMM backward (atomic_dq): dq summed with atomics inside the dk/dv kernel.
+# (seqlen_q, seqlen_k, heads, heads_kv, head_dim, causal, q_start, window)
+ATOMIC_CASES = [
+    (77, 129, 4, 2, 40, True, 52, (-1, -1)),   # GQA, odd sizes, bottom-right causal
+    (33, 64, 4, 1, 64, False, 0, (-1, -1)),    # MQA, q shorter than kv
+    (129, 7, 2, 2, 96, True, 0, (-1, -1)),     # q longer than kv: most rows see no key
+    (70, 70, 2, 1, 80, True, 0, (17, 0)),      # sliding window
+]
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("seqlen_q,seqlen_k,heads,heads_kv,head_dim,causal,q_start,window", ATOMIC_CASES)
+def test_atomic_dq_backward_matches_float64(device, seqlen_q, seqlen_k, heads, heads_kv, head_dim, causal,
+                                            q_start, window):
+    from cpattn.kernels import MaskSpec
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, heads, heads_kv, head_dim, device, seed=seqlen_q)
+    mask = MaskSpec(causal, window, q_start=q_start)
+    out, lse = attention_forward(q, k, v, mask=mask, softcap=20.0 if head_dim == 80 else 0.0)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref_out, _ = reference_attention(qd, kd, vd, causal=causal, q_start=q_start, window_size=window,
+                                     softcap=20.0 if head_dim == 80 else 0.0)
+    dout = torch.randn_like(out)
+    ref_grads = torch.autograd.grad(ref_out, (qd, kd, vd), dout.double())
+    grads = attention_backward(dout, q, k, v, out, lse, mask=mask, softcap=20.0 if head_dim == 80 else 0.0,
+                               atomic_dq=True)
+    for got, want in zip(grads, ref_grads):
+        assert torch.isfinite(got).all()
+        assert rel_err(got, want, floor=GRAD_FLOOR) < GRAD_TOL
+
+
+@pytest.mark.parametrize("device", devices())
+def test_atomic_dq_accumulates_like_the_deterministic_backward(device):
+    """Ring-step use: two key pieces accumulated into fp32 buffers (dq added in place by the
+    atomics) give the deterministic backward over all keys."""
+    q, k, v = make_qkv(1, 50, 90, 4, 2, 32, device, seed=3)
+    out, lse = attention_forward(q, k, v, causal=True, q_start=40)
+    dout = torch.randn_like(q)
+    expected = attention_backward(dout, q, k, v, out, lse, causal=True, q_start=40)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for lo, hi in [(0, 50), (50, 90)]:
+        attention_backward(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse, causal=True, q_start=40, k_start=lo,
+                           dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi], accumulate=True, atomic_dq=True)
+    for got, want in zip((dq, dk, dv), expected):
+        assert rel_err(got, want, floor=GRAD_FLOOR) < GRAD_TOL
+    with pytest.raises(ValueError, match="atomic_dq=True computes dq inside the dk/dv kernel"):
+        attention_backward(dout, q, k, v, out, lse, atomic_dq=True, compute_dq=False)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_tensor_descriptor_and_pointer_forwards_agree(device, monkeypatch):
+    """The forward reads through tensor descriptors where tiles.tma_compatible holds (on CPU the
+    interpreter runs them) and through pointers otherwise or with CPATTN_FORWARD=pointers; one
+    case per form: windows (masked edges), whole key blocks without a mask (the one-loop form,
+    with its warp-specialized range) and an unaligned view (pointers)."""
+    from cpattn.kernels import flash_fwd, tiles
+    q, k, v = make_qkv(1, 70, 256, 2, 1, 64, device, seed=5)
+    assert tiles.tma_compatible(64, q, k, v) and not tiles.tma_compatible(48, q[..., :48], k, v)
+    odd = torch.randn(1, 70 * 2 * 64 + 1, device=device)[:, 1:].view(1, 70, 2, 64)  # base not 16-byte aligned
+    assert not tiles.tma_compatible(64, odd)
+    launched = []
+    real_launch = flash_fwd.launch
+    monkeypatch.setattr(flash_fwd, "launch", lambda kernel, grid, args, constants, *rest, **kw: (
+        launched.append(constants), real_launch(kernel, grid, args, constants, *rest, **kw)))
+    # (causal, window, q, the forms the tma setting takes: (TMA, EDGES))
+    for causal, window, qq, form in [(True, (30, 0), q, (True, True)), (False, (-1, -1), q, (True, False)),
+                                     (True, (-1, -1), odd, (False, True))]:
+        mask = flash_fwd.MaskSpec(causal, window, q_start=186)
+        ref_out, ref_lse = reference_attention(qq, k, v, causal=causal, q_start=186, window_size=window)
+        monkeypatch.setenv("CPATTN_FORWARD", "tma")
+        got = attention_forward(qq, k, v, mask=mask)
+        assert (launched[-1]["TMA"], launched[-1]["EDGES"]) == form
+        monkeypatch.setenv("CPATTN_FORWARD", "pointers")
+        old = attention_forward(qq, k, v, mask=mask)
+        assert not launched[-1]["TMA"]
+        for out, lse in (got, old):
+            assert rel_err(out, ref_out) < FWD_TOL and rel_err(lse, ref_lse) < FWD_TOL
+    monkeypatch.setenv("CPATTN_FORWARD", "fast")
+    with pytest.raises(ValueError, match="CPATTN_FORWARD"):
+        attention_forward(q, k, v)

@@ -32,7 +32,9 @@ status=0
 
 if [ $dry_run = 1 ]; then
     # Prove the install would resolve (nothing is installed), then reach each stage without a GPU.
-    python3 -m pip install --dry-run -q --no-deps --no-build-isolation --use-pep517 -e . || exit 1
+    # (with build isolation: a fresh venv may lack the wheel package that the real, offline install finds
+    # on the GPU machine)
+    python3 -m pip install --dry-run -q --no-deps -e . || exit 1
 else
     # The machine has torch and triton and no network: no build isolation, no dependencies.
     python3 -m pip install -q --no-deps --no-build-isolation --use-pep517 -e . || exit 1

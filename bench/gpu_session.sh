@@ -22,6 +22,7 @@
 #
 # The older single stages remain: `tests` (the kernel/API/decode test files on the GPU, slow: every
 # config is tuned), `nccl`, `bench` (every benchmark with its full grid).
+# Stage timeouts add up to 480 s (8 minutes), the install before them about 10 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-all}"
@@ -88,7 +89,7 @@ stage() {
 
 env_stage() {
     stage "1 env"
-    run 30 python3 bench/gpu_env.py --out "$results"
+    run 20 python3 bench/gpu_env.py --out "$results"
     if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$log"
     fi
@@ -96,7 +97,7 @@ env_stage() {
 
 smoke_stage() {
     stage "2 smoke"
-    CPATTN_AUTOTUNE=1 run 120 python3 bench/gpu_smoke.py --out "$results"
+    CPATTN_AUTOTUNE=1 run 100 python3 bench/gpu_smoke.py --out "$results"
 }
 
 headline_stage() {
@@ -104,7 +105,7 @@ headline_stage() {
     # Issue 18's comparison in one run: the tensor-descriptor forward against the pointer forward of
     # the first H200 run, the two-kernel backward against the 5-GEMM (atomic dq) one. Estimated 1.5-2
     # minutes (bench/NOTES.md: ~30 configs to compile, ~80 tuning runs, ~65 timed calls).
-    CPATTN_AUTOTUNE=3 run 200 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
+    CPATTN_AUTOTUNE=3 run 170 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
         --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --forward tma,pointers \
         --backward deterministic,atomic --out "$results"
 }
@@ -113,10 +114,10 @@ cp_stage() {
     stage "4 cp, merge, decode"
     export CPATTN_AUTOTUNE=1
     # Causal only: the full grid took about 140 s on an H200 (results/NVIDIA_H200 holds both).
-    run 120 python3 bench/bench_cp_decomposition.py --causal causal --host-calls 20 --out "$results"
-    run 20 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
-    run 35 python3 bench/bench_decode.py --seqlens 8192,32768,131072 --out "$results"
-    run 25 python3 -m pytest -q -p no:cacheprovider \
+    run 85 python3 bench/bench_cp_decomposition.py --causal causal --host-calls 20 --out "$results"
+    run 15 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
+    run 30 python3 bench/bench_decode.py --seqlens 8192,32768,131072 --out "$results"
+    run 20 python3 -m pytest -q -p no:cacheprovider \
         tests/test_inference_serving.py::test_decode_step_cuda_graph_replays_exactly
     unset CPATTN_AUTOTUNE
 }
@@ -125,7 +126,7 @@ nccl_stage() {
     stage "5 nccl"
     # Several ranks on one GPU: NCCL 2.28.9 (torch 2.11) refused them ("Duplicate GPU detected", H200,
     # 2026-12-04); the stage still runs so that a newer NCCL, or a machine with 2 GPUs, is tried.
-    NCCL_MULTI_RANK_GPU_ENABLE=1 CPATTN_AUTOTUNE=1 run 80 python3 bench/check_nccl.py --ranks 2 --timeout 70 --out "$results"
+    NCCL_MULTI_RANK_GPU_ENABLE=1 CPATTN_AUTOTUNE=1 run 40 python3 bench/check_nccl.py --ranks 2 --timeout 35 --out "$results"
 }
 
 case "$mode" in

@@ -159,6 +159,8 @@ def test_gpu_session_dry_run_reaches_every_stage():
         assert script in result.stdout
     assert "every step passed" in result.stdout
     assert not (BENCH / "results" / "dry-run").exists()  # a dry run writes no results
+    # The budget: the whole command within 8 minutes on a fresh GPU machine, enforced by the stage timeouts.
+    assert sum(int(t) for t in re.findall(r"^\+ \(timeout (\d+)s\)", result.stdout, re.M)) <= 480
 
 
 def test_gpu_session_refuses_an_unknown_stage():

@@ -69,7 +69,8 @@ def logical_rows(pool, table, capacity):
     return pool[table.long()].flatten(1, 2)[:, :capacity]
 
 
-MASKS = {"none": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (5, 2)), "causal+window": (True, (4, -1))}
+MASKS = {"none": (False, (-1, -1)), "causal": (True, (-1, -1)), "window": (False, (5, 2)),
+         "causal+window": (True, (4, -1))}
 LAYOUTS = ["contiguous", "paged", "batch_idx", "leftpad", "batch_idx+leftpad"]
 CASES = list(itertools.product(LAYOUTS, [False, True], [1, 3], MASKS))
 

@@ -291,9 +291,11 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     table. Returns (out (total_q, H, D), lse (H, total_q)). Forward only.
 
     The decode kernel takes queries per sequence, (N, max_seqlen_q, H, D), so the packed queries are
-    copied into that padded layout and back out (the pages are read where they are). A padding row
-    costs nothing when a right bound exists (causal, or a window's right side): it sits where it sees
-    no key. Without one it is computed like a real row and dropped.
+    copied into that padded layout and back out (the pages are read where they are). With a right bound
+    (causal, or a window's right side) a padding row sits where it sees no key, so a tile of padding
+    rows loads nothing (the one tile a document's last queries share with its padding loads its keys
+    from the first one, whatever the left bound). Without one a padding row is computed like a real
+    row and dropped.
     """
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"{where}: q must be a 3-D tensor (total_q, heads, headdim), got "

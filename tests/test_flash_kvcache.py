@@ -204,6 +204,26 @@ def test_queries_before_the_first_key_see_nothing():
     torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
 
 
+def test_a_prefill_chunk_spans_several_query_tiles():
+    """A chunk of 21 new tokens (63 query rows per kv head with GQA 3) appended to a paged cache and attended
+    causally with a window: several tiles of query rows, each with its own key range."""
+    gen = torch.Generator().manual_seed(10)
+    batch, seqlen_q, heads, heads_kv, head_dim = 2, 21, 6, 2, 16
+    q = _t(batch, seqlen_q, heads, head_dim, gen=gen)
+    k, v = _t(batch, seqlen_q, heads_kv, head_dim, gen=gen), _t(batch, seqlen_q, heads_kv, head_dim, gen=gen)
+    k_cache, v_cache = _t(batch, 64, heads_kv, head_dim, gen=gen), _t(batch, 64, heads_kv, head_dim, gen=gen)
+    old = torch.tensor([0, 37], dtype=torch.int32)
+    pool_k, pool_v, table = paged_copy(k_cache, v_cache, old, 16, gen)
+    out, lse = cpattn.flash_attn_with_kvcache(q, pool_k, pool_v, k, v, cache_seqlens=old, block_table=table,
+                                             causal=True, window_size=(9, -1), return_softmax_lse=True)
+    keys, values = k_cache.double(), v_cache.double()
+    for b in range(batch):
+        keys[b, int(old[b]):int(old[b]) + seqlen_q], values[b, int(old[b]):int(old[b]) + seqlen_q] = k[b], v[b]
+    ref_out, ref_lse = reference_kvcache(q, keys, values, old + seqlen_q, [0, 0], True, (9, -1), 0.0)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=2e-5, rtol=2e-5)
+
+
 def _masked_sdpa(q, k_rows, v_rows, total, causal):
     """torch SDPA (q's dtype) per sequence over its first total[b] keys, bottom-right causal."""
     outs = []

@@ -119,8 +119,9 @@ def _refuse_gradients(where, *tensors):
                                   f"tensors that do not require grad")
 
 
-def _check_cache_values(lengths, seqlen_new, capacity, leftpad, rows, cache_rows, rotary_len, rotary_end, where):
-    """Host checks of the values (lists) flash_attn_with_kvcache reads before writing anything."""
+def _check_cache_values(lengths, seqlen_new, capacity, leftpad, rows, num_rows, rotary_len, rotary_end, where):
+    """Host checks of the values (lists) flash_attn_with_kvcache reads before writing anything: the
+    lengths, the left pads and cache rows, and the rotary table's reach (start + [0, rotary_end))."""
     for b, n in enumerate(lengths):
         if n < 0:
             raise ValueError(f"{where}: cache_seqlens must be >= 0, got {lengths}")
@@ -130,8 +131,8 @@ def _check_cache_values(lengths, seqlen_new, capacity, leftpad, rows, cache_rows
         if leftpad is not None and not 0 <= leftpad[b] <= n:
             raise ValueError(f"{where}: cache_leftpad[{b}] = {leftpad[b]} must be between 0 and cache_seqlens[{b}] "
                              f"= {n}")
-        if rows is not None and not 0 <= rows[b] < cache_rows:
-            raise ValueError(f"{where}: cache_batch_idx[{b}] = {rows[b]} is not a row of the cache's {cache_rows}")
+        if rows is not None and not 0 <= rows[b] < num_rows:
+            raise ValueError(f"{where}: cache_batch_idx[{b}] = {rows[b]} is not a row of the cache's {num_rows}")
         if rotary_len is not None and rotary_end and n + rotary_end > rotary_len:
             raise ValueError(f"{where}: sequence {b} needs rotary angles up to position {n + rotary_end - 1}, "
                              f"but rotary_cos/rotary_sin have {rotary_len} rows")
@@ -248,13 +249,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     _refuse_gradients(where, q, k, v, k_cache, v_cache, rotary_cos, rotary_sin)
     # flash-attn's rotary rule: queries at successive positions when causal or windowed, else all at one.
     q_steps = bool(causal) or window_size != (-1, -1)
-    if may_read_back(q.device):
-        def host(t):
-            return None if t is None else t.tolist()
-        lengths = host(cache_seqlens)
-        rotary_end = max(seqlen_new, seqlen_q if q_steps else min(seqlen_q, 1))
-        _check_cache_values(lengths, seqlen_new, capacity, host(cache_leftpad), host(cache_batch_idx),
-                            k_cache.shape[0], rotary_len, rotary_end, where)
+    if may_read_back(q.device):  # the values, read back once
+        lengths = cache_seqlens.tolist()
+        leftpad = None if cache_leftpad is None else cache_leftpad.tolist()
+        cache_rows = None if cache_batch_idx is None else cache_batch_idx.tolist()
+        rotary_end = max(seqlen_new, seqlen_q if q_steps else min(seqlen_q, 1))  # positions used: start + [0, end)
+        _check_cache_values(lengths, seqlen_new, capacity, leftpad, cache_rows, k_cache.shape[0], rotary_len,
+                            rotary_end, where)
         if paged:
             _check_pages_used(block_table, [n + seqlen_new for n in lengths], *k_cache.shape[:2], where)
     # Everything is checked: from here on the cache is written.

@@ -11,16 +11,17 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_qkv(q, k, v, where, layout="flash", same_value_dim=True, allow_no_heads=False, min_head_dim=1):
+def check_qkv(q, k, v, where, layout="flash", same_value_dim=True, allow_no_heads=False, min_head_dim=1, names=None):
     """Validate q, k, v in flash layout (B, S, H, D) or SDPA layout (B, H, S, D).
 
     ``same_value_dim=False`` lets v's head dim differ from q's and k's (torch SDPA allows it).
     ``allow_no_heads=True`` accepts q and k/v with zero heads each, and ``min_head_dim=0``
     head dims of 0: empty problems that torch SDPA accepts (the drop-ins give its result).
-    Batch and sequence lengths may always be 0.
+    Batch and sequence lengths may always be 0. ``names``: what the messages call the three
+    (default: the layout's argument names).
     Returns (batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim).
     """
-    names = ("q", "k", "v") if layout == "flash" else ("query", "key", "value")
+    names = names or (("q", "k", "v") if layout == "flash" else ("query", "key", "value"))
     dims = "(batch, seqlen, heads, headdim)" if layout == "flash" else "(batch, heads, seqlen, headdim)"
     for name, t in zip(names, (q, k, v)):
         if not isinstance(t, torch.Tensor):
@@ -133,9 +134,18 @@ def check_sinks(sinks, heads, device, where):
     return sinks
 
 
+def may_read_back(device):
+    """Whether a check may read device values back to the host: not while torch.compile traces (the
+    values are unknown then) nor while a CUDA graph is being captured (a read would break the capture)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def check_cu_seqlens(cu_seqlens, total, max_seqlen, device, name, where):
-    """cu_seqlens: int32 (N + 1,) from 0, non-decreasing, ending at ``total``; no document
-    longer than ``max_seqlen``. Reads the values back to the host (skipped while compiling)."""
+    """cu_seqlens: int32 (N + 1,) from 0, non-decreasing, ending at ``total`` (None: any total, e.g. keys
+    in a page pool); no document longer than ``max_seqlen``. Reads the values back to the host (skipped
+    while compiling or capturing a CUDA graph)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"{where}: {name} must be an int32 tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -146,7 +156,7 @@ def check_cu_seqlens(cu_seqlens, total, max_seqlen, device, name, where):
         raise ValueError(f"{where}: {name} is on {cu_seqlens.device} but the inputs on {device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise TypeError(f"{where}: the max_seqlen that goes with {name} must be an int >= 0, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
+    if not may_read_back(device):
         return
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -154,10 +164,19 @@ def check_cu_seqlens(cu_seqlens, total, max_seqlen, device, name, where):
     lengths = [b - a for a, b in zip(values, values[1:])]
     if any(n < 0 for n in lengths):
         raise ValueError(f"{where}: {name} must be non-decreasing, got {values}")
-    if values[-1] != total:
+    if total is not None and values[-1] != total:
         raise ValueError(f"{where}: {name} ends at {values[-1]} but there are {total} tokens")
     if lengths and max(lengths) > max_seqlen:
         raise ValueError(f"{where}: a document of {max(lengths)} tokens is longer than max_seqlen {max_seqlen}")
+
+
+def check_documents(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, device, where):
+    """Both cu_seqlens of packed documents (``check_cu_seqlens``), describing the same number of documents."""
+    check_cu_seqlens(cu_seqlens_q, total_q, max_seqlen_q, device, "cu_seqlens_q", where)
+    check_cu_seqlens(cu_seqlens_k, total_k, max_seqlen_k, device, "cu_seqlens_k", where)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"{where}: cu_seqlens_q has {cu_seqlens_q.numel() - 1} documents but cu_seqlens_k "
+                         f"{cu_seqlens_k.numel() - 1}")
 
 
 def check_int_tensor(t, name, shape, device, where, dtype=torch.int32):

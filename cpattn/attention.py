@@ -16,8 +16,9 @@ from cpattn.kernels import MaskSpec
 
 from . import _ops
 from ._ops import _kernel_dtype  # noqa: F401  (ring.py and the ulysses path import it from here)
-from ._checks import (check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_window,
+from ._checks import (check_documents, check_qkv, check_scale, check_sinks, check_softcap, check_window,
                       refuse_unsupported)
+from .flash_kvcache import paged_varlen_attention
 
 
 def _autocast(*tensors):
@@ -119,29 +120,34 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     (N + 1,) cumulative document lengths from 0; ``max_seqlen_*`` at least the longest
     document. Inside each document, masks follow ``flash_attn_func`` (bottom-right when
     its query and key lengths differ). Returns out (total_q, H, D); lse is (H, total_q)
-    float32, as flash-attn's. ``block_table`` (paged KV) is not supported here: see
-    ``cpattn.kernels.decode_attention``. ``atomic_dq`` as in ``flash_attn_func``.
+    float32, as flash-attn's. ``atomic_dq`` as in ``flash_attn_func``.
+
+    With ``block_table`` (N, max_num_blocks) int32, k and v are a page pool (num_blocks,
+    page_block_size, Hkv, D), page_block_size a power of two >= 16, and document b's keys are
+    the first cu_seqlens_k[b + 1] - cu_seqlens_k[b] slots of the pages in row b of the table
+    (flash-attn's paged prefill). Forward only, on the decode kernel
+    (``cpattn.flash_kvcache.paged_varlen_attention``): a call that needs gradients raises.
     """
     where = "flash_attn_varlen_func"
-    refuse_unsupported(where, dropout_p, alibi_slopes, block_table=block_table)
+    refuse_unsupported(where, dropout_p, alibi_slopes)
+    q, k, v = _autocast(q, k, v)
+    atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
+    if block_table is not None:
+        out, lse = paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          block_table, softmax_scale, causal, window_size, softcap, sinks, where)
+        return _returns(out, lse, return_attn_probs, return_lse)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{where}: {name} must be a 3-D tensor (total_tokens, heads, headdim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-    q, k, v = _autocast(q, k, v)
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one "batch" of packed rows
     _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where, allow_no_heads=True)
-    check_cu_seqlens(cu_seqlens_q, total_q, max_seqlen_q, q.device, "cu_seqlens_q", where)
-    check_cu_seqlens(cu_seqlens_k, total_k, max_seqlen_k, q.device, "cu_seqlens_k", where)
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"{where}: cu_seqlens_q has {cu_seqlens_q.numel() - 1} documents but cu_seqlens_k "
-                         f"{cu_seqlens_k.numel() - 1}")
+    check_documents(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, q.device, where)
     # Positions inside each document: keys from 0, queries bottom-right aligned.
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=(lens_k - lens_q).to(torch.int32),
                     k_start=torch.zeros_like(lens_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max(int(max_seqlen_q), 1), max_seqlen_k=max(int(max_seqlen_k), 1))
-    atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
     out, lse = _attention(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
     return _returns(out[0], lse[0], return_attn_probs, return_lse)
 

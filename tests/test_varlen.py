@@ -71,9 +71,10 @@ def test_bad_cu_seqlens(cu_q, max_q, exc, match):
         cpattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, 5)
 
 
-def test_varlen_refuses_mismatched_documents_and_block_table():
+def test_varlen_refuses_mismatched_documents_and_packed_keys_with_block_table():
     q, k, v, cu, _ = _packed([5, 5], [5, 5])
     with pytest.raises(ValueError, match="2 documents but cu_seqlens_k 1"):
         cpattn.flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 10], dtype=torch.int32), 5, 10)
-    with pytest.raises(NotImplementedError, match="block_table"):
+    # With a block table k and v are a page pool (tests/test_flash_kvcache.py), not packed keys.
+    with pytest.raises(ValueError, match=r"k must be 4-D \(num_blocks, page_block_size"):
         cpattn.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))

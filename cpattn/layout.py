@@ -27,6 +27,9 @@ mesh order; ``mesh.py`` maps group ranks to mesh ranks).
 Ranks may therefore hold different token counts (``local_lengths``).
 Everything else (shard, gather, RoPE positions, the global positions the ring
 hands to the kernels) derives from ``ring_chunks`` and ``positions`` here.
+
+* ``StripeLayout``: the layout of the inference KV cache (kv_cache.py), which
+  grows a token at a time: positions dealt out round-robin in stripes.
 """
 from dataclasses import dataclass
 
@@ -91,6 +94,18 @@ class Layout:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"{where}: sequence length must be a positive int, got {seq_len!r}")
 
+    def full_length(self, local_len, seq_len, rank, where, packing=None):
+        """The full sequence length (``seq_len``, or local_len x P when None), checked against the
+        ``local_len`` tokens mesh rank ``rank`` holds; raises ValueError."""
+        if seq_len is None:
+            seq_len = local_len * self.world_size
+        self.check_seq_len(seq_len, where)
+        expected = self.local_lengths(seq_len, packing)[rank]
+        if local_len != expected:
+            raise ValueError(f"{where}: this rank holds {local_len} tokens, but its shard of a {seq_len}-token "
+                             f"sequence has {expected} (with uneven lengths pass the full length as seq_len=)")
+        return seq_len
+
     @functools.lru_cache(maxsize=256)
     def chunk_bounds(self, seq_len, docs=None):
         """The num_chunks + 1 cut points of the sequence: equal token counts (differing by at most one),
@@ -137,6 +152,39 @@ class Layout:
         """Global positions of the tokens of mesh ranks ``ranks`` (default all, in mesh order), rank after rank."""
         ranks = range(self.world_size) if ranks is None else ranks
         return torch.cat([self.positions(seq_len, rank, docs) for rank in ranks])
+
+
+class StripeLayout:
+    """Which rank holds each position, at which slot, for ``world_size`` ranks and stripes of ``stripe`` tokens.
+
+    Pure arithmetic on ints or tensors (host or device); ``ShardedKVCache`` and the
+    cache transfer (which needs the layout of another group) share it."""
+
+    def __init__(self, stripe, world_size):
+        self.stripe, self.world_size = stripe, world_size
+
+    def owner(self, positions):
+        return (positions // self.stripe) % self.world_size
+
+    def local_slot(self, positions):
+        return (positions // (self.stripe * self.world_size)) * self.stripe + positions % self.stripe
+
+    def local_lengths(self, seqlens, rank):
+        """Slots ``rank`` holds of sequences with global lengths ``seqlens`` (int64 tensor)."""
+        span = self.stripe * self.world_size
+        full, rest = seqlens // span, seqlens % span
+        # Of the last, incomplete round of stripes this rank holds what lies past rank * stripe.
+        return full * self.stripe + (rest - rank * self.stripe).clamp(0, self.stripe)
+
+    def slot_positions(self, rank):
+        """(stripe, stride, offset): slot j of ``rank`` holds position offset + (j // stripe) * stride + j % stripe."""
+        return (self.stripe, self.stripe * self.world_size, rank * self.stripe)
+
+    def positions_of(self, rank, num_slots):
+        """Global positions of ``rank``'s first ``num_slots`` slots (host int64)."""
+        stripe, stride, offset = self.slot_positions(rank)
+        j = torch.arange(num_slots)
+        return offset + (j // stripe) * stride + j % stripe
 
 
 WORK_SCHEMES = ("contiguous", "zigzag", "balanced")

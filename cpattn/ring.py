@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 import torch
 
-from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward, merge_attention
+from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
 from ._checks import check_cu_seqlens, check_qkv
 from .attention import _kernel_dtype
 from .faults import fault_point
+from .partials import empty_partial, merge_sinks, sinks_grad
 from .layout import Layout
 
 KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart on gloo
@@ -276,28 +277,6 @@ class _KVRotation:
         self.kv, self._message = self._halves[self._next], (self._buffers[self._next],)
 
 
-def _empty_result(q):
-    batch, seqlen, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
-
-
-def merge_sinks(out, lse, sinks):
-    """Fold attention sinks into a finished (out, lse), in place: a sink is the partial
-    (out 0, lse sink_h), merged once after every key (DESIGN.md). The zero partial is a
-    stride-0 view, so it costs no memory."""
-    batch, seqlen, heads, _ = out.shape
-    zero = out.new_zeros(()).expand(out.shape)
-    merge_attention(out, lse, zero, sinks.float()[None, :, None].expand(batch, heads, seqlen), inplace=True)
-
-
-def sinks_grad(sinks, lse, delta):
-    """d loss / d sinks from these rows: a sink's probability is exp(sink - lse), and
-    d out / d sink = -p_sink * out, so each row adds -p_sink * rowsum(dout * out)."""
-    return -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2))
-
-
 def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None,
                  docs=None):
     """Forward over the ring; q, k, v hold this ring rank's whole piece of a ``seq_len`` sequence
@@ -308,7 +287,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     merged once, after the last step.
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
-    out, lse = _empty_result(q)
+    out, lse = empty_partial(q)
     kv = None
     if comm is not None:
         longest = _longest_piece(layout, seq_len, docs)
@@ -431,11 +410,11 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
                                              window_size, cu_seqlens, "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    out_full, lse_full = _empty_result(q)
+    out_full, lse_full = empty_partial(q)
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local = q[:, pos]
-        out, lse = _empty_result(q_local)
+        out, lse = empty_partial(q_local)
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
             forward_step(q_local, k[:, kv_pos], v[:, kv_pos], calls, out, lse, softmax_scale, softcap)

@@ -14,42 +14,23 @@ backward run inside two custom operators (``usp_attention_forward`` and
 ``usp_attention_backward``, called by cpattn/_cp_ops.py) instead of the
 autograd Function.
 """
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
 from .attention import _kernel_dtype
-from .comm import Communicator, RingComm, UlyssesComm
-from .faults import fault_point
-from .layout import Layout
+from .faults import fault_path, fault_point
+from .mesh import Mesh
 from .ring import ring_backward, ring_forward
 from .ulysses import gather_heads, scatter_heads
 
 
-@dataclass(frozen=True)
-class MeshComms:
-    """What one rank needs to run attention over its mesh; the comms are None on an axis of one rank."""
-    layout: Layout
-    ring_index: int
-    comm: Communicator = None
-    ring: RingComm = None
-    ulysses: UlyssesComm = None
-
-
 def _guarded(mesh, where, fn, *args):
-    if mesh.comm is None:
+    """``fn(*args)`` on the fault path of faults.py, after raising if an earlier call failed."""
+    if mesh.comm is not None:
+        mesh.comm.check(where)
+    with fault_path(mesh.comm, where):
         return fn(*args)
-    mesh.comm.check(where)
-    try:
-        return fn(*args)
-    except Exception as exc:
-        mesh.comm.fail(where, exc)
-
-
-def _ulysses_index(mesh):
-    return mesh.ulysses.members.index(dist.get_rank())
 
 
 def _local_heads(mesh, heads):
@@ -57,13 +38,12 @@ def _local_heads(mesh, heads):
     if mesh.ulysses is None:
         return slice(0, heads)
     width = heads // mesh.ulysses.degree
-    index = _ulysses_index(mesh)
-    return slice(index * width, (index + 1) * width)
+    return slice(mesh.ulysses_index * width, (mesh.ulysses_index + 1) * width)
 
 
 class _Call(NamedTuple):
     """What a call's backward needs besides tensors."""
-    mesh: MeshComms
+    mesh: Mesh
     seq_len: int
     docs: Optional[tuple]
     parts: list  # the Ulysses ranks' token counts
@@ -111,10 +91,9 @@ def _forward(q, k, v, sinks, call, return_lse):
     saved = (q, k, v, out, lse, local_sinks)
     out = out.to(call.in_dtype)
     if mesh.ulysses is not None:
-        index = _ulysses_index(mesh)
-        (out,) = gather_heads([out], [call.heads], mesh.ulysses, call.parts, index)
+        (out,) = gather_heads([out], [call.heads], mesh.ulysses, call.parts, mesh.ulysses_index)
         if return_lse:
-            (lse,) = gather_heads([_lse_as_heads(lse)], [call.heads], mesh.ulysses, call.parts, index)
+            (lse,) = gather_heads([_lse_as_heads(lse)], [call.heads], mesh.ulysses, call.parts, mesh.ulysses_index)
             lse = lse[..., 0].transpose(1, 2)
     return out, (lse if return_lse else None), saved
 
@@ -137,7 +116,7 @@ def _ring_backward(dout, saved, call):
     grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
         grads = gather_heads(grads, [call.heads, call.heads_kv, call.heads_kv], mesh.ulysses, call.parts,
-                             _ulysses_index(mesh))
+                             mesh.ulysses_index)
     dsinks = None
     if local_sinks is not None:
         # This rank's share (its rows, its heads), as for every replicated parameter under context

@@ -45,7 +45,7 @@ class _Call(NamedTuple):
     """What a call's backward needs besides tensors."""
     mesh: Mesh
     seq_len: int
-    docs: Optional[tuple]
+    packing: Optional[tuple]
     parts: list  # the Ulysses ranks' token counts
     window: tuple
     softmax_scale: Optional[float]
@@ -55,9 +55,9 @@ class _Call(NamedTuple):
     in_dtype: torch.dtype
 
     @staticmethod
-    def of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap):
-        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, docs)
-        return _Call(mesh, seq_len, docs, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
+    def of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap):
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing)
+        return _Call(mesh, seq_len, packing, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
                      q.dtype)
 
 
@@ -86,7 +86,7 @@ def _forward(q, k, v, sinks, call, return_lse):
     local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
     q, k, v = _ring_inputs(q, k, v, mesh)
     out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.window,
-                            call.softmax_scale, call.softcap, local_sinks, call.docs)
+                            call.softmax_scale, call.softcap, local_sinks, call.packing)
     out = out.to(q.dtype)
     saved = (q, k, v, out, lse, local_sinks)
     out = out.to(call.in_dtype)
@@ -112,7 +112,7 @@ def _ring_backward(dout, saved, call):
     mesh = call.mesh
     dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, call.seq_len,
                                              mesh.ring_index, mesh.ring, call.window, call.softmax_scale,
-                                             call.softcap, local_sinks, call.docs)
+                                             call.softcap, local_sinks, call.packing)
     grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
         grads = gather_heads(grads, [call.heads, call.heads_kv, call.heads_kv], mesh.ulysses, call.parts,
@@ -131,9 +131,9 @@ class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, window, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        ctx.call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+        ctx.call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
         out, lse, saved = _guarded(mesh, where, _forward, q, k, v, sinks, ctx.call, return_lse)
         ctx.save_for_backward(*saved)
         if lse is not None:
@@ -148,13 +148,13 @@ class USPAttention(torch.autograd.Function):
 
 
 def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=False, where="usp_attention",
-                  softcap=0.0, sinks=None, docs=None):
+                  softcap=0.0, sinks=None, packing=None):
     """Attention of local shards (flash layout) of a ``seq_len`` sequence over the mesh; (out, lse) with
     ``return_lse``. Inputs are validated.
 
     ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``);
-    ``docs``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
-    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, docs, tuple(window), softmax_scale, softcap,
+    ``packing``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
+    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, packing, tuple(window), softmax_scale, softcap,
                                   return_lse, where)
     return (out, lse) if return_lse else out
 
@@ -165,17 +165,17 @@ def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=Fals
 # their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
 # outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.
 
-def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, docs=None):
+def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, packing=None):
     """``usp_attention`` without autograd: (out, lse) of this rank's rows, on the same fault path."""
-    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
     out, lse, _ = _guarded(mesh, where, _forward, q, k, v, sinks, call, True)
     return out, lse
 
 
 def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, window, softmax_scale, where, softcap=0.0,
-                           sinks=None, docs=None):
+                           sinks=None, packing=None):
     """(dq, dk, dv, d sinks or None) of ``usp_attention_forward``, from its inputs and outputs."""
-    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
     return _guarded(mesh, where, _backward_from_outputs, dout, q, k, v, out, lse, sinks, call)
 
 

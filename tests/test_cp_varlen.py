@@ -98,10 +98,10 @@ def test_documents_that_share_no_chunk_make_no_call():
     # Four documents, each exactly one rank's piece (equal work): no step after the first has a call,
     # so the plan ends there and no kv travels at all.
     docs = tuple(packing([16, 16, 16, 16]).tolist())
-    schedule = ring_schedule(64, 4, "ring", causal=True, docs=docs)
+    schedule = ring_schedule(64, 4, "ring", causal=True, packing=docs)
     assert all(len(steps) == 1 for steps in schedule)
     # One chunk holding several documents: one varlen call for all of them.
-    (steps,) = ring_schedule(24, 1, "ring", causal=True, docs=(0, 5, 6, 24))
+    (steps,) = ring_schedule(24, 1, "ring", causal=True, packing=(0, 5, 6, 24))
     (_, (call,)), = steps
     assert call.cu_q == call.cu_k == (0, 5, 6, 24) and call.q_start == call.k_start == (0, 0, 0)
 

@@ -13,7 +13,8 @@ from .context_parallel import ContextParallel
 from .faults import PeerFailure
 from .inference import decode, decode_step, prefill, split_chunk
 from .kv_cache import ShardedKVCache
-from .layout import context_parallel_work  # noqa: F401  (not public: bench/bench_cp_decomposition.py still calls it here)
+# not public (see above): bench/bench_cp_decomposition.py still calls it here
+from .layout import context_parallel_work  # noqa: F401
 from .mesh import auto_ulysses_degree
 from .mindspeed import add_context_parallel_args
 from .transfer import transfer_cache

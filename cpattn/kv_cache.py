@@ -244,16 +244,12 @@ class ShardedKVCache:
         """Append new tokens k, v (len(batch), n, Hkv, D), the same on every rank, to sequences
         ``batch_index`` (default all): each rank keeps the tokens it owns. No communication."""
         ids = self.sequence_ids(batch_index)
-        self.check_kv(k, v, len(ids), "ShardedKVCache.append")
+        check_kv(k, v, len(ids), self.num_kv_heads, self.head_dim, self.dtype, self.device, "ShardedKVCache.append")
         self.make_room(ids, k.shape[1], "ShardedKVCache.append")
         dev_ids = self.device_ids(ids)
         self.store(dev_ids, self.seqlens_device[dev_ids][:, None] + torch.arange(k.shape[1], device=self.device),
                    k, v)
         self.advance(ids, k.shape[1])
-
-    def check_kv(self, k, v, batch, where):
-        """New keys and values k, v for ``batch`` sequences: (batch, tokens, Hkv, D) in the cache's dtype, on its device."""
-        check_kv(k, v, batch, self.num_kv_heads, self.head_dim, self.dtype, self.device, where)
 
     def reset(self, batch_index=None):
         """Empty sequences ``batch_index`` (default all), returning their pages to the pool."""

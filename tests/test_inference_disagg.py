@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import cpattn
 from cpattn.testing import run_ranks
-from cpattn.tiny_decoder import TinyDecoder
+from cpattn.examples.tiny_decoder import TinyDecoder
 from test_inference_e2e import NEW_TOKENS, decode_tokens, expected_tokens, prefill_prompts, prompts
 
 

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from cpattn.kernels import MaskSpec
 
 from . import _ops
-from ._ops import _kernel_dtype  # noqa: F401  (ring.py and the ulysses path import it from here)
 from ._checks import (check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_window,
                       refuse_unsupported)
 

@@ -20,7 +20,7 @@ from . import _cp_ops, mindspeed
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, check_backend
 from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, GatherSignature, check_attention_arguments, \
-    check_construction, read_packing, seq_len_fix
+    check_construction, gather_key, read_packing, seq_len_fix
 from .layout import doc_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
@@ -152,7 +152,7 @@ class ContextParallel:
             full = self.layout.full_length(x.shape[dim], full, self.mesh_rank, where, packing)
             shape = tuple(full if d == dim else size for d, size in enumerate(x.shape))
             return GatherSignature(str(x.dtype), dim, shape, packing)
-        call = self._calls.agree(_gather_key(x, seq_dim, seq_len, cu_seqlens), where, check, hint=x)
+        call = self._calls.agree(gather_key(x, seq_dim, seq_len, cu_seqlens), where, check, hint=x)
         lengths = [self.layout.local_lengths(call.shape[call.seq_dim], call.cu_seqlens)[m]
                    for m in self._mesh.mesh_ranks]  # of each group rank
         pieces = self._mesh.all_gather_shards(x, call.seq_dim, lengths, where)
@@ -266,13 +266,3 @@ class ContextParallel:
                                       causal_window(args.causal, args.window_size), args.softmax_scale, where,
                                       args.softcap, args.sinks, packing)
 
-
-def _gather_key(x, seq_dim, seq_len, cu_seqlens):
-    """What ``gather``'s checks depend on, as a dict key; None when an argument is not hashable."""
-    try:
-        packing = None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.device, tuple(cu_seqlens.tolist()))
-        key = ("gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing)
-        hash(key)
-        return key
-    except (AttributeError, TypeError):
-        return None

@@ -94,15 +94,12 @@ class AttentionArgs(NamedTuple):
     def key(self, needs_grad, seq_len, packing, compiled):
         """What the local checks depend on, as a dict key (the same key: the same verdict); None when an
         argument is not a tensor or not hashable."""
-        try:
+        def key():
             sinks = None if self.sinks is None else (self.sinks.shape, self.sinks.dtype, self.sinks.device)
-            key = (*[(t.shape, t.dtype, t.device) for t in (self.q, self.k, self.v)], bool(self.causal),
-                   self.softmax_scale, bool(self.return_lse), self.enable_gqa, self.sdpa_layout, needs_grad,
-                   tuple(self.window_size), self.softcap, sinks, seq_len, packing, compiled)
-            hash(key)
-            return key
-        except (AttributeError, TypeError):
-            return None
+            return (*[(t.shape, t.dtype, t.device) for t in (self.q, self.k, self.v)], bool(self.causal),
+                    self.softmax_scale, bool(self.return_lse), self.enable_gqa, self.sdpa_layout, needs_grad,
+                    tuple(self.window_size), self.softcap, sinks, seq_len, packing, compiled)
+        return _key_or_none(key)
 
 
 def check_attention_arguments(args, ulysses_degree, where):
@@ -190,6 +187,25 @@ class GatherSignature(NamedTuple):
 
     FIXES = {"shape": "gather every rank's shard of one tensor (with uneven lengths pass seq_len= on every rank)",
              "cu_seqlens": "pass the same global cu_seqlens on every rank"}
+
+
+def gather_key(x, seq_dim, seq_len, cu_seqlens):
+    """What ``gather``'s checks depend on, as a dict key; None when an argument is not hashable."""
+    def key():
+        packing = None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.device, tuple(cu_seqlens.tolist()))
+        return "gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing
+    return _key_or_none(key)
+
+
+def _key_or_none(make_key):
+    """``make_key()`` if it makes a hashable key; None if it reads what an argument lacks or is not hashable
+    (the checks then name the culprit)."""
+    try:
+        key = make_key()
+        hash(key)
+        return key
+    except (AttributeError, TypeError):
+        return None
 
 
 def read_packing(cu_seqlens, seq_len, where):

@@ -63,7 +63,7 @@ from cpattn.kernels import decode_attention, merge_splits
 
 from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window
 from .agreement import agree
-from .attention import _kernel_dtype
+from ._ops import _kernel_dtype
 from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache
 from .partials import empty_partial, stack_partial, unstack_partial
@@ -103,6 +103,13 @@ class _Options:
         self.window = causal_window(True, check_window(window_size, where))  # prefill and decode are causal
         self.softcap = check_softcap(softcap, where)
         self.sinks = check_sinks(sinks, q.shape[2], cache.device, where)
+
+
+def _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where):
+    """The checks prefill and decode share; returns (the sequences' ids, the options)."""
+    ids = cache.sequence_ids(batch_index)
+    _check_q(cache, q, k, v, len(ids), where)
+    return ids, _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
 
 
 class CacheCall(NamedTuple):
@@ -229,10 +236,9 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     state = {}
 
     def check():
-        ids = state["ids"] = cache.sequence_ids(batch_index)
-        _check_q(cache, q, k, v, len(ids), where)
-        options = state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where)
         cache.check_room(ids, q.shape[1], where)
+        state.update(ids=ids, options=options)
         return CacheCall.of(q, None, options, ids)
 
     _agree(cache, where, check, q, {"tokens": "pass the same new tokens on every rank"})
@@ -425,9 +431,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     state = {}
 
     def check():
-        ids = state["ids"] = cache.sequence_ids(batch_index)
-        _check_q(cache, q, k, v, len(ids), where)
-        options = state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where)
         if strategy not in STRATEGIES:
             raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
         n_local = q.shape[1]
@@ -436,8 +440,8 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         if index.dtype not in (torch.int32, torch.int64) or index.numel() != n_local:
             raise TypeError(f"{where}: token_index must hold {n_local} integers (one per local token), "
                             f"got {index.dtype} of {index.numel()}")
-        state["index"] = index.to(torch.int64).to(cache.device)
         cache.check_room(ids, n_local * world, where)
+        state.update(ids=ids, options=options, index=index.to(torch.int64).to(cache.device))
         return CacheCall.of(q, strategy, options, ids)
 
     _agree(cache, where, check, q, {"tokens": "every rank must pass the same number of the chunk's tokens "

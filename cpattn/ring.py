@@ -35,7 +35,7 @@ import torch
 from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
 from ._checks import check_cu_seqlens, check_qkv
-from .attention import _kernel_dtype
+from ._ops import _kernel_dtype
 from .faults import fault_point
 from .partials import empty_partial, merge_sinks, sinks_grad
 from .visibility import causal_window, window_sees

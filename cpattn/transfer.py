@@ -34,7 +34,7 @@ def _describe(cache, ids, role):
     """What the other ranks need to know about this rank's cache (plain Python values)."""
     info = {"rank": cache.rank, "world": cache.world_size, "batch": cache.batch, "heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "dtype": str(cache.dtype), "stripe": cache.stripe,
-            "capacity": cache.capacity, "rows": ids.tolist(), "seqlens": cache.seqlens.tolist()}
+            "capacity": cache.capacity, "ids": ids.tolist(), "seqlens": cache.seqlens.tolist()}
     if role == "dst":
         info.update(paged=cache.paged, page_size=cache.page_size, num_pages=cache.num_pages,
                     limit=cache.limit.tolist())
@@ -47,7 +47,7 @@ def _one_side(records, role):
     if not sides:
         raise ValueError(f"transfer_cache: no rank passed a {'source' if role == 'src' else 'destination'} cache")
     world = sides[0]["world"]
-    same = [k for k in ("world", "batch", "heads", "head_dim", "dtype", "stripe", "capacity", "rows", "seqlens")
+    same = [k for k in ("world", "batch", "heads", "head_dim", "dtype", "stripe", "capacity", "ids", "seqlens")
             if any(s[k] != sides[0][k] for s in sides)]
     if same or sorted(s["rank"] for s in sides) != list(range(world)):
         raise ValueError(f"transfer_cache: the {role} caches must be one cache per rank of one group, the same "
@@ -62,18 +62,18 @@ def _check_plan(src, dst):
     for key, name in (("heads", "kv heads"), ("head_dim", "head dim"), ("dtype", "dtype")):
         if src[key] != dst[key]:
             raise ValueError(f"{where}: the caches differ in {name}: source {src[key]}, destination {dst[key]}")
-    if len(src["rows"]) != len(dst["rows"]):
-        raise ValueError(f"{where}: {len(src['rows'])} source sequences but {len(dst['rows'])} destination ones")
-    lengths = [src["seqlens"][b] for b in src["rows"]]
+    if len(src["ids"]) != len(dst["ids"]):
+        raise ValueError(f"{where}: {len(src['ids'])} source sequences but {len(dst['ids'])} destination ones")
+    lengths = [src["seqlens"][b] for b in src["ids"]]
     if max(lengths) > dst["capacity"]:
         raise ValueError(f"{where}: a sequence of {max(lengths)} tokens does not fit the destination's capacity "
                          f"{dst['capacity']}")
-    busy = [b for b in dst["rows"] if dst["seqlens"][b]]
+    busy = [b for b in dst["ids"] if dst["seqlens"][b]]
     if busy:
         raise ValueError(f"{where}: destination sequences {busy} are not empty (reset them first)")
     if dst["paged"]:
         target = torch.tensor(dst["limit"])
-        target[dst["rows"]] = torch.maximum(target[dst["rows"]], torch.tensor(lengths))
+        target[dst["ids"]] = torch.maximum(target[dst["ids"]], torch.tensor(lengths))
         check_pages(StripeLayout(dst["stripe"], dst["world"]), dst["page_size"], dst["num_pages"], target, where,
                     "destination rank")
     return lengths
@@ -82,11 +82,11 @@ def _check_plan(src, dst):
 class CacheTransfer:
     """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them."""
 
-    def __init__(self, dst, rows, lengths):
-        self.dst, self.rows, self.lengths = dst, rows, lengths
-        self._works = {b: [] for b in rows}     # destination sequence -> outstanding works (sends or receives)
-        self._pieces = {b: [] for b in rows}    # destination sequence -> (positions, k/v) this rank stores
-        self._sent = {b: [] for b in rows}      # the buffers being sent, alive until their sends complete
+    def __init__(self, dst, ids, lengths):
+        self.dst, self.ids, self.lengths = dst, ids, lengths
+        self._works = {b: [] for b in ids}     # destination sequence -> outstanding works (sends or receives)
+        self._pieces = {b: [] for b in ids}    # destination sequence -> (positions, k/v) this rank stores
+        self._sent = {b: [] for b in ids}      # the buffers being sent, alive until their sends complete
         self._done = set()
 
     def sending(self, b, kv, work):
@@ -109,12 +109,12 @@ class CacheTransfer:
     def wait(self, batch_index=None):
         """Complete sequences ``batch_index`` (destination ids; default all). On a decode rank their keys
         and values are then stored and their lengths set: they can be decoded."""
-        todo = self.rows if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
+        todo = self.ids if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
         for b in todo:
             if b in self._done:
                 continue
             if b not in self._works:
-                raise ValueError(f"CacheTransfer.wait: sequence {b} is not part of this transfer ({self.rows})")
+                raise ValueError(f"CacheTransfer.wait: sequence {b} is not part of this transfer ({self.ids})")
             for work in self._works[b]:
                 work.wait()
             self._sent[b].clear()
@@ -156,17 +156,17 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
     dist.all_gather_object(records, record, group=group)
     src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
     lengths = _check_plan(src_info, dst_info)
-    src_rows, dst_rows = src_info["rows"], dst_info["rows"]
+    src_ids, dst_ids = src_info["ids"], dst_info["ids"]
     src_global = {r["src"]["rank"]: r["global"] for r in records if r["src"] is not None}
     dst_global = {r["dst"]["rank"]: r["global"] for r in records if r["dst"] is not None}
     src_layout = StripeLayout(src_info["stripe"], src_info["world"])
     dst_layout = StripeLayout(dst_info["stripe"], dst_info["world"])
 
-    transfer = CacheTransfer(dst, dst_rows, dict(zip(dst_rows, lengths)))
+    transfer = CacheTransfer(dst, dst_ids, dict(zip(dst_ids, lengths)))
     if dst is not None:
-        for b, n in zip(dst_rows, lengths):
+        for b, n in zip(dst_ids, lengths):
             dst.make_room(torch.tensor([b]), n, where)  # pages for the whole sequence, before anything arrives
-    for i, (sb, db, n) in enumerate(zip(src_rows, dst_rows, lengths)):
+    for i, (sb, db, n) in enumerate(zip(src_ids, dst_ids, lengths)):
         pos = torch.arange(n)
         src_owner, dst_owner = src_layout.owner(pos), dst_layout.owner(pos)
         for s_rank in range(src_info["world"]):

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .attention import _kernel_dtype
+from ._ops import _kernel_dtype
 from .faults import fault_path, fault_point
 from .mesh import Mesh
 from .ring import ring_backward, ring_forward

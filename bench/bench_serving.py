@@ -33,7 +33,7 @@ import _common as C
 import cpattn
 from cpattn.inference import choose_prefill_strategy, prefill_bytes
 from cpattn.testing import run_ranks
-from cpattn.tiny_decoder import TinyConfig, TinyDecoder
+from cpattn.examples.tiny_decoder import TinyConfig, TinyDecoder
 
 
 def parse_args(argv=None):

@@ -187,3 +187,32 @@ def check_int_tensor(t, name, shape, device, where, dtype=torch.int32):
     if t.device != torch.device(device):
         raise ValueError(f"{where}: {name} is on {t.device}, the queries on {device}")
     return t
+
+
+def check_kv(k, v, batch, num_kv_heads, head_dim, dtype, device, where):
+    """New keys and values for a KV cache: (batch, tokens, num_kv_heads, head_dim) of ``dtype`` on ``device``."""
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{where}: {name} must be 4-D (batch, tokens, kv heads, head dim), "
+                             f"got shape {tuple(t.shape)}")
+        if t.dtype != dtype:
+            raise TypeError(f"{where}: {name} has dtype {t.dtype}, the cache holds {dtype}")
+        if t.device != device:
+            raise ValueError(f"{where}: {name} is on {t.device}, the cache on {device}")
+        want = (batch, k.shape[1], num_kv_heads, head_dim)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{where}: {name} must have shape (batch={batch}, tokens, "
+                             f"kv_heads={num_kv_heads}, head_dim={head_dim}), got {tuple(t.shape)}")
+
+
+def sequence_ids(batch_index, batch, where):
+    """Host int64 tensor of the sequences ``batch_index`` names (None: all ``batch``), checked: distinct
+    ids in [0, batch)."""
+    if batch_index is None:
+        return torch.arange(batch)
+    ids = torch.as_tensor(batch_index, dtype=torch.int64).reshape(-1).cpu()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= batch or ids.unique().numel() != ids.numel():
+        raise ValueError(f"{where}: batch_index must be distinct sequence ids in [0, {batch}), got {ids.tolist()}")
+    return ids

@@ -32,6 +32,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .cp_calls import AttentionArgs, check_attention_arguments
+
 # CUDA-graph capture (mode="reduce-overhead") must leave these calls out: they read the host and wait on peers.
 _TAGS = {"tags": (torch.Tag.cudagraph_unsafe,)} if hasattr(torch.Tag, "cudagraph_unsafe") else {}
 
@@ -71,8 +73,9 @@ def cp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], c
                      handle: int, causal: bool, softmax_scale: Optional[float], return_lse: bool, sdpa_layout: bool,
                      enable_gqa: bool, window_left: int, window_right: int, softcap: float, seq_len: Optional[int],
                      needs_grad: bool) -> Tuple[Tensor, Tensor]:
-    out, lse = _target(handle, 0)(q, k, v, sinks, cu_seqlens, causal, softmax_scale, return_lse, sdpa_layout,
-                                  enable_gqa, (window_left, window_right), softcap, seq_len, needs_grad)
+    args = AttentionArgs(q, k, v, causal, softmax_scale, return_lse, (window_left, window_right), softcap, sinks,
+                         seq_len, cu_seqlens, sdpa_layout, enable_gqa)
+    out, lse = _target(handle, 0)(args, needs_grad)
     return out.contiguous(), lse.contiguous()
 
 
@@ -89,8 +92,10 @@ def cp_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                      cu_seqlens: Optional[Tensor], handle: int, causal: bool, softmax_scale: Optional[float],
                      sdpa_layout: bool, window_left: int, window_right: int, softcap: float,
                      seq_len: Optional[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, dsinks = _target(handle, 1)(dout, q, k, v, out, lse, sinks, cu_seqlens, causal, softmax_scale,
-                                            sdpa_layout, (window_left, window_right), softcap, seq_len)
+    # (the backward reads neither return_lse nor enable_gqa: the forward checked and agreed on them)
+    args = AttentionArgs(q, k, v, causal, softmax_scale, True, (window_left, window_right), softcap, sinks, seq_len,
+                         cu_seqlens, sdpa_layout, True)
+    dq, dk, dv, dsinks = _target(handle, 1)(dout, args, out, lse)
     grads = []
     for g in (dq, dk, dv):
         # Outputs may not share memory (the ring returns dk and dv as halves of one buffer): copy if they do.
@@ -130,9 +135,16 @@ def _backward(ctx, dout, _dlse):
 torch.library.register_autograd("cpattn::cp_attention_fwd", _backward, setup_context=_setup_context)
 
 
-def attention(handle, q, k, v, causal, softmax_scale, return_lse, sdpa_layout, enable_gqa, window_size, softcap,
-              sinks, seq_len, cu_seqlens):
-    """(out in flash layout, lse) of a ContextParallel call, as the forward operator (arguments checked)."""
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return cp_attention_fwd(q, k, v, sinks, cu_seqlens, handle, bool(causal), softmax_scale, bool(return_lse),
-                            bool(sdpa_layout), bool(enable_gqa), *window_size, softcap, seq_len, needs_grad)
+def compiled_attention(handle, args, layout, where):
+    """A ContextParallel call (``AttentionArgs``) while dynamo traces: the checks of the arguments alone
+    run here (a bad argument raises while compiling), then the forward operator; returns out in flash
+    layout, and lse with ``return_lse``."""
+    softmax_scale, window_size, softcap, _ = check_attention_arguments(args, layout.ulysses_degree, where)
+    if args.seq_len is not None:
+        layout.check_seq_len(args.seq_len, where)
+    if args.cu_seqlens is not None and not isinstance(args.cu_seqlens, torch.Tensor):
+        raise TypeError(f"{where}: cu_seqlens must be an int32 tensor, got {type(args.cu_seqlens).__name__}")
+    out, lse = cp_attention_fwd(args.q, args.k, args.v, args.sinks, args.cu_seqlens, handle, bool(args.causal),
+                                softmax_scale, bool(args.return_lse), bool(args.sdpa_layout), bool(args.enable_gqa),
+                                *window_size, softcap, args.seq_len, args.needs_grad())
+    return (out, lse) if args.return_lse else out

@@ -19,6 +19,8 @@ from torch import Tensor
 
 from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
+from .partials import sinks_grad
+
 
 def _kernel_dtype(t):
     # Triton's CPU interpreter computes with numpy, which has no bfloat16 matmul:
@@ -152,9 +154,7 @@ def _backward(ctx, dout, dlse):
                                compute_dq=needs_q, compute_dkdv=needs_k or needs_v, lse_log2=lse_log2)
     dsinks = None
     if sinks is not None and ctx.needs_input_grad[_SINKS_INDEX]:
-        # The sink's probability is exp(sink - lse); d out / d sink = -p_sink * out per row.
-        p_sink = torch.exp(sinks.float()[None, :, None] - lse)
-        dsinks = -(p_sink * delta).sum(dim=(0, 2)).to(sinks.dtype)
+        dsinks = sinks_grad(sinks, lse, delta).to(sinks.dtype)
     grads = [dq if needs_q else None, dk if needs_k else None, dv if needs_v else None]
     rest = [None] * (len(_MASK_ARGS) + 1 + len(_PACKING_ARGS) + len(_BACKWARD_ARGS))
     rest[_SINKS_INDEX - 3] = dsinks

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from cpattn.kernels import MaskSpec
 
 from . import _ops
-from ._ops import _kernel_dtype  # noqa: F401  (ring.py and the ulysses path import it from here)
 from ._checks import (check_documents, check_qkv, check_scale, check_sinks, check_softcap, check_window,
                       refuse_unsupported)
 from .flash_kvcache import paged_varlen_attention
@@ -32,7 +31,7 @@ def _autocast(*tensors):
     return tensors
 
 
-def _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq=False):
+def _call_kernels(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq=False):
     scale = check_scale(softmax_scale, where)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     softcap = check_softcap(softcap, where)
@@ -83,7 +82,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where, allow_no_heads=True)
     atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=seqlen_k - seqlen_q)
-    out, lse = _attention(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
+    out, lse = _call_kernels(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
     return _returns(out, lse, return_attn_probs, return_lse)
 
 
@@ -148,7 +147,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=(lens_k - lens_q).to(torch.int32),
                     k_start=torch.zeros_like(lens_k), cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=max(int(max_seqlen_q), 1), max_seqlen_k=max(int(max_seqlen_k), 1))
-    out, lse = _attention(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
+    out, lse = _call_kernels(q4, k4, v4, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
     return _returns(out[0], lse[0], return_attn_probs, return_lse)
 
 
@@ -270,7 +269,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         # nothing to q.k, and zero value columns are cut off again).
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     mask = MaskSpec(bool(is_causal), check_window(window_size, where))
-    out, _ = _attention(q, k, v, where, scale, mask, softcap, sinks, heads)
+    out, _ = _call_kernels(q, k, v, where, scale, mask, softcap, sinks, heads)
     out = out[..., :value_dim].transpose(1, 2)
     out = out.reshape(*lead, *out.shape[-3:])  # splits the flattened batch again: a view
     return out.squeeze(-3) if query.dim() == 3 else out

@@ -16,9 +16,8 @@
 * ``RingComm``: one step of a ring, "send to the next ring rank, receive from
   the previous one", posted at once and waited for later.
 * ``UlyssesComm``: the all-to-all inside one Ulysses group.
-* ``gather_rows`` / ``check_agreement`` / ``agree_on_inputs``: every rank
-  learns whether every other rank accepted its inputs, so a bad input raises
-  on every rank instead of leaving the others blocked in a collective.
+* ``gather_rows``: every rank's few ints, the exchange under the agreement
+  across ranks (agreement.py) and the mesh's nodes.
 * ``check_backend``: NCCL for CUDA tensors, gloo for CPU tensors.
 """
 import collections
@@ -29,15 +28,6 @@ import torch.distributed as dist
 
 from .faults import CommError, PeerFailure, close_connections, comm_error, describe, gave_up_waiting, \
     group_store, record_first_failure
-
-# Stable small ints for dtypes, so ranks can compare them inside a signature.
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-           torch.int8, torch.uint8, torch.bool, torch.complex64, torch.complex128)
-
-
-def dtype_code(dtype):
-    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
-
 
 def global_ranks(group):
     """Global rank of each rank of ``group``, in group-rank order (P2P peers and new_group speak global ranks)."""
@@ -295,7 +285,7 @@ class UlyssesComm:
         return y
 
 
-# ----------------------------------------------------------------------------- agreement
+# ----------------------------------------------------------------------------- small collectives
 
 def check_backend(group, device, where):
     """Raise ValueError if ``group``'s backend cannot move tensors on ``device``."""
@@ -331,35 +321,3 @@ def gather_rows(group, row, hint=None, comm=None):
     else:
         comm.wait([work], device.type == "cpu")
     return torch.stack(everyone).tolist()
-
-
-def check_agreement(rows, error, where, field_names):
-    """Raise on every rank alike after ``gather_rows`` of [failed flag, *signature].
-
-    A rank whose own check failed (``error``) re-raises it; the others raise a
-    ValueError naming it; signatures that differ raise a ValueError showing both.
-    """
-    if error is not None:
-        raise error
-    failed = [rank for rank, row in enumerate(rows) if row[0]]
-    if failed:
-        raise ValueError(f"{where}: rank(s) {failed} of the context-parallel group rejected their inputs "
-                         "(see the error raised there)")
-    differing = [rank for rank, row in enumerate(rows) if row != rows[0]]
-    if differing:
-        def describe_row(row):
-            return ", ".join(f"{name}={value}" for name, value in zip(field_names, row[1:]))
-        raise ValueError(f"{where}: ranks disagree on their inputs: rank 0 has {describe_row(rows[0])}; "
-                         f"rank {differing[0]} has {describe_row(rows[differing[0]])}")
-
-
-def agree_on_inputs(group, signature, error, where, field_names, hint=None):
-    """Collective: raise on every rank if any rank's check failed or signatures differ.
-
-    ``signature``: a list of ints describing this rank's inputs (sizes, flags);
-    ``error``: the exception this rank's own checks raised, or None. Every rank
-    must call this with signatures of the same length. A rank whose own check
-    failed re-raises its error; the others raise a ValueError naming it.
-    """
-    rows = gather_rows(group, [0 if error is None else 1, *signature], hint)
-    check_agreement(rows, error, where, field_names)

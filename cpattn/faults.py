@@ -8,8 +8,8 @@ minutes) or forever. ``comm.Communicator`` prevents that with three measures:
 * **A bound.** The process groups cpattn creates have a timeout (``timeout=``
   of ``ContextParallel``, default 30 s): on gloo every operation gives up
   after it, on NCCL the watchdog aborts the communicator after it.
-* **The error path** (``Communicator.fail``, run by the ``except`` around each
-  communicating call; nothing runs on the normal path): the rank records
+* **The error path** (``Communicator.fail``, run by ``fault_path``, the context
+  manager around each communicating call; nothing runs on the normal path): the rank records
   "rank r failed in <where>: <error>" in the group's store (``compare_set``:
   the first record wins), then closes its connections (``close_connections``),
   so that peers blocked on it fail at once instead of at the timeout, and do
@@ -88,6 +88,21 @@ def collective(what):
         yield
     except Exception as exc:
         raise comm_error(what, exc) from exc
+
+
+@contextlib.contextmanager
+def fault_path(comm, where, cause=None):
+    """Within the block, an exception takes the error path of ``comm`` (``Communicator.fail``): it is
+    recorded, the communicators are closed and every rank raises. ``cause``: the exception to report
+    instead (this rank's own error, found before the collective that failed). With ``comm`` None (one
+    rank, or no communicator yet) exceptions pass unchanged."""
+    if comm is None:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:
+        comm.fail(where, exc if cause is None else cause)
 
 
 def describe(exc):

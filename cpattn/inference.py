@@ -53,6 +53,7 @@ where the keys live.
   the collective's own timeout error.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -60,11 +61,13 @@ import torch.distributed._functional_collectives as funcol
 
 from cpattn.kernels import decode_attention, merge_splits
 
-from ._checks import check_scale, check_sinks, check_softcap, check_window
-from .attention import _kernel_dtype
-from .comm import check_agreement, gather_rows
-from .faults import collective, comm_error, fault_point
+from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window
+from .agreement import agree
+from ._ops import _kernel_dtype
+from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache
+from .partials import empty_partial, stack_partial, unstack_partial
+from .visibility import causal_window, visible_keys
 
 STRATEGIES = ("auto", "pass-q", "pass-kv")
 
@@ -85,7 +88,7 @@ def _check_q(cache, q, k, v, batch, where):
     if q.shape[2] % cache.num_kv_heads != 0:
         raise ValueError(f"{where}: query heads ({q.shape[2]}) must be a multiple of the cache's kv heads "
                          f"({cache.num_kv_heads})")
-    cache.check_kv(k, v, batch, where)
+    check_kv(k, v, batch, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device, where)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{where}: q has {q.shape[1]} tokens but k, v have {k.shape[1]}")
     if q.shape[1] == 0:
@@ -97,73 +100,50 @@ class _Options:
 
     def __init__(self, cache, q, softmax_scale, window_size, softcap, sinks, where):
         self.scale = check_scale(softmax_scale, where)
-        left, _ = check_window(window_size, where)
-        self.window = (left, 0)  # prefill and decode are causal: right = 0
+        self.window = causal_window(True, check_window(window_size, where))  # prefill and decode are causal
         self.softcap = check_softcap(softcap, where)
         self.sinks = check_sinks(sinks, q.shape[2], cache.device, where)
 
 
-def _agree(cache, check, values, where, hint):
-    """Run the local ``check``, then make every rank reach the same verdict.
-
-    A rank whose inputs are bad would raise before a collective its peers are
-    already waiting in, and they would hang. So the ranks exchange whether their
-    check passed and ``values()``, a few ints that must match (shapes, sequences),
-    on the cache's own process group (bounded by its timeout), and all raise together.
-    """
-    field_names = ["tokens", "heads", "strategy", "window", "softcap x 1e6", "sinks"] + \
-        [f"order of sequence {b}" for b in range(cache.batch)]
-    error, signature = None, [0] * len(field_names)
-    try:
-        check()
-        signature = values()
-    except (TypeError, ValueError) as exc:
-        error = exc
-    comm = cache.comm
-    if comm is None or not cache.check_across_ranks:
-        if error is not None:
-            raise error
-        return
-    try:
-        rows = gather_rows(comm.group, [0 if error is None else 1, *signature], hint, comm)
-    except Exception as exc:
-        comm.fail(where, error if error is not None else comm_error("agreement all-gather", exc))
-    check_agreement(rows, error, where, field_names)
+def _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where):
+    """The checks prefill and decode share; returns (the sequences' ids, the options)."""
+    ids = cache.sequence_ids(batch_index)
+    _check_q(cache, q, k, v, len(ids), where)
+    return ids, _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
 
 
-def _call_values(q, strategy, options, rows, batch):
-    """Fixed-length summary of a call (``_agree``'s fields): tokens, heads, strategy, the attention
-    options (ranks with different windows would merge partials of different attentions), and which
-    sequences in which order."""
-    order = [0] * batch
-    for i, b in enumerate(rows.tolist()):
-        order[b] = i + 1
-    return [q.shape[1], q.shape[2], strategy, options.window[0], round(options.softcap * 1e6),
-            int(options.sinks is not None)] + order
+class CacheCall(NamedTuple):
+    """What must be the same on every rank in one ``prefill`` or ``decode`` (agreement.py): ranks with
+    different windows, say, would merge partials of different attentions."""
+    tokens: int  # this rank's tokens of the chunk (prefill), the new tokens (decode)
+    heads: int
+    strategy: Optional[str]  # prefill's, None for decode
+    window_left: int
+    softcap: float
+    sinks_given: bool
+    batch_index: tuple  # which sequences, in which order
+
+    FIXES = {"heads": "pass q with the same number of heads on every rank",
+             "sinks_given": "pass sinks on every rank or on none",
+             "batch_index": "pass the same batch_index on every rank"}
+
+    @classmethod
+    def of(cls, q, strategy, options, ids):
+        return cls(q.shape[1], q.shape[2], strategy, options.window[0], options.softcap, options.sinks is not None,
+                   tuple(ids.tolist()))
+
+
+def _agree(cache, where, check, hint, fixes):
+    """``agreement.agree`` on a prefill or decode, on the cache's own process group (bounded by its
+    timeout); every call, unless the cache was built with check_across_ranks=False."""
+    return agree(where, check, comm=cache.comm if cache.check_across_ranks else None, hint=hint, fixes=fixes)
 
 
 # ---- attention on this rank's shard ---------------------------------------------------------------------
-def _pack(out, lse):
-    """(out (B, n, H, D) fp32, lse (B, H, n)) -> one (B, n, H, D + 1) tensor: one collective instead of two."""
-    return torch.cat([out, lse.transpose(1, 2).unsqueeze(-1)], dim=-1)
-
-
-def _unpack(packed):
-    """(..., B, n, H, D + 1) -> out (..., B, n, H, D), lse (..., B, H, n): the inverse of ``_pack``."""
-    return packed[..., :-1], packed[..., -1].transpose(-1, -2)
-
-
-def _empty_partial(q):
-    batch, n, heads, _ = q.shape
-    return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
-            torch.full((batch, heads, n), float("-inf"), device=q.device))
-
-
-def _sees_nothing(layout, rank, lens, first_pos, last_pos, window_left):
+def _sees_nothing(layout, rank, lens, first_pos, last_pos, window):
     """Host check: does ``rank`` hold no key that a query at positions [first_pos, last_pos] (host int64
     tensors per sequence) can see, for global lengths ``lens``? Then it may skip its kernel."""
-    hi = torch.minimum(last_pos + 1, lens)
-    lo = (first_pos - window_left).clamp(min=0) if window_left >= 0 else torch.zeros_like(first_pos)
+    lo, hi = visible_keys(window, first_pos, last_pos, lens)
     return bool((layout.local_lengths(hi, rank) <= layout.local_lengths(torch.minimum(lo, hi), rank)).all())
 
 
@@ -176,11 +156,12 @@ def _attend(q, k, v, lens, q_positions, block_table, slot_positions, options, si
         validate=False, out_dtype=torch.float32, window_size=options.window, softcap=options.softcap, sinks=sinks)
 
 
-def _attend_local(cache, dev_rows, q, q_positions, options, sinks):
-    """Partial attention over this rank's own shard of sequences ``dev_rows``."""
-    k, v, table = cache.local_view(dev_rows)
-    lens = cache.layout.local_lengths(cache.seqlens_device[dev_rows], cache.rank)
-    return _attend(q, k, v, lens, q_positions, table, cache.slot_positions, options, sinks)
+def _attend_local(cache, dev_ids, lens, q, q_positions, options, sinks):
+    """Partial attention over this rank's own shard of sequences ``dev_ids`` of global lengths ``lens``
+    (device tensors)."""
+    k, v, table = cache.local_view(dev_ids)
+    return _attend(q, k, v, cache.layout.local_lengths(lens, cache.rank), q_positions, table, cache.slot_positions,
+                   options, sinks)
 
 
 # ---- the decode merge across ranks ------------------------------------------------------------------------
@@ -211,29 +192,31 @@ def _merge_across_ranks(out, lse, group, world):
     """Exact LSE merge of every rank's partial (out fp32 (B, n, H, D), lse (B, H, n)); the same bits on
     every rank. Functional collectives: traceable by torch.compile, capturable on CUDA."""
     batch, n, heads, head_dim = out.shape
-    packed = _pack(out, lse)
+    stacked = stack_partial(out, lse)
     if world == 2:
-        every = _all_gather(packed.unsqueeze(0), group)  # (world, B, n, H, D + 1), in rank order
-        return merge_splits(*_unpack(every))
-    rows = packed.reshape(-1, head_dim + 1)
+        every = _all_gather(stacked.unsqueeze(0), group)  # (world, B, n, H, D + 1), in rank order
+        return merge_splits(*unstack_partial(every))
+    rows = stacked.reshape(-1, head_dim + 1)
     per = math.ceil(rows.shape[0] / world)
     rows = torch.nn.functional.pad(rows, (0, 0, 0, per * world - rows.shape[0]))
     # Rank j receives every rank's partial of rows [j * per, (j + 1) * per), stacked in rank order.
     mine = _all_to_all(rows, group).view(world, 1, per, 1, head_dim + 1)
-    out_mine, lse_mine = merge_splits(*_unpack(mine))
-    merged = _all_gather(_pack(out_mine, lse_mine).reshape(per, head_dim + 1), group)
-    return _unpack(merged[: batch * n * heads].view(batch, n, heads, head_dim + 1))
+    out_mine, lse_mine = merge_splits(*unstack_partial(mine))
+    merged = _all_gather(stack_partial(out_mine, lse_mine).reshape(per, head_dim + 1), group)
+    return unstack_partial(merged[: batch * n * heads].view(batch, n, heads, head_dim + 1))
 
 
-def _decode_local(cache, dev_rows, q, k, v, options, attend=True):
+def _decode_local(cache, dev_ids, q, k, v, options, attend=True):
     """Store the new tokens and attend this rank's shard (or, without ``attend``, contribute the empty
-    partial): device state only, fixed shapes, no host read. Returns this rank's partial (out, lse)."""
-    positions = cache.seqlens_device[dev_rows][:, None] + torch.arange(q.shape[1], device=cache.device)
-    cache._store(dev_rows, positions, k, v)
-    cache.seqlens_device[dev_rows] += q.shape[1]
+    partial): device state only, fixed shapes, no host read; the lengths do not change. Returns this
+    rank's partial (out, lse)."""
+    lens = cache.seqlens_device[dev_ids]
+    positions = lens[:, None] + torch.arange(q.shape[1], device=cache.device)
+    cache.store(dev_ids, positions, k, v)
     if attend:
-        return _attend_local(cache, dev_rows, q, positions, options, options.sinks if cache.rank == 0 else None)
-    return _empty_partial(q)
+        return _attend_local(cache, dev_ids, lens + q.shape[1], q, positions, options,
+                             options.sinks if cache.rank == 0 else None)
+    return empty_partial(q)
 
 
 def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None, return_lse=False,
@@ -253,30 +236,26 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     state = {}
 
     def check():
-        rows = state["rows"] = cache._rows(batch_index)
-        _check_q(cache, q, k, v, len(rows), where)
-        state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
-        cache.check_room(rows, q.shape[1], where)
+        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where)
+        cache.check_room(ids, q.shape[1], where)
+        state.update(ids=ids, options=options)
+        return CacheCall.of(q, None, options, ids)
 
-    _agree(cache, check, lambda: _call_values(q, 0, state["options"], state["rows"], cache.batch), where, q)
-    rows, options = state["rows"], state["options"]
-    cache._reserve(rows, q.shape[1], where)
-    lens = cache._host_seqlens()[rows]
+    _agree(cache, where, check, q, {"tokens": "pass the same new tokens on every rank"})
+    ids, options, n = state["ids"], state["options"], q.shape[1]
+    cache.make_room(ids, n, where)
+    lens = cache.seqlens_of(ids)
     # A rank holding no key the new tokens can see (a sliding window) launches no kernel.
     attend = (options.sinks is not None and cache.rank == 0) or not _sees_nothing(
-        cache.layout, cache.rank, lens + q.shape[1], lens, lens + q.shape[1] - 1, options.window[0])
+        cache.layout, cache.rank, lens + n, lens, lens + n - 1, options.window)
     comm = cache.comm
-    try:
-        out, lse = _decode_local(cache, cache._device_rows(rows), q, k, v, options, attend)
+    with fault_path(comm, where):
+        out, lse = _decode_local(cache, cache.device_ids(ids), q, k, v, options, attend)
         fault_point("decode")
         if comm is not None:
             with collective("decode merge"):
                 out, lse = _merge_across_ranks(out, lse, comm.group, cache.world_size)
-    except Exception as exc:
-        if comm is None:
-            raise
-        comm.fail(where, exc)
-    cache._host_seqlens()[rows] += q.shape[1]
+    cache.advance(ids, n)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -295,10 +274,11 @@ def decode_step(cache: ShardedKVCache, q, k, v, softmax_scale=None, return_lse=F
     where = "decode_step"
     _check_q(cache, q, k, v, cache.batch, where)
     options = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
-    out, lse = _decode_local(cache, cache._all_rows, q, k, v, options)
-    if cache._comm is not None:  # no failure check here (it reads host state a graph cannot hold)
-        out, lse = _merge_across_ranks(out, lse, cache._comm.group, cache.world_size)
-    cache._seqlens_stale = True  # the host copy of the lengths is refreshed on its next use
+    out, lse = _decode_local(cache, cache.device_ids(), q, k, v, options)
+    group = cache.process_group  # no failure check here (it reads host state a graph cannot hold)
+    if group is not None:
+        out, lse = _merge_across_ranks(out, lse, group, cache.world_size)
+    cache.advance_on_device(q.shape[1])  # the host copy of the lengths is refreshed on its next use
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 
@@ -363,27 +343,28 @@ def _gather_chunk(cache, tensors, every_index, n):
     return fulls
 
 
-def _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options):
+def _prefill_pass_q(cache, ids, dev_ids, q, every_index, start, options):
     """Every rank attends the whole chunk's queries to its shard; partials go back to their owners."""
     world, n = cache.world_size, q.shape[1] * cache.world_size
     (q_full,) = _gather_chunk(cache, [q], every_index, n)
     positions = start[:, None] + torch.arange(n)
-    lens = cache._host_seqlens()[rows]
+    lens = cache.seqlens_of(ids)
     sinks = options.sinks if cache.rank == 0 else None
-    if sinks is None and _sees_nothing(cache.layout, cache.rank, lens, start, start + n - 1, options.window[0]):
-        out_all, lse_all = _empty_partial(q_full)
+    if sinks is None and _sees_nothing(cache.layout, cache.rank, lens, start, start + n - 1, options.window):
+        out_all, lse_all = empty_partial(q_full)
     else:
-        out_all, lse_all = _attend_local(cache, dev_rows, q_full, positions.to(cache.device), options, sinks)
+        out_all, lse_all = _attend_local(cache, dev_ids, cache.seqlens_device[dev_ids], q_full,
+                                         positions.to(cache.device), options, sinks)
     if world == 1:
         return out_all
     # Rank r receives every rank's partial for the queries it holds, then merges them.
-    packed = _pack(out_all, lse_all)
-    send = torch.stack([packed[:, idx.to(cache.device)] for idx in every_index])
+    stacked = stack_partial(out_all, lse_all)
+    send = torch.stack([stacked[:, idx.to(cache.device)] for idx in every_index])
     recv = torch.empty_like(send)
     fault_point("prefill")
     with collective("prefill all-to-all of the partials"):
         dist.all_to_all_single(recv, send, group=cache.comm.group)
-    out, _ = merge_splits(*_unpack(recv))
+    out, _ = merge_splits(*unstack_partial(recv))
     return out
 
 
@@ -398,15 +379,15 @@ def _ring_exchange(cache, send, recv):
                                        dist.P2POp(dist.irecv, recv, peer((cache.rank - 1) % world), group)])
 
 
-def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
+def _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options):
     """Every rank keeps its queries; the ranks' shards of keys and values travel round the ring."""
     world, rank = cache.world_size, cache.rank
-    lens = cache._host_seqlens()[rows]
+    lens = cache.seqlens_of(ids)
     q_pos_host = start[:, None] + token_index.cpu()[None, :]
     q_positions = q_pos_host.to(cache.device)
     # Each rank's shard, padded to the largest share (rank 0 holds the most), so buffers match in size.
     num_slots = int(cache.layout.local_lengths(lens.max(), 0))
-    shard = torch.stack(cache.read(dev_rows, torch.arange(num_slots, device=cache.device)))
+    shard = torch.stack(cache.read(dev_ids, torch.arange(num_slots, device=cache.device)))
     partials = []
     for step in range(world):
         src = (rank - step) % world
@@ -416,7 +397,7 @@ def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
         fault_point("prefill", step)
         sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
         if sinks is not None or not _sees_nothing(cache.layout, src, lens, q_pos_host.min(1).values,
-                                                  q_pos_host.max(1).values, options.window[0]):
+                                                  q_pos_host.max(1).values, options.window):
             src_lens = cache.layout.local_lengths(lens, src).to(cache.device)
             partials.append(_attend(q, shard[0], shard[1], src_lens, q_positions, None,
                                     cache.layout.slot_positions(src), options, sinks))
@@ -425,7 +406,7 @@ def _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options):
                 cache.comm.wait(pending, shard.is_cpu)
             shard = incoming
     if not partials:
-        return _empty_partial(q)[0]
+        return empty_partial(q)[0]
     out, _ = merge_splits(torch.stack([p[0] for p in partials]), torch.stack([p[1] for p in partials]))
     return out
 
@@ -450,9 +431,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     state = {}
 
     def check():
-        rows = state["rows"] = cache._rows(batch_index)
-        _check_q(cache, q, k, v, len(rows), where)
-        state["options"] = _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
+        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where)
         if strategy not in STRATEGIES:
             raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
         n_local = q.shape[1]
@@ -461,44 +440,37 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         if index.dtype not in (torch.int32, torch.int64) or index.numel() != n_local:
             raise TypeError(f"{where}: token_index must hold {n_local} integers (one per local token), "
                             f"got {index.dtype} of {index.numel()}")
-        state["index"] = index.to(torch.int64).to(cache.device)
-        cache.check_room(rows, n_local * world, where)
+        cache.check_room(ids, n_local * world, where)
+        state.update(ids=ids, options=options, index=index.to(torch.int64).to(cache.device))
+        return CacheCall.of(q, strategy, options, ids)
 
-    _agree(cache, check, lambda: _call_values(q, STRATEGIES.index(strategy), state["options"], state["rows"],
-                                              cache.batch), where, q)
-    rows, options, token_index = state["rows"], state["options"], state["index"]
+    _agree(cache, where, check, q, {"tokens": "every rank must pass the same number of the chunk's tokens "
+                                              "(split_chunk splits a chunk)"})
+    ids, options, token_index = state["ids"], state["options"], state["index"]
     n = q.shape[1] * world
 
+    every_index = [token_index]
     if world > 1:
         every_index = [torch.empty_like(token_index) for _ in range(world)]
         comm = cache.comm
-        try:
-            with collective("prefill all-gather of token_index"):
-                dist.all_gather(every_index, token_index, group=comm.group)
-        except Exception as exc:
-            comm.fail(where, exc)
-    else:
-        every_index = [token_index]
+        with fault_path(comm, where), collective("prefill all-gather of token_index"):
+            dist.all_gather(every_index, token_index, group=comm.group)
     if not torch.equal(torch.cat(every_index).sort().values.cpu(), torch.arange(n)):
         raise ValueError(f"{where}: the ranks' token_index must together be a permutation of range({n}), "
                          f"got {[t.tolist() for t in every_index]}")
 
-    start = cache._host_seqlens()[rows].clone()
+    start = cache.seqlens_of(ids)
     if strategy == "auto":
-        strategy = choose_prefill_strategy(world, len(rows) * n, int(start.sum()), q.shape[2], cache.num_kv_heads,
+        strategy = choose_prefill_strategy(world, len(ids) * n, int(start.sum()), q.shape[2], cache.num_kv_heads,
                                            cache.head_dim, q.element_size())
-    try:
+    with fault_path(cache.comm if world > 1 else None, where):
         k_full, v_full = _gather_chunk(cache, [k, v], every_index, n)
-        cache._reserve(rows, n, where)
-        dev_rows = cache._device_rows(rows)
-        cache._store(dev_rows, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
-        cache._advance(rows, n)
+        cache.make_room(ids, n, where)
+        dev_ids = cache.device_ids(ids)
+        cache.store(dev_ids, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
+        cache.advance(ids, n)
         if strategy == "pass-q":
-            out = _prefill_pass_q(cache, rows, dev_rows, q, every_index, start, options)
+            out = _prefill_pass_q(cache, ids, dev_ids, q, every_index, start, options)
         else:
-            out = _prefill_pass_kv(cache, rows, dev_rows, q, token_index, start, options)
-    except Exception as exc:
-        if cache.world_size == 1:
-            raise
-        cache.comm.fail(where, exc)
+            out = _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options)
     return out.to(q.dtype)

@@ -15,7 +15,7 @@ mesh order; ``mesh.py`` maps group ranks to mesh ranks).
   that the Ulysses all-to-all (which concatenates the parts in Ulysses order)
   gives every rank of the ring rank exactly its piece back.
 
-* Packed documents (``docs``: the global cu_seqlens as a tuple, 0 first, the
+* Packed documents (``packing``: the global cu_seqlens as a tuple, 0 first, the
   sequence length last): the cut points are chosen instead so that every
   chunk holds the same causal work, sum over its tokens of (position inside
   the token's document + 1), the number of (query, key) pairs a causal mask
@@ -27,6 +27,9 @@ mesh order; ``mesh.py`` maps group ranks to mesh ranks).
 Ranks may therefore hold different token counts (``local_lengths``).
 Everything else (shard, gather, RoPE positions, the global positions the ring
 hands to the kernels) derives from ``ring_chunks`` and ``positions`` here.
+
+* ``StripeLayout``: the layout of the inference KV cache (kv_cache.py), which
+  grows a token at a time: positions dealt out round-robin in stripes.
 """
 from dataclasses import dataclass
 
@@ -43,16 +46,16 @@ def split_lengths(total, parts):
     return [base + (i < extra) for i in range(parts)]
 
 
-def doc_positions(docs):
-    """Each token's position inside its own document (LongTensor), for packing ``docs`` (cu_seqlens tuple)."""
-    cu = torch.tensor(docs, dtype=torch.int64)
+def doc_positions(packing):
+    """Each token's position inside its own document (LongTensor), for ``packing`` (the cu_seqlens as a tuple)."""
+    cu = torch.tensor(packing, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
-    return torch.arange(docs[-1]) - torch.repeat_interleave(cu[:-1], lengths)
+    return torch.arange(packing[-1]) - torch.repeat_interleave(cu[:-1], lengths)
 
 
-def causal_work(docs, positions=None):
-    """Causal (query, key) pairs of the tokens at ``positions`` (default all) of packing ``docs``."""
-    in_doc = doc_positions(docs)
+def causal_work(packing, positions=None):
+    """Causal (query, key) pairs of the tokens at ``positions`` (default all) of ``packing``."""
+    in_doc = doc_positions(packing)
     return int((in_doc if positions is None else in_doc[positions]).add(1).sum())
 
 
@@ -91,14 +94,26 @@ class Layout:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"{where}: sequence length must be a positive int, got {seq_len!r}")
 
+    def full_length(self, local_len, seq_len, rank, where, packing=None):
+        """The full sequence length (``seq_len``, or local_len x P when None), checked against the
+        ``local_len`` tokens mesh rank ``rank`` holds; raises ValueError."""
+        if seq_len is None:
+            seq_len = local_len * self.world_size
+        self.check_seq_len(seq_len, where)
+        expected = self.local_lengths(seq_len, packing)[rank]
+        if local_len != expected:
+            raise ValueError(f"{where}: this rank holds {local_len} tokens, but its shard of a {seq_len}-token "
+                             f"sequence has {expected} (with uneven lengths pass the full length as seq_len=)")
+        return seq_len
+
     @functools.lru_cache(maxsize=256)
-    def chunk_bounds(self, seq_len, docs=None):
+    def chunk_bounds(self, seq_len, packing=None):
         """The num_chunks + 1 cut points of the sequence: equal token counts (differing by at most one),
-        or with ``docs`` equal causal work (see the module docstring)."""
-        if docs is None:
+        or with ``packing`` equal causal work (see the module docstring)."""
+        if packing is None:
             lengths = split_lengths(seq_len, self.num_chunks)
             return tuple(sum(lengths[:c]) for c in range(self.num_chunks + 1))
-        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), doc_positions(docs).add(1).cumsum(0)])
+        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), doc_positions(packing).add(1).cumsum(0)])
         total = int(prefix[-1])
         # cut c: the first token boundary at which the work before it reaches c/num_chunks of the total
         targets = torch.tensor([(c * total + self.num_chunks - 1) // self.num_chunks
@@ -106,37 +121,70 @@ class Layout:
         cuts = torch.searchsorted(prefix, targets).tolist()
         return (0, *cuts, seq_len)
 
-    def ring_chunks(self, ring_index, seq_len, docs=None):
+    def ring_chunks(self, ring_index, seq_len, packing=None):
         """[(global start, length)] of the chunks in ring rank ``ring_index``'s piece of a ``seq_len``
         sequence, in local order (a chunk may be empty when the sequence is shorter than 2R)."""
-        bounds = self.chunk_bounds(seq_len, docs)
+        bounds = self.chunk_bounds(seq_len, packing)
         return [(bounds[c], bounds[c + 1] - bounds[c]) for c in self.ring_chunk_ids(ring_index)]
 
-    def piece_length(self, ring_index, seq_len, docs=None):
-        return sum(length for _, length in self.ring_chunks(ring_index, seq_len, docs))
+    def piece_length(self, ring_index, seq_len, packing=None):
+        return sum(length for _, length in self.ring_chunks(ring_index, seq_len, packing))
 
-    def ulysses_parts(self, ring_index, seq_len, docs=None):
+    def ulysses_parts(self, ring_index, seq_len, packing=None):
         """Lengths of the Ulysses ranks' parts of ring rank ``ring_index``'s piece, in Ulysses order."""
-        return split_lengths(self.piece_length(ring_index, seq_len, docs), self.ulysses_degree)
+        return split_lengths(self.piece_length(ring_index, seq_len, packing), self.ulysses_degree)
 
-    def local_lengths(self, seq_len, docs=None):
+    def local_lengths(self, seq_len, packing=None):
         """Tokens each mesh rank holds, in mesh order."""
-        return [n for r in range(self.ring_degree) for n in self.ulysses_parts(r, seq_len, docs)]
+        return [n for r in range(self.ring_degree) for n in self.ulysses_parts(r, seq_len, packing)]
 
-    def positions(self, seq_len, rank, docs=None):
+    def positions(self, seq_len, rank, packing=None):
         """Global positions (LongTensor) of the tokens mesh rank ``rank`` holds, in local order."""
         self.check_seq_len(seq_len, "positions")
         ring_index, ulysses_index = divmod(rank, self.ulysses_degree)
         piece = torch.cat([torch.arange(start, start + length)
-                           for start, length in self.ring_chunks(ring_index, seq_len, docs)])
-        parts = self.ulysses_parts(ring_index, seq_len, docs)
+                           for start, length in self.ring_chunks(ring_index, seq_len, packing)])
+        parts = self.ulysses_parts(ring_index, seq_len, packing)
         first = sum(parts[:ulysses_index])
         return piece[first:first + parts[ulysses_index]]
 
-    def order(self, seq_len, ranks=None, docs=None):
+    def order(self, seq_len, ranks=None, packing=None):
         """Global positions of the tokens of mesh ranks ``ranks`` (default all, in mesh order), rank after rank."""
         ranks = range(self.world_size) if ranks is None else ranks
-        return torch.cat([self.positions(seq_len, rank, docs) for rank in ranks])
+        return torch.cat([self.positions(seq_len, rank, packing) for rank in ranks])
+
+
+class StripeLayout:
+    """Which rank holds each position, at which slot, for ``world_size`` ranks and stripes of ``stripe`` tokens.
+
+    Pure arithmetic on ints or tensors (host or device); ``ShardedKVCache`` and the
+    cache transfer (which needs the layout of another group) share it."""
+
+    def __init__(self, stripe, world_size):
+        self.stripe, self.world_size = stripe, world_size
+
+    def owner(self, positions):
+        return (positions // self.stripe) % self.world_size
+
+    def local_slot(self, positions):
+        return (positions // (self.stripe * self.world_size)) * self.stripe + positions % self.stripe
+
+    def local_lengths(self, seqlens, rank):
+        """Slots ``rank`` holds of sequences with global lengths ``seqlens`` (int64 tensor)."""
+        span = self.stripe * self.world_size
+        full, rest = seqlens // span, seqlens % span
+        # Of the last, incomplete round of stripes this rank holds what lies past rank * stripe.
+        return full * self.stripe + (rest - rank * self.stripe).clamp(0, self.stripe)
+
+    def slot_positions(self, rank):
+        """(stripe, stride, offset): slot j of ``rank`` holds position offset + (j // stripe) * stride + j % stripe."""
+        return (self.stripe, self.stripe * self.world_size, rank * self.stripe)
+
+    def positions_of(self, rank, num_slots):
+        """Global positions of ``rank``'s first ``num_slots`` slots (host int64)."""
+        stripe, stride, offset = self.slot_positions(rank)
+        j = torch.arange(num_slots)
+        return offset + (j // stripe) * stride + j % stripe
 
 
 WORK_SCHEMES = ("contiguous", "zigzag", "balanced")
@@ -151,11 +199,12 @@ def context_parallel_work(cu_seqlens, ring_degree, scheme="balanced"):
     ``ContextParallel.shard(..., cu_seqlens=)`` does with ring_impl "zigzag":
     2R chunks of equal causal work). Ulysses ranks of a ring rank share its work.
     """
-    docs = tuple(int(n) for n in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
-    if len(docs) < 2 or docs[0] != 0 or any(b < a for a, b in zip(docs, docs[1:])) or docs[-1] < 1:
-        raise ValueError(f"context_parallel_work: cu_seqlens must start at 0, not decrease and end past 0, got {docs}")
+    packing = tuple(int(n) for n in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
+    if len(packing) < 2 or packing[0] != 0 or any(b < a for a, b in zip(packing, packing[1:])) or packing[-1] < 1:
+        raise ValueError(f"context_parallel_work: cu_seqlens must start at 0, not decrease and end past 0, "
+                         f"got {packing}")
     if scheme not in WORK_SCHEMES:
         raise ValueError(f"context_parallel_work: scheme must be one of {WORK_SCHEMES}, got {scheme!r}")
     layout = Layout(ring_degree, 1, "ring" if scheme == "contiguous" else "zigzag")
-    packing = docs if scheme == "balanced" else None
-    return [causal_work(docs, layout.positions(docs[-1], r, packing)) for r in range(ring_degree)]
+    shards_by_work = packing if scheme == "balanced" else None
+    return [causal_work(packing, layout.positions(packing[-1], r, shards_by_work)) for r in range(ring_degree)]

@@ -1,4 +1,5 @@
-"""Which rank does what: the nodes of the ranks, the Ulysses degree "auto" picks, the mesh order.
+"""Which rank does what: the nodes of the ranks, the Ulysses degree "auto" picks, the mesh order, and
+the communicators of one rank's place in the mesh.
 
 A mesh of P = ring_degree x ulysses_degree ranks puts the group's ranks in a
 "mesh order"; mesh rank m = ring_index * ulysses_degree + ulysses_index. The
@@ -15,12 +16,21 @@ inside a node; the ring's P2P traffic is lighter and overlapped with compute.
   the group, every node's share of it and the head counts, with the Ulysses
   groups formed inside nodes; for an explicit degree, Ulysses groups of
   adjacent group ranks (the documented contract), and a note when one spans nodes.
+* ``Mesh``: one rank's place in the mesh (``Layout``, ring and Ulysses index)
+  and its communicators, built collectively from the plan.
 """
 import math
 import os
 import socket
 import zlib
 from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .comm import DEFAULT_TIMEOUT, Communicator, RingComm, UlyssesComm, gather_rows, global_ranks
+from .faults import collective, fault_path
+from .layout import Layout
 
 
 def node_of_this_process(global_rank):
@@ -95,3 +105,72 @@ def plan_mesh(requested_degree, node_ids, num_heads=None, num_kv_heads=None):
                   (f"; {spanning} Ulysses group(s) span nodes (ulysses_degree='auto' keeps them inside nodes)"
                    if spanning else ""))
     return MeshPlan(degree, order, nodes, reason)
+
+
+class Mesh:
+    """This rank's place in the mesh of a ContextParallel over ``group``, and the communicators along its axes.
+
+    Collective over ``group``: the ranks learn each other's nodes (``node``: this
+    process's, from ``node_of_this_process``), plan the mesh (``plan_mesh``) and
+    create the process groups (``comm.Communicator``). ``comm``, ``ring`` and
+    ``ulysses`` are None on an axis of one rank; usp.py runs attention on them.
+    """
+
+    def __init__(self, group, ulysses_degree, ring_impl, node, num_heads=None, num_kv_heads=None,
+                 timeout=DEFAULT_TIMEOUT):
+        self.group, world_size = group, dist.get_world_size(group)
+        nodes = [tuple(row) for row in gather_rows(group, node)] if world_size > 1 else [tuple(node)]
+        self.plan = plan_mesh(ulysses_degree, nodes, num_heads, num_kv_heads)
+        degree = self.plan.ulysses_degree
+        self.layout = Layout(world_size // degree, degree, ring_impl)
+        self.rank = self.plan.order.index(dist.get_rank(group))  # this rank's mesh rank
+        self.ring_index, self.ulysses_index = divmod(self.rank, degree)
+        self.mesh_ranks = [self.plan.order.index(g) for g in range(world_size)]  # of each group rank
+        self.comm = self.ring = self.ulysses = None
+        if world_size > 1:
+            self.comm = Communicator(group, timeout, self.plan.ulysses_groups() if degree > 1 else None)
+            if self.layout.ring_degree > 1:
+                self.ring = RingComm(self.comm, self._rings()[self.ulysses_index])
+            if degree > 1:
+                self.ulysses = UlyssesComm(self.comm, self._ulysses_groups()[self.ring_index])
+
+    def _rings(self):
+        """Global ranks of each ring, in ring order, one ring per Ulysses index."""
+        ranks, order, degree = global_ranks(self.group), self.plan.order, self.layout.ulysses_degree
+        return [[ranks[order[r * degree + u]] for r in range(self.layout.ring_degree)] for u in range(degree)]
+
+    def _ulysses_groups(self):
+        """Global ranks of each Ulysses group, in Ulysses order."""
+        ranks = global_ranks(self.group)
+        return [[ranks[g] for g in group] for group in self.plan.ulysses_groups()]
+
+    def describe(self):
+        """The mesh and why: degrees, every Ulysses group and ring (global ranks), nodes, communicators."""
+        ranks = global_ranks(self.group)
+        return {
+            "ring_degree": self.layout.ring_degree, "ulysses_degree": self.layout.ulysses_degree,
+            "ring_impl": self.layout.ring_impl, "rank": dist.get_rank(self.group), "mesh_rank": self.rank,
+            "ring_index": self.ring_index, "ulysses_index": self.ulysses_index,
+            "ulysses_groups": self._ulysses_groups(), "rings": self._rings(),
+            "node_of_rank": {ranks[g]: node for g, node in enumerate(self.plan.nodes)},
+            "communicators": "none (one rank)" if self.comm is None else self.comm.describe(),
+            "why": self.plan.reason,
+        }
+
+    def all_gather_shards(self, x, seq_dim, lengths, where):
+        """Every group rank's shard of one tensor, this rank's ``x`` among them (``lengths``: each one's
+        length along ``seq_dim``), on the fault path of faults.py."""
+        if self.comm is None:
+            return [x]
+        # all_gather moves equal shapes: every shard travels padded to the longest one
+        padded = x.new_zeros([max(lengths) if d == seq_dim else size for d, size in enumerate(x.shape)])
+        padded.narrow(seq_dim, 0, x.shape[seq_dim]).copy_(x)
+        pieces = [torch.empty_like(padded) for _ in lengths]
+        with fault_path(self.comm, where), collective("all-gather"):
+            work = dist.all_gather(pieces, padded, group=self.comm.group, async_op=True)
+            self.comm.wait([work], x.device.type == "cpu")
+        return pieces
+
+    def close(self):
+        if self.comm is not None:
+            self.comm.close()

@@ -32,11 +32,13 @@ from dataclasses import dataclass
 
 import torch
 
-from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward, merge_attention
+from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
 from ._checks import check_cu_seqlens, check_qkv
-from .attention import _kernel_dtype
+from ._ops import _kernel_dtype
 from .faults import fault_point
+from .partials import empty_partial, merge_sinks, sinks_grad
+from .visibility import causal_window, window_sees
 from .layout import Layout
 
 KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart on gloo
@@ -89,29 +91,29 @@ def _with_offsets(chunks):
     return result
 
 
-def _shared_documents(docs, q_start, q_len, k_start, k_len):
+def _shared_documents(packing, q_start, q_len, k_start, k_len):
     """[(document start, q start, q end, k start, k end)]: the parts of two position ranges in each
-    document both touch (packing ``docs``, a cu_seqlens tuple). Two disjoint ranges share at most one."""
+    document both touch (``packing``, a cu_seqlens tuple). Two disjoint ranges share at most one."""
     def first_last(start, length):  # the documents holding a range's first and last token
-        return bisect.bisect_right(docs, start) - 1, bisect.bisect_right(docs, start + length - 1) - 1
+        return bisect.bisect_right(packing, start) - 1, bisect.bisect_right(packing, start + length - 1) - 1
     (q_first, q_last), (k_first, k_last) = first_last(q_start, q_len), first_last(k_start, k_len)
     shared = []
     for d in range(max(q_first, k_first), min(q_last, k_last) + 1):
-        lo, hi = docs[d], docs[d + 1]
+        lo, hi = packing[d], packing[d + 1]
         qa, qb, ka, kb = max(q_start, lo), min(q_start + q_len, hi), max(k_start, lo), min(k_start + k_len, hi)
         if qa < qb and ka < kb:
             shared.append((lo, qa, qb, ka, kb))
     return shared
 
 
-def _document_calls(q_chunk, kv_chunk, window, docs):
-    """The calls of one chunk pair under packing ``docs``: one per shared document segment with a
+def _document_calls(q_chunk, kv_chunk, window, packing):
+    """The calls of one chunk pair under ``packing``: one per shared document segment with a
     visible pair, merged into one varlen call when the segments tile contiguous rows (a chunk
     against itself: every document in it)."""
     (q_start, q_len, q_off), (k_start, k_len, k_off) = q_chunk, kv_chunk
     segments = []
-    for doc, qa, qb, ka, kb in _shared_documents(docs, q_start, q_len, k_start, k_len):
-        some, every = MaskSpec.window_sees(window, qa - doc, qb - 1 - doc, ka - doc, kb - 1 - doc)
+    for doc, qa, qb, ka, kb in _shared_documents(packing, q_start, q_len, k_start, k_len):
+        some, every = window_sees(window, qa - doc, qb - 1 - doc, ka - doc, kb - 1 - doc)
         if some:
             segments.append(KernelCall(q_off + qa - q_start, q_off + qb - q_start, k_off + ka - k_start,
                                        k_off + kb - k_start, qa - doc, ka - doc, (-1, -1) if every else window))
@@ -124,25 +126,25 @@ def _document_calls(q_chunk, kv_chunk, window, docs):
                        (0, *(c.k_hi - segments[0].k_lo for c in segments)))]
 
 
-def plan_step(q_chunks, kv_chunks, window, docs=None):
+def plan_step(q_chunks, kv_chunks, window, packing=None):
     """Kernel calls for local query chunks against visiting kv chunks.
 
     Chunks are [(global start, length)] in local buffer order (``Layout.ring_chunks``).
     ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
-    pairs of chunks with no visible (query, key) pair make no call. ``docs``
+    pairs of chunks with no visible (query, key) pair make no call. ``packing``
     (packed documents, a cu_seqlens tuple): only tokens of one document meet,
     at their positions inside it; pairs that share no document make no call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
-    if docs is not None:
+    if packing is not None:
         return [call for q_chunk in q_chunks if q_chunk[1] for k_chunk in kv_chunks if k_chunk[1]
-                for call in _document_calls(q_chunk, k_chunk, window, docs)]
+                for call in _document_calls(q_chunk, k_chunk, window, packing)]
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
             if not q_len or not k_len:  # an empty chunk (a sequence shorter than 2R)
                 continue
-            some, every = MaskSpec.window_sees(window, q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
+            some, every = window_sees(window, q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
             if some:
                 pairs.append((qi, ki, every))
     if not pairs:
@@ -166,47 +168,47 @@ def plan_step(q_chunks, kv_chunks, window, docs=None):
 
 
 @functools.lru_cache(maxsize=512)
-def ring_plan(layout, ring_index, seq_len, window, offset=0, docs=None):
+def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
     ``seq_len``: the full sequence's length; ``window`` as in ``plan_step``;
     ``offset`` shifts every global position (the sequence starts there). The
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
-    transfers of the steps nobody needs. ``docs``: packed documents (``plan_step``).
+    transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``).
     """
     def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, docs)]
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing)]
 
     def steps_of(rank):
         return [((rank - step) % layout.ring_degree,
-                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window, docs)))
+                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window, packing)))
                 for step in range(layout.ring_degree)]
     needed = max(max((step for step, (_, calls) in enumerate(steps_of(r)) if calls), default=0)
                  for r in range(layout.ring_degree)) + 1
     return tuple(steps_of(ring_index)[:needed])
 
 
-def _rows(t, lo, hi, dim=1):
+def _row_range(t, lo, hi, dim=1):
     """Rows [lo, hi) of ``t`` along ``dim``; ``t`` itself when that is all of it (no view to build)."""
     return t if lo == 0 and hi == t.shape[dim] else t.narrow(dim, lo, hi - lo)
 
 
-def _cached_rows():
-    """A ``_rows`` that builds each view once: a ring call meets the same ranges of the same tensors at
+def _cached_row_ranges():
+    """A ``_row_range`` that builds each view once: a ring call meets the same ranges of the same tensors at
     every step (host time: a view costs more than a dict lookup)."""
     made = {}
 
-    def rows(t, lo, hi, dim=1):
+    def row_range(t, lo, hi, dim=1):
         key = (id(t), lo, hi)
         view = made.get(key)
         if view is None:
-            view = made[key] = _rows(t, lo, hi, dim)
+            view = made[key] = _row_range(t, lo, hi, dim)
         return view
-    return rows
+    return row_range
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_rows):
+def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row_range):
     """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
     for c in calls:
         attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
@@ -215,12 +217,13 @@ def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row
 
 
 def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap=0.0,
-                  compute_dq=True, compute_dkdv=True, rows=_rows, lse_log2=None):
+                  compute_dq=True, compute_dkdv=True, rows=_row_range, lse_log2=None):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta, lse_log2`` are ``attention_backward_delta(out, dout, lse)`` of the local queries,
     computed once (without ``lse_log2`` every call converts its rows of ``lse``).
     ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
+    ``rows(t, lo, hi, dim=1)``: rows [lo, hi) of ``t`` (``_row_range``, or a cached one).
     """
     for c in calls:
         q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
@@ -245,8 +248,8 @@ def _padded(t, length):
     return padded
 
 
-def _longest_piece(layout, seq_len, docs):
-    return max(layout.piece_length(r, seq_len, docs) for r in range(layout.ring_degree))
+def _longest_piece(layout, seq_len, packing):
+    return max(layout.piece_length(r, seq_len, packing) for r in range(layout.ring_degree))
 
 
 class _KVRotation:
@@ -278,44 +281,22 @@ class _KVRotation:
         self.kv, self._message = self._halves[self._next], (self._buffers[self._next],)
 
 
-def _empty_result(q):
-    batch, seqlen, heads, _ = q.shape
-    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full((batch, heads, seqlen), float("-inf"), dtype=torch.float32, device=q.device)
-    return out, lse
-
-
-def merge_sinks(out, lse, sinks):
-    """Fold attention sinks into a finished (out, lse), in place: a sink is the partial
-    (out 0, lse sink_h), merged once after every key (DESIGN.md). The zero partial is a
-    stride-0 view, so it costs no memory."""
-    batch, seqlen, heads, _ = out.shape
-    zero = out.new_zeros(()).expand(out.shape)
-    merge_attention(out, lse, zero, sinks.float()[None, :, None].expand(batch, heads, seqlen), inplace=True)
-
-
-def sinks_grad(sinks, lse, delta):
-    """d loss / d sinks from these rows: a sink's probability is exp(sink - lse), and
-    d out / d sink = -p_sink * out, so each row adds -p_sink * rowsum(dout * out)."""
-    return -(torch.exp(sinks.float()[None, :, None] - lse) * delta).sum(dim=(0, 2))
-
-
 def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None,
-                 docs=None):
+                 packing=None):
     """Forward over the ring; q, k, v hold this ring rank's whole piece of a ``seq_len`` sequence
-    (packed documents ``docs``, a cu_seqlens tuple, or None).
+    (packed documents ``packing``, a cu_seqlens tuple, or None).
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
     ``window`` = (left, right) by global position (causal: right 0); ``sinks`` (H,) are
     merged once, after the last step.
     """
-    plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
-    out, lse = _empty_result(q)
+    plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
+    out, lse = empty_partial(q)
     kv = None
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, docs)
+        longest = _longest_piece(layout, seq_len, packing)
         kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
-    on_cpu, rows = q.device.type == "cpu", _cached_rows()
+    on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
     for step, (_, calls) in enumerate(plan):
         pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring forward", step)
@@ -328,7 +309,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
 
 
 def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0,
-                  sinks=None, docs=None):
+                  sinks=None, packing=None):
     """Gradients (fp32 dq, dk, dv, and this rank's share of d sinks or None) of
     ``ring_forward`` from the final out and lse.
 
@@ -340,18 +321,18 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     transfer for the next step overlaps the whole step. When a window ends the
     plan early, the dk/dv still travel the rest of the ring (without kv) home.
     """
-    plan = ring_plan(layout, ring_index, seq_len, window, 0, docs)
+    plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
     delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     longest, kv = k.shape[1], None
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, docs)
+        longest = _longest_piece(layout, seq_len, packing)
         kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
     dkv = [torch.zeros((2, k.shape[0], longest, *k.shape[2:]), dtype=torch.float32, device=k.device)]
     if comm is not None:
         dkv.append(torch.empty_like(dkv[0]))
     halves = [(buffer[0], buffer[1]) for buffer in dkv]
-    on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_rows(), 0, None
+    on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_row_ranges(), 0, None
     for step, (_, calls) in enumerate(plan):
         kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring backward", step)
@@ -377,24 +358,24 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
     dsinks = sinks_grad(sinks, lse, delta) if sinks is not None else None
-    dk, dv = (_rows(t, 0, k.shape[1]) for t in halves[current])
+    dk, dv = (_row_range(t, 0, k.shape[1]) for t in halves[current])
     return dq, dk, dv, dsinks
 
 
 # ----------------------------------------------------------------------------- simulation
 
-def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size=(-1, -1), docs=None):
+def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size=(-1, -1), packing=None):
     """schedule[ring_index][step] = (kv ring index, [KernelCall]) for a ring of full length ``seq_len``.
 
     Exactly what each rank of ``ring_forward``/``ring_backward`` computes at
     each step; benchmarks can replay it on one device. ``offset``: the global
     position of the first token; ``window_size`` as flash-attn's (steps whose kv no
-    query of any rank sees are dropped from the end); ``docs``: packed documents (a cu_seqlens tuple).
+    query of any rank sees are dropped from the end); ``packing``: packed documents (a cu_seqlens tuple).
     """
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seq_len, "ring_schedule")
-    window = MaskSpec(causal, window_size).window
-    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, seq_len, window, offset, docs)]
+    window = causal_window(causal, window_size)
+    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, seq_len, window, offset, packing)]
             for r in range(ring_degree)]
 
 
@@ -406,14 +387,14 @@ def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_s
         raise ValueError(f"{where}: position_offset must be a non-negative int, got {offset!r}")
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seqlen_q, where)
-    docs = None
+    packing = None
     if cu_seqlens is not None:
         check_cu_seqlens(cu_seqlens, seqlen_q, seqlen_q, q.device, "cu_seqlens", where)
         if batch != 1 or offset:
             raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1 and position_offset 0")
-        docs = tuple(cu_seqlens.tolist())
-    positions = [layout.positions(seqlen_q, r, docs).to(q.device) for r in range(ring_degree)]
-    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size, docs), positions
+        packing = tuple(cu_seqlens.tolist())
+    positions = [layout.positions(seqlen_q, r, packing).to(q.device) for r in range(ring_degree)]
+    return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size, packing), positions
 
 
 def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=False, softmax_scale=None,
@@ -434,11 +415,11 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
                                              window_size, cu_seqlens, "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    out_full, lse_full = _empty_result(q)
+    out_full, lse_full = empty_partial(q)
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local = q[:, pos]
-        out, lse = _empty_result(q_local)
+        out, lse = empty_partial(q_local)
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
             forward_step(q_local, k[:, kv_pos], v[:, kv_pos], calls, out, lse, softmax_scale, softcap)

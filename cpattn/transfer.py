@@ -24,17 +24,20 @@ with their own stripes, pages or contiguous storage):
 import torch
 import torch.distributed as dist
 
-from .kv_cache import ShardedKVCache, StripeLayout
+from .agreement import agree
+from .kv_cache import ShardedKVCache
+from .layout import StripeLayout
+from .pages import check_pages
 
 
-def _describe(cache, rows, role):
+def _describe(cache, ids, role):
     """What the other ranks need to know about this rank's cache (plain Python values)."""
     info = {"rank": cache.rank, "world": cache.world_size, "batch": cache.batch, "heads": cache.num_kv_heads,
             "head_dim": cache.head_dim, "dtype": str(cache.dtype), "stripe": cache.stripe,
-            "capacity": cache.capacity, "rows": rows.tolist(), "seqlens": cache.seqlens.tolist()}
+            "capacity": cache.capacity, "ids": ids.tolist(), "seqlens": cache.seqlens.tolist()}
     if role == "dst":
-        info.update(paged=cache.paged, page_size=cache.page_size, num_pages=getattr(cache, "num_pages", 0),
-                    limit=cache._limit.tolist())
+        info.update(paged=cache.paged, page_size=cache.page_size, num_pages=cache.num_pages,
+                    limit=cache.limit.tolist())
     return info
 
 
@@ -44,7 +47,7 @@ def _one_side(records, role):
     if not sides:
         raise ValueError(f"transfer_cache: no rank passed a {'source' if role == 'src' else 'destination'} cache")
     world = sides[0]["world"]
-    same = [k for k in ("world", "batch", "heads", "head_dim", "dtype", "stripe", "capacity", "rows", "seqlens")
+    same = [k for k in ("world", "batch", "heads", "head_dim", "dtype", "stripe", "capacity", "ids", "seqlens")
             if any(s[k] != sides[0][k] for s in sides)]
     if same or sorted(s["rank"] for s in sides) != list(range(world)):
         raise ValueError(f"transfer_cache: the {role} caches must be one cache per rank of one group, the same "
@@ -59,54 +62,67 @@ def _check_plan(src, dst):
     for key, name in (("heads", "kv heads"), ("head_dim", "head dim"), ("dtype", "dtype")):
         if src[key] != dst[key]:
             raise ValueError(f"{where}: the caches differ in {name}: source {src[key]}, destination {dst[key]}")
-    if len(src["rows"]) != len(dst["rows"]):
-        raise ValueError(f"{where}: {len(src['rows'])} source sequences but {len(dst['rows'])} destination ones")
-    lengths = [src["seqlens"][b] for b in src["rows"]]
+    if len(src["ids"]) != len(dst["ids"]):
+        raise ValueError(f"{where}: {len(src['ids'])} source sequences but {len(dst['ids'])} destination ones")
+    lengths = [src["seqlens"][b] for b in src["ids"]]
     if max(lengths) > dst["capacity"]:
         raise ValueError(f"{where}: a sequence of {max(lengths)} tokens does not fit the destination's capacity "
                          f"{dst['capacity']}")
-    busy = [b for b in dst["rows"] if dst["seqlens"][b]]
+    busy = [b for b in dst["ids"] if dst["seqlens"][b]]
     if busy:
         raise ValueError(f"{where}: destination sequences {busy} are not empty (reset them first)")
     if dst["paged"]:
-        layout = StripeLayout(dst["stripe"], dst["world"])
         target = torch.tensor(dst["limit"])
-        target[dst["rows"]] = torch.maximum(target[dst["rows"]], torch.tensor(lengths))
-        for r in range(dst["world"]):
-            need = int((-(-layout.local_lengths(target, r) // dst["page_size"])).sum())
-            if need > dst["num_pages"]:
-                raise ValueError(f"{where}: destination rank {r} would need {need} pages, its pool has "
-                                 f"{dst['num_pages']}")
+        target[dst["ids"]] = torch.maximum(target[dst["ids"]], torch.tensor(lengths))
+        check_pages(StripeLayout(dst["stripe"], dst["world"]), dst["page_size"], dst["num_pages"], target, where,
+                    "destination rank")
     return lengths
 
 
 class CacheTransfer:
     """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them."""
 
-    def __init__(self, dst, rows, lengths):
-        self.dst, self.rows, self.lengths = dst, rows, lengths
-        self._works = {b: [] for b in rows}     # destination sequence -> outstanding works (sends or receives)
-        self._pieces = {b: [] for b in rows}    # destination sequence -> (positions, k/v) this rank stores
-        self._sent = {b: [] for b in rows}      # the buffers being sent, alive until their sends complete
+    def __init__(self, dst, ids, lengths):
+        self.dst, self.ids, self.lengths = dst, ids, lengths
+        self._works = {b: [] for b in ids}     # destination sequence -> outstanding works (sends or receives)
+        self._pieces = {b: [] for b in ids}    # destination sequence -> (positions, k/v) this rank stores
+        self._sent = {b: [] for b in ids}      # the buffers being sent, alive until their sends complete
         self._done = set()
+
+    def sending(self, b, kv, work):
+        """``kv`` (2, n, Hkv, D) for destination sequence ``b`` is being sent (``work``)."""
+        self._works[b].append(work)
+        self._sent[b].append(kv)
+
+    def receiving(self, b, positions, kv, work=None):
+        """``kv`` (2, n, Hkv, D) holds, or once ``work`` completes will hold, the keys and values at
+        ``positions`` of destination sequence ``b``, to store on this rank."""
+        if work is not None:
+            self._works[b].append(work)
+        self._pieces[b].append((positions, kv))
+
+    @property
+    def tokens_received(self):
+        """How many positions this rank stores (received, or kept from its own source cache)."""
+        return sum(positions.numel() for pieces in self._pieces.values() for positions, _ in pieces)
 
     def wait(self, batch_index=None):
         """Complete sequences ``batch_index`` (destination ids; default all). On a decode rank their keys
         and values are then stored and their lengths set: they can be decoded."""
-        todo = self.rows if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
+        todo = self.ids if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
         for b in todo:
             if b in self._done:
                 continue
             if b not in self._works:
-                raise ValueError(f"CacheTransfer.wait: sequence {b} is not part of this transfer ({self.rows})")
+                raise ValueError(f"CacheTransfer.wait: sequence {b} is not part of this transfer ({self.ids})")
             for work in self._works[b]:
                 work.wait()
             self._sent[b].clear()
             if self.dst is not None:
-                row = torch.tensor([b], device=self.dst.device)
+                dev_id = torch.tensor([b], device=self.dst.device)
                 for positions, kv in self._pieces[b]:
-                    self.dst._store(row, positions.to(self.dst.device)[None], kv[0][None], kv[1][None])
-                self.dst._advance(torch.tensor([b]), self.lengths[b])
+                    self.dst.store(dev_id, positions.to(self.dst.device)[None], kv[0][None], kv[1][None])
+                self.dst.advance(torch.tensor([b]), self.lengths[b])
             self._done.add(b)
 
 
@@ -122,38 +138,35 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
     sequence b (every rank of both groups must wait for what it sends or receives).
     """
     where = "transfer_cache"
-    error, record = None, {"global": dist.get_rank(), "src": None, "dst": None}
-    try:
+    group = dist.group.WORLD if group is None else group
+
+    def check():
+        record = {"global": dist.get_rank(), "src": None, "dst": None}
         for name, cache in (("src", src), ("dst", dst)):
             if cache is not None and not isinstance(cache, ShardedKVCache):
                 raise TypeError(f"{where}: {name} must be a ShardedKVCache or None, got {type(cache).__name__}")
         if src is not None:
-            record["src"] = _describe(src, src._rows(batch_index), "src")
+            record["src"] = _describe(src, src.sequence_ids(batch_index), "src")
         if dst is not None:
-            rows = batch_index if dst_batch_index is None else dst_batch_index
-            record["dst"] = _describe(dst, dst._rows(rows), "dst")
-    except (TypeError, ValueError) as exc:
-        error = exc
+            record["dst"] = _describe(dst, dst.sequence_ids(batch_index if dst_batch_index is None
+                                                            else dst_batch_index), "dst")
+        return record
+    record = agree(where, check, group=group)
     records = [None] * dist.get_world_size(group)
-    dist.all_gather_object(records, {**record, "error": None if error is None else str(error)}, group=group)
-    if error is not None:
-        raise error
-    failed = [r["global"] for r in records if r["error"]]
-    if failed:
-        raise ValueError(f"{where}: rank(s) {failed} rejected their inputs (see the error raised there)")
+    dist.all_gather_object(records, record, group=group)
     src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
     lengths = _check_plan(src_info, dst_info)
-    src_rows, dst_rows = src_info["rows"], dst_info["rows"]
+    src_ids, dst_ids = src_info["ids"], dst_info["ids"]
     src_global = {r["src"]["rank"]: r["global"] for r in records if r["src"] is not None}
     dst_global = {r["dst"]["rank"]: r["global"] for r in records if r["dst"] is not None}
     src_layout = StripeLayout(src_info["stripe"], src_info["world"])
     dst_layout = StripeLayout(dst_info["stripe"], dst_info["world"])
 
-    transfer = CacheTransfer(dst, dst_rows, dict(zip(dst_rows, lengths)))
+    transfer = CacheTransfer(dst, dst_ids, dict(zip(dst_ids, lengths)))
     if dst is not None:
-        for b, n in zip(dst_rows, lengths):
-            dst._reserve(torch.tensor([b]), n, where)  # pages for the whole sequence, before anything arrives
-    for i, (sb, db, n) in enumerate(zip(src_rows, dst_rows, lengths)):
+        for b, n in zip(dst_ids, lengths):
+            dst.make_room(torch.tensor([b]), n, where)  # pages for the whole sequence, before anything arrives
+    for i, (sb, db, n) in enumerate(zip(src_ids, dst_ids, lengths)):
         pos = torch.arange(n)
         src_owner, dst_owner = src_layout.owner(pos), dst_layout.owner(pos)
         for s_rank in range(src_info["world"]):
@@ -167,15 +180,12 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
                 if me_send:
                     slots = src_layout.local_slot(mine).to(src.device)
                     kv = torch.stack(src.read(torch.tensor([sb], device=src.device), slots))[:, 0].contiguous()
-                if me_recv:
-                    if me_send:
-                        buffer = kv  # a rank in both groups keeps its own part: no message
-                    else:
-                        buffer = torch.empty((2, mine.numel(), dst.num_kv_heads, dst.head_dim), dtype=dst.dtype,
-                                             device=dst.device)
-                        transfer._works[db].append(dist.irecv(buffer, src=sender, group=group, tag=i))
-                    transfer._pieces[db].append((mine, buffer))
+                if me_recv and me_send:
+                    transfer.receiving(db, mine, kv)  # a rank in both groups keeps its own part: no message
+                elif me_recv:
+                    buffer = torch.empty((2, mine.numel(), dst.num_kv_heads, dst.head_dim), dtype=dst.dtype,
+                                         device=dst.device)
+                    transfer.receiving(db, mine, buffer, dist.irecv(buffer, src=sender, group=group, tag=i))
                 elif me_send:
-                    transfer._works[db].append(dist.isend(kv, dst=receiver, group=group, tag=i))
-                    transfer._sent[db].append(kv)
+                    transfer.sending(db, kv, dist.isend(kv, dst=receiver, group=group, tag=i))
     return transfer

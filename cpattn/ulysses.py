@@ -5,12 +5,12 @@ Over a Ulysses group of U ranks, ``scatter_heads`` turns this rank's
 [u*H/U, (u+1)*H/U) of the whole (group's) sequence, parts concatenated in
 Ulysses-rank order. ``gather_heads`` is its inverse. Several tensors of one
 dtype travel in ONE all-to-all (q, k and v forward; dq, dk and dv backward),
-packed side by side along the head axis of a single send buffer, so the
-packing is the only copy before the transfer.
+side by side along the head axis of a single send buffer, so writing them
+there is the only copy before the transfer.
 
 GQA: rank u's query heads use kv heads [u*Hkv/U, (u+1)*Hkv/U) when U divides
 Hkv. When Hkv divides U instead (fewer kv heads than ranks), rank u is sent kv
-head u // (U/Hkv), the one its query heads share (the packing reads it U/Hkv
+head u // (U/Hkv), the one its query heads share (the send buffer reads it U/Hkv
 times; nothing is materialised), and ``gather_heads`` sums the U/Hkv copies'
 gradients. Other head counts cannot be split evenly and raise ValueError.
 
@@ -34,7 +34,7 @@ def _heads_per_rank(heads, degree):
     return heads // degree if heads % degree == 0 else 1
 
 
-def _pack(dst, t, degree):
+def _write_head_groups(dst, t, degree):
     """dst (U, B, S/U, w, D)[i] = the heads of ``t`` (B, S/U, H, D) that rank i attends with."""
     batch, part, heads, dim = t.shape
     if heads % degree == 0:
@@ -43,7 +43,7 @@ def _pack(dst, t, degree):
         dst.unflatten(0, (heads, degree // heads)).copy_(t.permute(2, 0, 1, 3)[:, None, :, :, None, :])
 
 
-def _unpack(src, heads, degree):
+def _read_head_groups(src, heads, degree):
     """src (U, B, S/U, w, D)[i] = rank i's heads of this sequence part -> (B, S/U, heads, D); copies summed."""
     _, batch, part, _, dim = src.shape
     if heads % degree == 0:
@@ -66,7 +66,7 @@ def scatter_heads(tensors, comm, parts=None):
     send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
     col = 0
     for t, width in zip(tensors, widths):
-        _pack(send[:, :, :mine, col:col + width, :], t, degree)
+        _write_head_groups(send[:, :, :mine, col:col + width, :], t, degree)
         col += width
     recv = comm.all_to_all(send)  # recv[i]: rank i's sequence part, this rank's heads
     if parts is None or min(parts) == part:
@@ -101,6 +101,6 @@ def gather_heads(tensors, heads, comm, parts=None, index=0):
     recv = comm.all_to_all(send)[:, :, :parts[index]]  # recv[i]: rank i's heads of this rank's sequence part
     parts, col = [], 0
     for count, width in zip(heads, widths):
-        parts.append(_unpack(recv[..., col:col + width, :], count, degree))
+        parts.append(_read_head_groups(recv[..., col:col + width, :], count, degree))
         col += width
     return parts

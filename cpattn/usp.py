@@ -14,42 +14,23 @@ backward run inside two custom operators (``usp_attention_forward`` and
 ``usp_attention_backward``, called by cpattn/_cp_ops.py) instead of the
 autograd Function.
 """
-from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 
-from .attention import _kernel_dtype
-from .comm import Communicator, RingComm, UlyssesComm
-from .faults import fault_point
-from .layout import Layout
+from ._ops import _kernel_dtype
+from .faults import fault_path, fault_point
+from .mesh import Mesh
 from .ring import ring_backward, ring_forward
 from .ulysses import gather_heads, scatter_heads
 
 
-@dataclass(frozen=True)
-class MeshComms:
-    """What one rank needs to run attention over its mesh; the comms are None on an axis of one rank."""
-    layout: Layout
-    ring_index: int
-    comm: Communicator = None
-    ring: RingComm = None
-    ulysses: UlyssesComm = None
-
-
 def _guarded(mesh, where, fn, *args):
-    if mesh.comm is None:
+    """``fn(*args)`` on the fault path of faults.py, after raising if an earlier call failed."""
+    if mesh.comm is not None:
+        mesh.comm.check(where)
+    with fault_path(mesh.comm, where):
         return fn(*args)
-    mesh.comm.check(where)
-    try:
-        return fn(*args)
-    except Exception as exc:
-        mesh.comm.fail(where, exc)
-
-
-def _ulysses_index(mesh):
-    return mesh.ulysses.members.index(dist.get_rank())
 
 
 def _local_heads(mesh, heads):
@@ -57,15 +38,14 @@ def _local_heads(mesh, heads):
     if mesh.ulysses is None:
         return slice(0, heads)
     width = heads // mesh.ulysses.degree
-    index = _ulysses_index(mesh)
-    return slice(index * width, (index + 1) * width)
+    return slice(mesh.ulysses_index * width, (mesh.ulysses_index + 1) * width)
 
 
 class _Call(NamedTuple):
     """What a call's backward needs besides tensors."""
-    mesh: MeshComms
+    mesh: Mesh
     seq_len: int
-    docs: Optional[tuple]
+    packing: Optional[tuple]
     parts: list  # the Ulysses ranks' token counts
     window: tuple
     softmax_scale: Optional[float]
@@ -75,9 +55,9 @@ class _Call(NamedTuple):
     in_dtype: torch.dtype
 
     @staticmethod
-    def of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap):
-        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, docs)
-        return _Call(mesh, seq_len, docs, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
+    def of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap):
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing)
+        return _Call(mesh, seq_len, packing, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
                      q.dtype)
 
 
@@ -106,15 +86,14 @@ def _forward(q, k, v, sinks, call, return_lse):
     local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
     q, k, v = _ring_inputs(q, k, v, mesh)
     out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.window,
-                            call.softmax_scale, call.softcap, local_sinks, call.docs)
+                            call.softmax_scale, call.softcap, local_sinks, call.packing)
     out = out.to(q.dtype)
     saved = (q, k, v, out, lse, local_sinks)
     out = out.to(call.in_dtype)
     if mesh.ulysses is not None:
-        index = _ulysses_index(mesh)
-        (out,) = gather_heads([out], [call.heads], mesh.ulysses, call.parts, index)
+        (out,) = gather_heads([out], [call.heads], mesh.ulysses, call.parts, mesh.ulysses_index)
         if return_lse:
-            (lse,) = gather_heads([_lse_as_heads(lse)], [call.heads], mesh.ulysses, call.parts, index)
+            (lse,) = gather_heads([_lse_as_heads(lse)], [call.heads], mesh.ulysses, call.parts, mesh.ulysses_index)
             lse = lse[..., 0].transpose(1, 2)
     return out, (lse if return_lse else None), saved
 
@@ -133,11 +112,11 @@ def _ring_backward(dout, saved, call):
     mesh = call.mesh
     dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, call.seq_len,
                                              mesh.ring_index, mesh.ring, call.window, call.softmax_scale,
-                                             call.softcap, local_sinks, call.docs)
+                                             call.softcap, local_sinks, call.packing)
     grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
         grads = gather_heads(grads, [call.heads, call.heads_kv, call.heads_kv], mesh.ulysses, call.parts,
-                             _ulysses_index(mesh))
+                             mesh.ulysses_index)
     dsinks = None
     if local_sinks is not None:
         # This rank's share (its rows, its heads), as for every replicated parameter under context
@@ -152,9 +131,9 @@ class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mesh, seq_len, docs, window, softmax_scale, softcap, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, window, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        ctx.call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+        ctx.call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
         out, lse, saved = _guarded(mesh, where, _forward, q, k, v, sinks, ctx.call, return_lse)
         ctx.save_for_backward(*saved)
         if lse is not None:
@@ -169,13 +148,13 @@ class USPAttention(torch.autograd.Function):
 
 
 def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=False, where="usp_attention",
-                  softcap=0.0, sinks=None, docs=None):
+                  softcap=0.0, sinks=None, packing=None):
     """Attention of local shards (flash layout) of a ``seq_len`` sequence over the mesh; (out, lse) with
     ``return_lse``. Inputs are validated.
 
     ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``);
-    ``docs``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
-    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, docs, tuple(window), softmax_scale, softcap,
+    ``packing``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
+    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, packing, tuple(window), softmax_scale, softcap,
                                   return_lse, where)
     return (out, lse) if return_lse else out
 
@@ -186,17 +165,17 @@ def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=Fals
 # their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
 # outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.
 
-def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, docs=None):
+def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, packing=None):
     """``usp_attention`` without autograd: (out, lse) of this rank's rows, on the same fault path."""
-    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
     out, lse, _ = _guarded(mesh, where, _forward, q, k, v, sinks, call, True)
     return out, lse
 
 
 def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, window, softmax_scale, where, softcap=0.0,
-                           sinks=None, docs=None):
+                           sinks=None, packing=None):
     """(dq, dk, dv, d sinks or None) of ``usp_attention_forward``, from its inputs and outputs."""
-    call = _Call.of(q, k, mesh, seq_len, docs, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
     return _guarded(mesh, where, _backward_from_outputs, dout, q, k, v, out, lse, sinks, call)
 
 

@@ -6,7 +6,7 @@ import sys
 
 def test_torchrun_demo_hybrid():
     # python -m torch.distributed.run is the torchrun command, without relying on PATH
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "-m", "cpattn.demo",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "-m", "cpattn.examples.demo",
            "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "2", "--seqlen", "64"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -20,7 +20,7 @@ def test_torchrun_demo_hybrid():
 
 
 def test_single_device_demo_still_runs():
-    result = subprocess.run([sys.executable, "-m", "cpattn.demo", "--seqlen", "64"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "cpattn.examples.demo", "--seqlen", "64"], capture_output=True, text=True,
                             timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "rel error" in result.stdout

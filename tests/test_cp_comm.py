@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import cpattn
-import cpattn.context_parallel as cp_module
+import cpattn.agreement as agreement_module
 from cpattn.comm import live_groups
 from cpattn.testing import run_ranks
 from reference import rel_err, sdpa_with_grads
@@ -72,13 +72,13 @@ def test_constructions_share_one_set_of_groups():
 
 def run_signature_cache(rank, world_size):
     calls = []
-    original = cp_module.gather_rows
+    original = agreement_module.gather_rows
 
     def counting_gather_rows(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    cp_module.gather_rows = counting_gather_rows
+    agreement_module.gather_rows = counting_gather_rows
     counts = {}
     q, k, v, _ = qkv(32)
     try:
@@ -97,7 +97,7 @@ def run_signature_cache(rank, world_size):
                 counts[(mode, name)] = len(calls) - before
             cp.close()
     finally:
-        cp_module.gather_rows = original
+        agreement_module.gather_rows = original
     return counts
 
 

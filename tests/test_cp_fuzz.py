@@ -1,6 +1,6 @@
 """Property test: the single-process ring simulator equals float64 attention, forward and backward.
 
-``cpattn.simulate_ring_attention`` (and its backward) run, rank by rank and
+``cpattn.ring.simulate_ring_attention`` (and its backward) run, rank by rank and
 step by step, the same plans and step functions as the distributed ring. Drawn
 at random: ring degree 1-8, ring or zigzag, chunks of 1 to 4 tokens (smaller
 than any kernel block), batch, MHA/GQA/MQA, head dims 8 to 96 (40, 80, 96

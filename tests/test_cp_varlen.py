@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.layout import Layout, doc_positions
-from cpattn.ring import ring_schedule
+from cpattn.layout import Layout, context_parallel_work, doc_positions
+from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward
 from cpattn.testing import run_ranks
 from reference import reference_attention, reference_varlen, rel_err
 
@@ -49,8 +49,8 @@ def simulated_case(ring_degree, ring_impl, causal, seq_len, seed):
     q = torch.randn(1, seq_len, 2, 16, generator=gen)
     k, v = (torch.randn(1, seq_len, 1, 16, generator=gen) for _ in range(2))
     dout = torch.randn(1, seq_len, 2, 16, generator=gen)
-    out, lse = cpattn.simulate_ring_attention(q, k, v, ring_degree, ring_impl, causal=causal)
-    grads = cpattn.simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl, causal=causal)
+    out, lse = simulate_ring_attention(q, k, v, ring_degree, ring_impl, causal=causal)
+    grads = simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl, causal=causal)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref_out, ref_lse = reference_attention(*leaves, causal=causal)
     ref_grads = torch.autograd.grad(ref_out, leaves, dout.double())
@@ -85,9 +85,9 @@ def test_simulated_ring_packed_documents(case):
     gen = torch.Generator().manual_seed(case)
     q, dout = (torch.randn(1, seq_len, 2, 16, generator=gen) for _ in range(2))
     k, v = (torch.randn(1, seq_len, 1, 16, generator=gen) for _ in range(2))
-    out, lse = cpattn.simulate_ring_attention(q, k, v, ring_degree, ring_impl, causal=causal, window_size=window,
+    out, lse = simulate_ring_attention(q, k, v, ring_degree, ring_impl, causal=causal, window_size=window,
                                               cu_seqlens=cu)
-    grads = cpattn.simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl, causal=causal,
+    grads = simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_impl, causal=causal,
                                                     window_size=window, cu_seqlens=cu)
     ref = varlen_reference(q, k, v, dout, cu, causal, window)
     errors = [rel_err(g, r) for g, r in zip((out, lse, *grads), ref)]
@@ -98,10 +98,10 @@ def test_documents_that_share_no_chunk_make_no_call():
     # Four documents, each exactly one rank's piece (equal work): no step after the first has a call,
     # so the plan ends there and no kv travels at all.
     docs = tuple(packing([16, 16, 16, 16]).tolist())
-    schedule = ring_schedule(64, 4, "ring", causal=True, docs=docs)
+    schedule = ring_schedule(64, 4, "ring", causal=True, packing=docs)
     assert all(len(steps) == 1 for steps in schedule)
     # One chunk holding several documents: one varlen call for all of them.
-    (steps,) = ring_schedule(24, 1, "ring", causal=True, docs=(0, 5, 6, 24))
+    (steps,) = ring_schedule(24, 1, "ring", causal=True, packing=(0, 5, 6, 24))
     (_, (call,)), = steps
     assert call.cu_q == call.cu_k == (0, 5, 6, 24) and call.q_start == call.k_start == (0, 0, 0)
 
@@ -118,17 +118,17 @@ def realistic_packings():
 @pytest.mark.parametrize("ring_degree", [2, 4, 8])
 def test_packed_work_is_balanced(ring_degree):
     for name, lengths in realistic_packings().items():
-        work = cpattn.context_parallel_work(packing(lengths), ring_degree)
+        work = context_parallel_work(packing(lengths), ring_degree)
         mean = sum(work) / ring_degree
         assert max(abs(w - mean) for w in work) <= 0.1 * mean, (name, work)
         assert sum(work) == sum(n * (n + 1) // 2 for n in lengths), "every causal pair counted once"
     lengths = realistic_packings()["one long + many short"]
-    contiguous = cpattn.context_parallel_work(packing(lengths), ring_degree, "contiguous")
+    contiguous = context_parallel_work(packing(lengths), ring_degree, "contiguous")
     assert max(contiguous) > 1.2 * sum(contiguous) / ring_degree, "the unbalanced baseline is unbalanced"
     with pytest.raises(ValueError, match="scheme"):
-        cpattn.context_parallel_work(packing(lengths), ring_degree, "spiral")
+        context_parallel_work(packing(lengths), ring_degree, "spiral")
     with pytest.raises(ValueError, match="cu_seqlens"):
-        cpattn.context_parallel_work([0, 5, 3], ring_degree)
+        context_parallel_work([0, 5, 3], ring_degree)
 
 
 # world size -> [(algorithm, ulysses degree, ring impl, seq_len or document lengths, causal)]

@@ -167,7 +167,7 @@ def test_no_process_group():
 
 def test_layout():
     # The formulas for a 3-rank group, seen from every rank.
-    layout = cpattn.kv_cache.StripeLayout(16, 3)
+    layout = cpattn.layout.StripeLayout(16, 3)
     pos = torch.arange(200)
     owner, slot = layout.owner(pos), layout.local_slot(pos)
     for r in range(3):
@@ -300,7 +300,7 @@ def test_append_and_reset_single_process():
     with pytest.raises(ValueError, match="out of pages"):
         cache.append(K[:, :60], V[:, :60])  # 3 x 81 tokens need 18 pages > 12
     cache.reset([0, 1])
-    assert cache.seqlens.tolist() == [0, 0, 21] and len(cache._free) == 12 - 2
+    assert cache.seqlens.tolist() == [0, 0, 21] and cache.free_pages == 12 - 2
     cache.append(K[:2, :60], V[:2, :60], batch_index=[0, 1])  # the freed pages are reused
     k_full, _ = cache.gather()
     assert torch.equal(k_full[:2, :60], K[:2, :60]) and torch.equal(k_full[2, :21], K[2, :21])

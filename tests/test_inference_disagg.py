@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import cpattn
 from cpattn.testing import run_ranks
-from cpattn.tiny_decoder import TinyDecoder
+from cpattn.examples.tiny_decoder import TinyDecoder
 from test_inference_e2e import NEW_TOKENS, decode_tokens, expected_tokens, prefill_prompts, prompts
 
 
@@ -57,8 +57,7 @@ def disaggregated(rank, world):
         for t in transfers:
             t.wait([1])  # the shorter prompt first: it could start decoding while the other is in flight
             t.wait()
-        moved.append(sum(positions.numel() for t in transfers for pieces in t._pieces.values()
-                         for positions, _ in pieces))
+        moved.append(sum(t.tokens_received for t in transfers))
     if rank >= 2:
         tokens = decode_tokens(model, dst_pair, first, NEW_TOKENS - 1)
     elif rank == 0:

@@ -11,7 +11,7 @@ import torch
 
 import cpattn
 from cpattn.testing import run_ranks
-from cpattn.tiny_decoder import TinyDecoder, generate_reference
+from cpattn.examples.tiny_decoder import TinyDecoder, generate_reference
 
 PROMPTS = (40, 24)      # two sequences of different lengths
 CHUNKS = {40: (24, 16), 24: (24,)}

@@ -53,3 +53,15 @@ def test_transformers_imports_from_the_root_beside_cpattn():
                         "from cpattn.integrations import transformers as cpattn_hf\n"
                         "print('ok', transformers.__version__)")
     assert result.returncode == 0 and result.stdout.startswith("ok"), result.stderr
+
+
+def test_public_surface():
+    """``cpattn.__all__`` holds the API; test harnesses and reports stay in their modules."""
+    import cpattn
+    from cpattn.layout import context_parallel_work, StripeLayout  # noqa: F401
+    from cpattn.ring import simulate_ring_attention, simulate_ring_attention_backward  # noqa: F401
+    for name in ("simulate_ring_attention", "simulate_ring_attention_backward", "context_parallel_work"):
+        assert name not in cpattn.__all__
+    assert all(hasattr(cpattn, name) for name in cpattn.__all__)
+    assert cpattn.add_context_parallel_args.__module__ == "cpattn.mindspeed"
+    assert callable(cpattn.ContextParallel.from_config) and callable(cpattn.ContextParallel.from_args)

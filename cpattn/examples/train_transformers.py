@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 import cpattn
 import cpattn.integrations.transformers as cpattn_hf
-from cpattn.demo import _init_distributed
+from cpattn.examples.demo import init_distributed
 from cpattn.testing import free_port
 
 
@@ -80,7 +80,7 @@ def main(argv=None):
 
     if "WORLD_SIZE" not in os.environ:  # plain python: a process group of one rank
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
-    device = _init_distributed()
+    device = init_distributed()
     rank = dist.get_rank()
     cp = cpattn.ContextParallel(ulysses_degree=args.ulysses_degree, ring_impl=args.ring_impl)
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cpattn
-from cpattn.comm import agree_on_inputs
+from cpattn.agreement import agree
 
 # cpattn keyword argument -> the model feature that needs it, for features cpattn does not compute: a model
 # that needs one is refused with NotImplementedError. Sliding windows (window_size), softcapping (softcap)
@@ -279,8 +279,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
         raise RuntimeError(f"{where}: call the model inside `with cpattn.integrations.transformers."
                            "context_parallel(cp):` (and its backward too under gradient checkpointing)")
     cp = _active[-1]
-    error = None
-    try:
+
+    def check():
         if query.shape[2] != key.shape[2]:
             raise NotImplementedError(f"{where}: queries and keys differ in length ({query.shape[2]} vs "
                                       f"{key.shape[2]}), as with a KV cache; context-parallel layers run whole "
@@ -304,13 +304,9 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                  f"cp.positions({seq_len}); pass them (shard_batch does), so that RoPE sees the "
                                  "true positions (packed sequences, whose positions restart, are not passed "
                                  "to ContextParallel.attention's cu_seqlens by this integration yet)")
-    except (ValueError, NotImplementedError) as exc:
-        error = exc
+        return causal, extras
     # A padding mask or wrong positions may reach some ranks only: every rank must raise, none may wait.
-    if cp.world_size > 1 and cp.check_across_ranks:
-        agree_on_inputs(cp.group, [], error, where, (), hint=query)
-    elif error is not None:
-        raise error
+    causal, extras = agree(where, check, group=cp.group if cp.check_across_ranks else None, hint=query)
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                        causal=causal, softmax_scale=scaling, **extras)
     return out, None

@@ -1,7 +1,7 @@
 """cpattn demo: attention on random inputs, checked against a reference.
 
-    python -m cpattn.demo            # single device: small on CPU, large on a GPU
-    torchrun --nproc-per-node=4 -m cpattn.demo --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2
+    python -m cpattn.examples.demo            # single device: small on CPU, large on a GPU
+    torchrun --nproc-per-node=4 -m cpattn.examples.demo --context-parallel-algo hybrid_cp_algo --ulysses-degree-in-cp 2
 
 Single device: prints the error against torch SDPA (forward and gradients) and
 the time. Under torchrun: context-parallel attention over all ranks (NCCL on
@@ -49,7 +49,8 @@ def single_device(args):
     k = torch.randn(batch, seqlen, heads_kv, head_dim, generator=gen).to(device, dtype).requires_grad_()
     v = torch.randn(batch, seqlen, heads_kv, head_dim, generator=gen).to(device, dtype).requires_grad_()
     dout = torch.randn(batch, seqlen, heads, head_dim, generator=gen).to(device, dtype)
-    print(f"cpattn {cpattn.__version__} on {device} ({'compiled Triton' if device.type == 'cuda' else 'Triton interpreter'})")
+    backend = "compiled Triton" if device.type == "cuda" else "Triton interpreter"
+    print(f"cpattn {cpattn.__version__} on {device} ({backend})")
     print(f"shape: batch={batch} seqlen={seqlen} heads={heads} kv_heads={heads_kv} head_dim={head_dim} "
           f"dtype={str(dtype).replace('torch.', '')} causal={args.causal}")
 
@@ -73,7 +74,7 @@ def single_device(args):
              if device.type == "cuda" else "   (CPU runs the Triton interpreter: correctness, not speed)"))
 
 
-def _init_distributed():
+def init_distributed():
     """NCCL with one GPU per rank when there are enough GPUs on this node, gloo on CPU otherwise."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
@@ -96,7 +97,7 @@ def _peak_memory_mib(device):
 
 
 def context_parallel(args):
-    device = _init_distributed()
+    device = init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     if device.type == "cuda":
         batch, seqlen, heads, heads_kv, head_dim, dtype = 1, 16384, 16, 4, 128, torch.bfloat16

@@ -101,19 +101,6 @@ def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, 
             _fresh(v) if compute_dkdv else q.new_empty(0))
 
 
-@torch.library.custom_op("cpattn::attention_delta", mutates_args=())
-def attention_delta(out: Tensor, dout: Tensor) -> Tensor:
-    """rowsum(dout * out) as (B, H, Sq) float32: the backward's per-row term."""
-    dtype = _kernel_dtype(out)
-    return attention_backward_delta(out.to(dtype), dout.to(dtype))
-
-
-@attention_delta.register_fake
-def _(out, dout):
-    batch, seqlen, heads, _ = out.shape
-    return out.new_empty((batch, heads, seqlen), dtype=torch.float32)
-
-
 @torch.library.custom_op("cpattn::attention_row_stats", mutates_args=())
 def attention_row_stats(out: Tensor, dout: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
     """(delta, lse in base 2 as the backward kernels read it), both (B, H, Sq) float32, from one pass."""

@@ -31,20 +31,19 @@ def test_opcheck_forward_op(window, softcap, with_sinks):
     torch.library.opcheck(_ops.attention_fwd, args)
 
 
-def test_opcheck_backward_and_delta_ops():
+def test_opcheck_backward_and_row_stats_ops():
     q, k, v = (t.detach() for t in _opcheck_inputs())
     out, lse = _ops.attention_fwd(q, k, v, 0.25, -1, 0, 0, 0, 0.0, None, None, None, None, None, 0, 0)
     dout = torch.randn_like(out)
-    torch.library.opcheck(_ops.attention_delta, (out, dout))
-    delta = _ops.attention_delta(out, dout)
+    # What autograd runs: delta and the base-2 lse from one pass, passed on to the backward.
+    torch.library.opcheck(_ops.attention_row_stats, (out, dout, lse))
+    delta, lse_log2 = _ops.attention_row_stats(out, dout, lse)
+    torch.testing.assert_close(delta, (out.double() * dout.double()).sum(-1).transpose(1, 2).float(),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_log2, lse * 1.4426950408889634, rtol=0, atol=0)
     for flags in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
                                                    None, None, None, None, 0, 0, *flags))
-    # What autograd runs: delta and the base-2 lse from one pass, passed on to the backward.
-    torch.library.opcheck(_ops.attention_row_stats, (out, dout, lse))
-    row_delta, lse_log2 = _ops.attention_row_stats(out, dout, lse)
-    torch.testing.assert_close(row_delta, delta, rtol=0, atol=0)
-    torch.testing.assert_close(lse_log2, lse * 1.4426950408889634, rtol=0, atol=0)
     torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
                                                None, None, None, None, 0, 0, True, True, False, lse_log2))
 
@@ -134,7 +133,7 @@ def test_every_entry_point_compiles_with_inductor():
         eager_outs, eager_grads = _outputs_and_grads(_every_entry_point, inputs)
     # Inductor lays its buffers out from the fake implementations: they must give the real strides.
     assert not check.mismatches, f"(operator, output, real layout, fake layout): {check.mismatches}"
-    assert {"cpattn::attention_fwd", "cpattn::attention_delta", "cpattn::attention_bwd"} <= check.seen
+    assert {"cpattn::attention_fwd", "cpattn::attention_row_stats", "cpattn::attention_bwd"} <= check.seen
     compiled = torch.compile(_every_entry_point, fullgraph=True)  # the default backend: inductor
     outs, grads = _outputs_and_grads(compiled, inputs)
     for name, want in {**eager_outs, **eager_grads}.items():

@@ -13,7 +13,7 @@ the same function; the compiled path never calls ``JITFunction.__call__`` (it
 reads the source), so it is unaffected.
 
 The interpreter's internals differ between the Triton releases we support
-(README, "Supported versions"), so this module leans only on what they share:
+(docs/supported-versions.md), so this module leans only on what they share:
 ``InterpretedFunction`` (with ``rewrite()``), ``_patch_lang(fn)`` and
 ``_patch_lang_tensor``. Two differences need handling:
 

@@ -11,7 +11,7 @@ float64 of a causal bf16 ring over all 8 ranks must be at most 1.5x that of
 the same ring over 2 of them (a subgroup: the ContextParallel then creates its
 groups among those two only), for the output and every gradient.
 What this checks on CPU: Triton's interpreter computes bf16 inputs in fp32
-and the result is rounded back (see README, "How CPU mode works"), so the
+and the result is rounded back (see docs/kernels.md, "How CPU mode works"), so the
 per-step kernel arithmetic is fp32 here; the test guards what the ring adds
 around the kernels (the running output, lse and dk/dv buffers stay fp32
 between steps and travel in fp32, and are rounded once at the end). Measured

@@ -2,7 +2,7 @@
 
 One run_ranks call per mesh (2 ranks zigzag, 4 ranks zigzag, 4 ranks USP =
 Ulysses 2 x zigzag ring 2) trains one step of tiny Llama, Qwen2, Mistral
-(sliding window) and gpt-oss (sinks) models on gloo CPU ranks with the README's
+(sliding window) and gpt-oss (sinks) models on gloo CPU ranks with the recipe of docs/transformers.md
 recipe (shard_batch, causal_lm_loss, all_reduce_gradients); every rank's loss
 and every parameter's gradient must equal the single-device step on the whole
 batch (transformers' "sdpa", "eager" for gpt-oss). Misuse on some ranks
@@ -51,7 +51,7 @@ def single_device():
 
 
 def cp_train_step(cp, config, state_dict, input_ids):
-    """(loss of the whole batch, {name: all-reduced grad}) of the README recipe on this rank."""
+    """(loss of the whole batch, {name: all-reduced grad}) of the docs/transformers.md recipe on this rank."""
     model = build_model(config, "cpattn_cp", state_dict)
     assert model.config._attn_implementation == "cpattn_cp"
     loss = context_parallel_step(model, cp, input_ids, input_ids)

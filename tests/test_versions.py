@@ -2,7 +2,7 @@
 
 Triton's interpreter differs between releases; these tests pin down the two
 differences ``_launch`` handles. CI runs this file with the newest supported
-torch/triton pair and with the oldest (README, "Supported versions").
+torch/triton pair and with the oldest (docs/supported-versions.md).
 """
 import inspect
 

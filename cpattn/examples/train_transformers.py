@@ -52,7 +52,7 @@ def build_model(config, attn_implementation, state_dict=None):
 
 
 def context_parallel_step(model, cp, input_ids, labels):
-    """Forward and backward of one whole (B, S) batch, context parallel: the README's recipe.
+    """Forward and backward of one whole (B, S) batch, context parallel: the recipe of docs/transformers.md.
 
     Leaves every parameter's gradient summed over the group (the single-device
     gradient) and returns the batch's mean loss, the same on every rank.

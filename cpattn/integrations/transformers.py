@@ -9,7 +9,7 @@ One device::
 Context parallel ("cpattn_cp"): every rank holds the whole model and its share of
 every sequence (``shard_batch``); the model runs inside ``with context_parallel(cp):``,
 the loss is ``causal_lm_loss`` and the gradients are summed by
-``all_reduce_gradients``. The recipe in full: README.md ("Hugging Face
+``all_reduce_gradients``. The recipe in full: docs/transformers.md ("Hugging Face
 transformers") and ``cpattn.examples.train_transformers.context_parallel_step``.
 
 Each layer's attention features come from the keyword arguments transformers

@@ -132,7 +132,7 @@ BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 64
 MAX_BLOCK_N = 128
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
-_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
+_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "BLOCK_DV", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
 
 # kernel name -> (GPU configs: one list, or {(family, block_d bound): list}; autotune key;
 #                 CPU interpreter block sizes)
@@ -144,20 +144,21 @@ SPECS = {
     "_merge_kernel": (_MERGE, ["HEAD_DIM"], {"BLOCK_M": 32}),
     # Not split_len: it changes with the cache length, and every decode step would re-tune.
     # CPU key tiles of 32 straddle 16-token pages, so the tests cross page boundaries.
-    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "LEFT", "RIGHT", "SOFTCAP"],
+    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "BLOCK_DV", "LATENT", "PAGED", "LEFT", "RIGHT", "SOFTCAP"],
                        {"BLOCK_M": 16, "BLOCK_N": 32}),
     "_merge_splits_kernel": (_MERGE_SPLITS, ["num_splits", "num_heads", "HEAD_DIM"], {"BLOCK_M": 16}),
 }
 
-# Shared memory (kernels/aot.py checks the estimate against every compile): tiles of
-# (block, BLOCK_D) elements a kernel keeps for the whole program ("resident", a count and
-# the block giving their rows) and tiles its loop streams through num_stages buffers,
-# plus fp32 row statistics streamed with them (dk/dv: lse and delta of each query row).
+# Shared memory (kernels/aot.py checks the estimate against every compile): tiles a kernel keeps
+# for the whole program ("resident": the block giving their rows, and the head-dim tile of each:
+# "D" for q and k's BLOCK_D, "DV" for v and out's BLOCK_DV) and tiles its loop streams through
+# num_stages buffers, plus fp32 row statistics streamed with them (dk/dv: lse and delta of each
+# query row).
 _SMEM_TILES = {
-    "_fwd_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),         # q; k, v
-    "_decode_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),      # q; k, v
-    "_bwd_dq_kernel": (("BLOCK_M", 2), ("BLOCK_N", 2), 0),      # q, do; k, v
-    "_bwd_dkdv_kernel": (("BLOCK_N", 2), ("BLOCK_M", 2), 8),    # k, v; q, do + lse, delta
+    "_fwd_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),              # q; k, v
+    "_decode_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),           # q; k, v
+    "_bwd_dq_kernel": (("BLOCK_M", ("D", "DV")), ("BLOCK_N", ("D", "DV")), 0),      # q, do; k, v
+    "_bwd_dkdv_kernel": (("BLOCK_N", ("D", "DV")), ("BLOCK_M", ("D", "DV")), 8),    # k, v; q, do + lse, delta
 }
 # Hopper reserves 1 KB of every block's shared memory (cuobjdump shows it as static).
 _RESERVED_SMEM = 1024
@@ -167,21 +168,25 @@ _TMA_BARRIERS_SMEM = 1024
 
 def smem_estimate(name, config, block_d, elem_bytes, constants=None):
     """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs for a launch
-    with ``constants``. Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
-    rows = config.kwargs
+    with ``constants`` (``BLOCK_DV`` among them: v's head-dim tile, else ``block_d``). Kernels
+    without tiles of dots (merges, delta) need at most a reduction scratch."""
+    rows, constants = config.kwargs, constants or {}
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
-    (resident, count), (streamed, streamed_count), stats = _SMEM_TILES[name]
-    per_stage = streamed_count * rows[streamed] * block_d * elem_bytes + stats * rows[streamed]
+    width = {"D": block_d, "DV": constants.get("BLOCK_DV", block_d)}
+    (resident, resident_tiles), (streamed, streamed_tiles), stats = _SMEM_TILES[name]
+    per_stage = sum(width[t] for t in streamed_tiles) * rows[streamed] * elem_bytes + stats * rows[streamed]
     extra = _TMA_BARRIERS_SMEM if name == "_fwd_kernel" else 0
     if rows.get("WARP_SPECIALIZE"):
-        # Warp-specialized forwards keep one more (BLOCK_M, BLOCK_D) tile (the sm_90 compiles show it).
-        extra += rows["BLOCK_M"] * block_d * elem_bytes
-    if (constants or {}).get("ATOMIC_DQ"):
+        # Warp-specialized forwards keep one more (BLOCK_M, head-dim) tile (the sm_90 compiles show it;
+        # counted at the wider of the two head dims).
+        extra += rows["BLOCK_M"] * max(width.values()) * elem_bytes
+    if constants.get("ATOMIC_DQ"):
         # The 5-GEMM dk/dv kernel's dq dot (ds^T @ k) stages its operands once more: the k tile and,
         # as the sm_90 compiles show, up to two (BLOCK_M, BLOCK_N) tiles of ds.
         extra += (rows["BLOCK_N"] * block_d + 2 * rows["BLOCK_M"] * rows["BLOCK_N"]) * elem_bytes
-    return _RESERVED_SMEM + extra + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
+    resident_bytes = sum(width[t] for t in resident_tiles) * rows[resident] * elem_bytes
+    return _RESERVED_SMEM + extra + resident_bytes + config.num_stages * per_stage
 
 
 def family(capability):
@@ -201,7 +206,10 @@ def list_variant(constants):
 
 def candidate_configs(name, block_d, capability, variant=""):
     """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family
-    (``variant``: the family's list of that name, see ``list_variant``)."""
+    (``variant``: the family's list of that name, see ``list_variant``). With two head dims
+    (q/k and v/out) ``block_d`` is the wider tile (``tiles.tile_width``): the lists of a bound
+    were chosen for tiles of that width in every operand, so they fit a kernel whose value
+    tiles are narrower (the compile gate checks the pairs (192, 128) and (128, 64))."""
     table = SPECS[name][0]
     if isinstance(table, list):
         return table
@@ -218,7 +226,8 @@ def keep_configs(name, block_d, elem_bytes, capability, smem_limit, constants=No
     only the one-loop form, without EDGES). Never empty: if none fits the estimate, the smallest is
     kept and Triton reports what it needs."""
     constants = constants or {}
-    configs = candidate_configs(name, block_d, capability, list_variant(constants))
+    width = max(block_d, constants.get("BLOCK_DV", block_d))
+    configs = candidate_configs(name, width, capability, list_variant(constants))
     if constants.get("EDGES", True):
         configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
     kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes, constants) <= smem_limit]

@@ -10,12 +10,12 @@ cost time inside the timed region.
 Configs depend on the GPU family and the head dim. Each list below holds the
 configs that the compile gate (kernels/aot.py: bench/aot_gate.py sweeps it,
 tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
-dims 64, 128 and 256) found to compile without spilling registers and within
+dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to compile without spilling registers and within
 shared memory on every Triton release it ran on (3.4.0, the oldest supported,
 and 3.9.0: ptxas allocates registers differently between them, so a config
 clean on one can spill on the other); on sm_90 the forward and backward configs
 also keep every dot on wgmma (BLOCK_M of at least 64 rows; dk/dv at head dim
-256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
+tiles of 256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
 drops configs whose shared memory estimate exceeds what that GPU allows per
 block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
@@ -41,6 +41,11 @@ def _fwd_configs(rows):
 
 # Family "sm_90": Hopper (wgmma) and newer; "sm_80": every GPU with mma.sync (Ampere, Ada).
 # (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
+# With two head dims (q/k and v/out tiles of BLOCK_D and BLOCK_DV columns) a list keyed by the
+# exact pair of tiles, (family, (BLOCK_D, BLOCK_DV)), serves them where there is one; otherwise
+# the list of the wider tile does (``candidate_configs``). MLA's (192, 128) has lists of its own
+# at (256, 128): the value tiles at half the width leave registers and shared memory for the
+# 128-row forward tile that the lists of 256 cannot take.
 # The forward has two lists on sm_90: "sm_90+tma" for its tensor-descriptor loads (kernels/tiles.py
 # tma_compatible), "sm_90" for its pointer loads; a config adds whether the unmasked loop is
 # warp-specialized (WARP_SPECIALIZE).
@@ -63,10 +68,14 @@ _FWD = {
                                   (128, 32, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
                                   (64, 32, 4, 4, False)]),
     ("sm_90", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 32, 8, 2, False)]),
+    ("sm_90", (256, 128)): _fwd_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 2, False),
+                                         (128, 32, 8, 3, False)]),
     ("sm_80", 64): _fwd_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)]),
     ("sm_80", 128): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False),
                                   (64, 128, 8, 2, False), (64, 32, 4, 3, False), (64, 32, 4, 4, False)]),
     ("sm_80", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 128, 8, 2, False), (32, 64, 4, 3, False)]),
+    ("sm_80", (256, 128)): _fwd_configs([(128, 64, 8, 2, False), (64, 64, 8, 2, False), (128, 32, 8, 3, False),
+                                         (64, 32, 4, 3, False)]),
 }
 _DKDV = {
     ("sm_90", 64): _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2),
@@ -74,9 +83,12 @@ _DKDV = {
     ("sm_90", 128): _configs([(32, 128, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
                               (16, 64, 8, 2), (16, 128, 8, 2)]),
     ("sm_90", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+    # 16 x 64: the 64 key rows wgmma needs, which the lists of 256 cannot hold (aot.WGMMA_EXEMPT).
+    ("sm_90", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 8, 2)]),
     ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)]),
     ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+    ("sm_80", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
 }
 # The 5-GEMM backward (ATOMIC_DQ): its dk/dv kernel also holds ds @ k for dq, so it has lists of its own.
 _DKDV_ATOMIC = {
@@ -96,12 +108,14 @@ _DQ = {
     ("sm_80", 128): _configs([(64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2),
                               (64, 32, 4, 2)]),
     ("sm_80", 256): _configs([(16, 64, 4, 2)]),
+    ("sm_80", (256, 128)): _configs([(64, 32, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)]),
 }
 # Split-KV decode and the merges: one list per family and head-dim bound too (wide rows spill with few warps).
 _DECODE = {
     ("sm_90", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2),
                              (64, 64, 4, 2)]),
-    ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2)]),
+    # (32, 64, 4 warps, 2 stages) spilled 8 B at head dims (128, 64).
+    ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3)]),
     ("sm_90", 256): _configs([(16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (64, 64, 4, 2)]),
     ("sm_80", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2)]),
@@ -151,14 +165,16 @@ SPECS = {
 
 # Shared memory (kernels/aot.py checks the estimate against every compile): tiles a kernel keeps
 # for the whole program ("resident": the block giving their rows, and the head-dim tile of each:
-# "D" for q and k's BLOCK_D, "DV" for v and out's BLOCK_DV) and tiles its loop streams through
-# num_stages buffers, plus fp32 row statistics streamed with them (dk/dv: lse and delta of each
-# query row).
+# "D" for q and k's BLOCK_D, "DV" for v and out's BLOCK_DV, "W" the wider of the two) and tiles
+# its loop streams through num_stages buffers, plus fp32 row statistics streamed with them (dk/dv:
+# lse and delta of each query row). The dk/dv kernel counts its value tiles at the wider width:
+# what it stages does not shrink with them (at (128, 64) the sm_90 compiles use up to 10 KB more
+# than a count of its v and do tiles at 64 columns).
 _SMEM_TILES = {
     "_fwd_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),              # q; k, v
     "_decode_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),           # q; k, v
     "_bwd_dq_kernel": (("BLOCK_M", ("D", "DV")), ("BLOCK_N", ("D", "DV")), 0),      # q, do; k, v
-    "_bwd_dkdv_kernel": (("BLOCK_N", ("D", "DV")), ("BLOCK_M", ("D", "DV")), 8),    # k, v; q, do + lse, delta
+    "_bwd_dkdv_kernel": (("BLOCK_N", ("W", "W")), ("BLOCK_M", ("W", "W")), 8),      # k, v; q, do + lse, delta
 }
 # Hopper reserves 1 KB of every block's shared memory (cuobjdump shows it as static).
 _RESERVED_SMEM = 1024
@@ -174,13 +190,14 @@ def smem_estimate(name, config, block_d, elem_bytes, constants=None):
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
     width = {"D": block_d, "DV": constants.get("BLOCK_DV", block_d)}
+    width["W"] = max(width.values())
     (resident, resident_tiles), (streamed, streamed_tiles), stats = _SMEM_TILES[name]
     per_stage = sum(width[t] for t in streamed_tiles) * rows[streamed] * elem_bytes + stats * rows[streamed]
     extra = _TMA_BARRIERS_SMEM if name == "_fwd_kernel" else 0
     if rows.get("WARP_SPECIALIZE"):
         # Warp-specialized forwards keep one more (BLOCK_M, head-dim) tile (the sm_90 compiles show it;
         # counted at the wider of the two head dims).
-        extra += rows["BLOCK_M"] * max(width.values()) * elem_bytes
+        extra += rows["BLOCK_M"] * width["W"] * elem_bytes
     if constants.get("ATOMIC_DQ"):
         # The 5-GEMM dk/dv kernel's dq dot (ds^T @ k) stages its operands once more: the k tile and,
         # as the sm_90 compiles show, up to two (BLOCK_M, BLOCK_N) tiles of ds.
@@ -204,18 +221,22 @@ def list_variant(constants):
     return ""
 
 
-def candidate_configs(name, block_d, capability, variant=""):
-    """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family
-    (``variant``: the family's list of that name, see ``list_variant``). With two head dims
-    (q/k and v/out) ``block_d`` is the wider tile (``tiles.tile_width``): the lists of a bound
-    were chosen for tiles of that width in every operand, so they fit a kernel whose value
-    tiles are narrower (the compile gate checks the pairs (192, 128) and (128, 64))."""
+def candidate_configs(name, block_d, capability, variant="", block_dv=None):
+    """The configs listed for kernel ``name`` at head-dim tiles ``block_d`` (q, k) and ``block_dv``
+    (v, out; default ``block_d``) on this family (``variant``: the family's list of that name, see
+    ``list_variant``). A list for that exact pair of tiles if there is one; else the list of the
+    smallest bound that holds the wider tile: chosen for tiles of that width in every operand, it
+    fits a kernel whose other tiles are narrower (the compile gate checks (128, 64) so)."""
     table = SPECS[name][0]
     if isinstance(table, list):
         return table
     fam = family(capability) + variant
-    bounds = sorted(bound for f, bound in table if f == fam)
-    bound = next((b for b in bounds if b >= block_d), bounds[-1])
+    block_dv = block_d if block_dv is None else block_dv
+    if block_dv != block_d and (fam, (block_d, block_dv)) in table:
+        return table[(fam, (block_d, block_dv))]
+    width = max(block_d, block_dv)
+    bounds = sorted(bound for f, bound in table if f == fam and isinstance(bound, int))
+    bound = next((b for b in bounds if b >= width), bounds[-1])
     return table[(fam, bound)]
 
 
@@ -226,8 +247,7 @@ def keep_configs(name, block_d, elem_bytes, capability, smem_limit, constants=No
     only the one-loop form, without EDGES). Never empty: if none fits the estimate, the smallest is
     kept and Triton reports what it needs."""
     constants = constants or {}
-    width = max(block_d, constants.get("BLOCK_DV", block_d))
-    configs = candidate_configs(name, width, capability, list_variant(constants))
+    configs = candidate_configs(name, block_d, capability, list_variant(constants), constants.get("BLOCK_DV"))
     if constants.get("EDGES", True):
         configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
     kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes, constants) <= smem_limit]

@@ -146,6 +146,26 @@ def test_fake_implementations_give_the_real_layouts():
                                                       None, 0, 0))
 
 
+def test_config_lists_for_two_head_dims():
+    """The list of the pair of tiles where there is one (MLA's (256, 128)), else that of the wider tile;
+    the shared-memory estimate counts value tiles at their own width."""
+    from cpattn.kernels import _autotune as tune
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
+        for fam in ("sm_80", "sm_90"):
+            table = tune.SPECS[name][0]
+            capability = 90 if fam == "sm_90" else 80
+            if (fam, (256, 128)) in table:
+                assert tune.candidate_configs(name, 256, capability, "", 128) is table[(fam, (256, 128))]
+            assert tune.candidate_configs(name, 128, capability, "", 64) is table[(fam, 128)]
+            assert tune.candidate_configs(name, 64, capability, "", 128) is table[(fam, 128)]
+            assert tune.candidate_configs(name, 256, capability, "", 256) is table[(fam, 256)]
+    kept = tune.keep_configs("_fwd_kernel", 256, 2, 90, 227 * 1024, {"BLOCK_DV": 128, "EDGES": True})
+    assert kept == tune.SPECS["_fwd_kernel"][0][("sm_90", (256, 128))]
+    config = kept[0]  # 128 x 64, 2 stages: q (128 x 256) + 2 x (k (64 x 256) + v (64 x 128)), bf16
+    estimate = tune.smem_estimate("_fwd_kernel", config, 256, 2, {"BLOCK_DV": 128})
+    assert estimate == 1024 + 1024 + 128 * 256 * 2 + 2 * 64 * (256 + 128) * 2
+
+
 def _paged(cache, page_size, gen):
     """``cache`` (B, capacity, Hkv, D) scattered into shuffled pages: (pool, block table)."""
     batch, capacity = cache.shape[:2]

@@ -68,7 +68,8 @@ CASES = [
 def test_flash_attn_func(case, launches):
     head_dim, value_dim, seqlen_q, seqlen_k, heads, heads_kv, causal = case
     gen = torch.Generator().manual_seed(head_dim + seqlen_q)
-    q, k, v = _leaves(*_qkv(gen, 2, seqlen_q, seqlen_k, heads, heads_kv, head_dim, value_dim))
+    batch = 1 if max(seqlen_q, seqlen_k) > 64 else 2  # the interpreter's time grows with the programs
+    q, k, v = _leaves(*_qkv(gen, batch, seqlen_q, seqlen_k, heads, heads_kv, head_dim, value_dim))
     out, lse = cpattn.flash_attn_func(q, k, v, causal=causal, return_lse=True)
     assert (launches[-1]["HEAD_DIM"], launches[-1]["HEAD_DIM_V"]) == (head_dim, value_dim)
     dout = torch.randn(out.shape, generator=gen)

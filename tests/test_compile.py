@@ -134,7 +134,7 @@ def test_every_entry_point_compiles_with_inductor():
         eager_outs, eager_grads = _outputs_and_grads(_every_entry_point, inputs)
     # Inductor lays its buffers out from the fake implementations: they must give the real strides.
     assert not check.mismatches, f"(operator, output, real layout, fake layout): {check.mismatches}"
-    assert {"cpattn::attention_fwd", "cpattn::attention_delta", "cpattn::attention_bwd"} <= check.seen
+    assert {"cpattn::attention_fwd", "cpattn::attention_row_stats", "cpattn::attention_bwd"} <= check.seen
     compiled = torch.compile(_every_entry_point, fullgraph=True)  # the default backend: inductor
     outs, grads = _outputs_and_grads(compiled, inputs)
     for name, want in {**eager_outs, **eager_grads}.items():

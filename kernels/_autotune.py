@@ -10,8 +10,8 @@ cost time inside the timed region.
 Configs depend on the GPU family and the head dim. Each list below holds the
 configs that the compile gate (kernels/aot.py: bench/aot_gate.py sweeps it,
 tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
-dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to compile without spilling registers and within
-shared memory on every Triton release it ran on (3.4.0, the oldest supported,
+dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to
+compile without spilling registers and within shared memory on every Triton release it ran on (3.4.0, the oldest supported,
 and 3.9.0: ptxas allocates registers differently between them, so a config
 clean on one can spill on the other); on sm_90 the forward and backward configs
 also keep every dot on wgmma (BLOCK_M of at least 64 rows; dk/dv at head dim
@@ -43,9 +43,11 @@ def _fwd_configs(rows):
 # (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
 # With two head dims (q/k and v/out tiles of BLOCK_D and BLOCK_DV columns) a list keyed by the
 # exact pair of tiles, (family, (BLOCK_D, BLOCK_DV)), serves them where there is one; otherwise
-# the list of the wider tile does (``candidate_configs``). MLA's (192, 128) has lists of its own
-# at (256, 128): the value tiles at half the width leave registers and shared memory for the
-# 128-row forward tile that the lists of 256 cannot take.
+# the list of the wider tile does (``candidate_configs``). Pairs have lists of their own where
+# that one does not fit them: narrower value tiles do not always mean fewer registers (ptxas
+# spilled some configs of the wider tile's list at (128, 64) on triton 3.4.0, and one at 3.9.0),
+# and at MLA's (256, 128) tiles the value tiles at half the width leave room on sm_90 for the
+# 128-row forward tile and 64 key rows in dk/dv that the lists of 256 cannot take.
 # The forward has two lists on sm_90: "sm_90+tma" for its tensor-descriptor loads (kernels/tiles.py
 # tma_compatible), "sm_90" for its pointer loads; a config adds whether the unmasked loop is
 # warp-specialized (WARP_SPECIALIZE).
@@ -73,9 +75,12 @@ _FWD = {
     ("sm_80", 64): _fwd_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)]),
     ("sm_80", 128): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False),
                                   (64, 128, 8, 2, False), (64, 32, 4, 3, False), (64, 32, 4, 4, False)]),
+    # 64 x 128 spilled 112-232 B on triton 3.4.0 at (128, 64).
+    ("sm_80", (128, 64)): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False), (64, 32, 4, 3, False),
+                                        (64, 32, 4, 4, False)]),
     ("sm_80", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 128, 8, 2, False), (32, 64, 4, 3, False)]),
-    ("sm_80", (256, 128)): _fwd_configs([(128, 64, 8, 2, False), (64, 64, 8, 2, False), (128, 32, 8, 3, False),
-                                         (64, 32, 4, 3, False)]),
+    # 128 x 64 compiled clean on triton 3.9.0 but spilled 152-208 B on 3.4.0.
+    ("sm_80", (256, 128)): _fwd_configs([(64, 64, 8, 2, False), (128, 32, 8, 3, False), (64, 32, 4, 3, False)]),
 }
 _DKDV = {
     ("sm_90", 64): _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2),
@@ -87,8 +92,7 @@ _DKDV = {
     ("sm_90", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 8, 2)]),
     ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)]),
-    ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
-    ("sm_80", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
+    ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),  # also (256, 128): 16 x 64 spilled 208-248 B on 3.4.0
 }
 # The 5-GEMM backward (ATOMIC_DQ): its dk/dv kernel also holds ds @ k for dq, so it has lists of its own.
 _DKDV_ATOMIC = {
@@ -108,17 +112,22 @@ _DQ = {
     ("sm_80", 128): _configs([(64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2),
                               (64, 32, 4, 2)]),
     ("sm_80", 256): _configs([(16, 64, 4, 2)]),
-    ("sm_80", (256, 128)): _configs([(64, 32, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)]),
+    # 64 x 32 of 8 warps compiled clean on triton 3.9.0 but spilled 32-88 B on 3.4.0.
+    ("sm_80", (256, 128)): _configs([(32, 128, 8, 2), (16, 64, 4, 2)]),
 }
 # Split-KV decode and the merges: one list per family and head-dim bound too (wide rows spill with few warps).
 _DECODE = {
     ("sm_90", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2),
                              (64, 64, 4, 2)]),
-    # (32, 64, 4 warps, 2 stages) spilled 8 B at head dims (128, 64).
-    ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3)]),
+    ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2)]),
+    # At (128, 64) 16 x 64 of 4 warps, 2 stages spilled 8 B on triton 3.4.0, 32 x 64 8 B on 3.9.0 and 24 B
+    # on sm_80 with 3.4.0; at (256, 128) 16 x 64 of 8 warps 16 B on 3.4.0.
+    ("sm_90", (128, 64)): _configs([(16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3)]),
     ("sm_90", 256): _configs([(16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
+    ("sm_90", (256, 128)): _configs([(16, 64, 4, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (64, 64, 4, 2)]),
     ("sm_80", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2)]),
+    ("sm_80", (128, 64)): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3)]),
     ("sm_80", 256): _configs([(16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)]),
 }
 _PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
@@ -146,7 +155,8 @@ BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 64
 MAX_BLOCK_N = 128
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
-_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "BLOCK_DV", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
+_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "BLOCK_DV", "VARLEN", "LEFT", "RIGHT", "SOFTCAP",
+             "ACCUMULATE"]
 
 # kernel name -> (GPU configs: one list, or {(family, block_d bound): list}; autotune key;
 #                 CPU interpreter block sizes)
@@ -158,7 +168,8 @@ SPECS = {
     "_merge_kernel": (_MERGE, ["HEAD_DIM"], {"BLOCK_M": 32}),
     # Not split_len: it changes with the cache length, and every decode step would re-tune.
     # CPU key tiles of 32 straddle 16-token pages, so the tests cross page boundaries.
-    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "BLOCK_DV", "LATENT", "PAGED", "LEFT", "RIGHT", "SOFTCAP"],
+    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "BLOCK_DV", "LATENT", "PAGED", "LEFT", "RIGHT",
+                                 "SOFTCAP"],
                        {"BLOCK_M": 16, "BLOCK_N": 32}),
     "_merge_splits_kernel": (_MERGE_SPLITS, ["num_splits", "num_heads", "HEAD_DIM"], {"BLOCK_M": 16}),
 }

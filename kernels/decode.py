@@ -360,12 +360,13 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
             *q_positions.stride(), table.stride(0),
             seqlen_q, heads_kv, heads // heads_kv, num_splits,
             *slot_positions, max(window_left, 0), max(window_right, 0), softmax_scale, softcap or 1.0)
-    latent = is_leading_columns(v_cache, k_cache)
+    latent = is_leading_columns(v_cache, k_cache)  # one buffer: read each key tile once (module docstring)
     constants = {"HEAD_DIM": head_dim, "HEAD_DIM_V": value_dim, "LATENT": latent, "PAGED": paged,
                  "PAGE_SIZE": k_cache.shape[1] if paged else 1,
                  "LEFT": window_left >= 0, "RIGHT": window_right >= 0, "SOFTCAP": softcap > 0,
                  "SINKS": sinks is not None, "WIDE": needs_int64(q, k_cache, v_cache, out_p[0], lse_p[0]),
                  "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim),
+                 # BLOCK_DR: the latent form's tile of the key columns past the values (unused otherwise)
                  "BLOCK_DV": block_d(value_dim), "BLOCK_DR": block_d(head_dim - value_dim) if latent else 16}
     tiles = grid_1d(seqlen_q * (heads // heads_kv), batch * heads_kv)
     launch(_decode_kernel, lambda meta: (*tiles(meta), num_splits), args, constants, q)

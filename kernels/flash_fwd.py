@@ -312,13 +312,14 @@ def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_st
             max_q, seqlen_k, heads, heads // heads_kv,
             *mask.kernel_args(q)[4:], float(softmax_scale), float(softcap or 1.0),
             length_bucket(max_q), length_bucket(max_k))
-    constants = {"HEAD_DIM": head_dim, "HEAD_DIM_V": value_dim, **mask.constants(), "SOFTCAP": bool(softcap), "SINKS": sinks is not None,
-                 "ACCUMULATE": bool(accumulate), "WIDE": needs_int64(q, k, v, out, lse),
+    constants = {"HEAD_DIM": head_dim, "HEAD_DIM_V": value_dim, **mask.constants(), "SOFTCAP": bool(softcap),
+                 "SINKS": sinks is not None, "ACCUMULATE": bool(accumulate), "WIDE": needs_int64(q, k, v, out, lse),
                  # The folded scale needs a positive scale (the row max is taken before scaling).
                  "SCALE_IN_EXP2": not softcap and softmax_scale > 0,
                  "TMA": use_tma(q.device) and tma_compatible(q, k, v, out),
                  # Whether some key block may need a mask; without, the forward is one loop.
                  "EDGES": mask.varlen or mask.left >= 0 or mask.right >= 0 or seqlen_k % MAX_BLOCK_N != 0,
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim), "BLOCK_DV": block_d(value_dim)}
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim),
+                 "BLOCK_DV": block_d(value_dim)}
     launch(_fwd_kernel, grid_1d(max_q, mask.num_seqs(batch) * heads), args, constants, q, in_place=accumulate)
     return out, lse

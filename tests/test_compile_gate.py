@@ -3,8 +3,9 @@ spills no register, fits in shared memory, and on sm_90 runs its forward and bac
 
 No GPU is needed (``kernels/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
 grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 and the (q/k, v) pairs (192, 128) and
-(128, 64) x 7 kernels x 2 targets x each kept config, over 1300 compiles) takes a quarter of an hour on one core, so its rows are cached in
-``bench/results/aot/triton-<version>.json`` by ``python bench/aot_gate.py``. A row counts only for
+(128, 64) x 7 kernels x 2 targets x each kept config, 1380 compiles) takes 20 to 30 minutes on two
+cores, so its rows are cached in ``bench/results/aot/triton-<version>.json`` by
+``python bench/aot_gate.py``. A row counts only for
 the exact binary it describes (its key hashes the kernel source with every helper it calls, the
 specialization, the config, the target and the Triton version): after an edit the stale cases are
 compiled here, a few dozen at most; more than that fails and asks for the sweep. A fresh compile

@@ -148,18 +148,17 @@ def test_fake_implementations_give_the_real_layouts():
 
 
 def test_config_lists_for_two_head_dims():
-    """The list of the pair of tiles where there is one (MLA's (256, 128)), else that of the wider tile;
+    """The list of the pair of tiles where there is one (e.g. MLA's (256, 128)), else that of the wider tile;
     the shared-memory estimate counts value tiles at their own width."""
     from cpattn.kernels import _autotune as tune
-    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"):
-        for fam in ("sm_80", "sm_90"):
-            table = tune.SPECS[name][0]
-            capability = 90 if fam == "sm_90" else 80
-            if (fam, (256, 128)) in table:
-                assert tune.candidate_configs(name, 256, capability, "", 128) is table[(fam, (256, 128))]
-            assert tune.candidate_configs(name, 128, capability, "", 64) is table[(fam, 128)]
-            assert tune.candidate_configs(name, 64, capability, "", 128) is table[(fam, 128)]
+    for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel"):
+        table = tune.SPECS[name][0]
+        for fam, capability in (("sm_80", 80), ("sm_90", 90)):
+            for pair, wider in (((256, 128), 256), ((128, 64), 128), ((64, 128), 128), ((32, 16), 64)):
+                got = tune.candidate_configs(name, pair[0], capability, "", pair[1])
+                assert got is table.get((fam, pair), table[(fam, wider)]), (name, fam, pair)
             assert tune.candidate_configs(name, 256, capability, "", 256) is table[(fam, 256)]
+    assert ("sm_90", (256, 128)) in tune.SPECS["_fwd_kernel"][0]
     kept = tune.keep_configs("_fwd_kernel", 256, 2, 90, 227 * 1024, {"BLOCK_DV": 128, "EDGES": True})
     assert kept == tune.SPECS["_fwd_kernel"][0][("sm_90", (256, 128))]
     config = kept[0]  # 128 x 64, 2 stages: q (128 x 256) + 2 x (k (64 x 256) + v (64 x 128)), bf16
@@ -192,7 +191,8 @@ DECODE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"D{c[0]}-Dv{c[1]}-new{c[2]}-{'paged' if c[3] else 'flat'}")
+@pytest.mark.parametrize("case", DECODE_CASES,
+                         ids=lambda c: f"D{c[0]}-Dv{c[1]}-new{c[2]}-{'paged' if c[3] else 'flat'}")
 def test_decode_separate_and_latent_values(case, monkeypatch):
     head_dim, value_dim, new, paged, extras = case
     gen = torch.Generator().manual_seed(head_dim + new)

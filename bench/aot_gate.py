@@ -11,7 +11,7 @@ config, target, Triton version) is already in the cache are not recompiled.
 
     python bench/aot_gate.py                    # the grid: compile what the cache lacks, print, save
     python bench/aot_gate.py --jobs 2 --fresh   # recompile everything on two processes
-    python bench/aot_gate.py --kernels _fwd_kernel --head-dims 128 --no-save
+    python bench/aot_gate.py --kernels _fwd_kernel --head-dims 128 192/128 --no-save   # 192/128: q/k 192, v 128
 
 Exits 1 when a case fails the gate (spills, too much shared memory, an
 estimate below what a kernel uses, a dot off wgmma on sm_90).
@@ -26,7 +26,7 @@ from pathlib import Path
 from cpattn.kernels import aot
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "aot"
-COLUMNS = ("kernel", "variant", "target", "dtype", "head_dim", "config", "regs", "spill_bytes", "smem",
+COLUMNS = ("kernel", "variant", "target", "dtype", "head_dim", "head_dim_v", "config", "regs", "spill_bytes", "smem",
            "smem_estimate", "hgmma", "hmma", "loop_utmaldg", "main_loop_instrs", "main_loop_wgmma", "non_mma_per_wgmma")
 
 
@@ -36,11 +36,23 @@ def parse_args(argv=None):
                "kernels": aot.KERNELS}
     for name, values in choices.items():
         parser.add_argument(f"--{name}", nargs="+", choices=values, default=list(values))
-    parser.add_argument("--head-dims", nargs="+", type=int, default=list(aot.HEAD_DIMS))
+    parser.add_argument("--head-dims", nargs="+", type=_head_dims, default=list(aot.HEAD_DIMS),
+                        help="head dims: 64, or q/k and v apart: 192/128 (default: the grid's)")
     parser.add_argument("--jobs", type=int, default=1, help="compiler processes (default 1)")
     parser.add_argument("--fresh", action="store_true", help="recompile cases that are in the cache")
     parser.add_argument("--no-save", action="store_true", help="do not write the cache")
     return parser.parse_args(argv)
+
+
+def _head_dims(text):
+    """"64" -> 64, "192/128" -> (192, 128): a grid entry of aot.HEAD_DIMS."""
+    try:
+        dims = tuple(int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a head dim or q/v head dims like 192/128, got {text!r}") from None
+    if len(dims) > 2:
+        raise argparse.ArgumentTypeError(f"expected a head dim or q/v head dims like 192/128, got {text!r}")
+    return dims[0] if len(dims) == 1 or dims[0] == dims[1] else dims
 
 
 _TODO = []  # the cases to compile; forked workers inherit it (a Case holds a JITFunction: not picklable)

@@ -9,7 +9,8 @@ first, chosen so that the whole run stays near a minute of Triton compiles
 
   flash    ``flash_attn_func`` forward and backward: bf16 and fp16, head dims 64
            and 128, causal and not, MHA / GQA / MQA, q shorter and longer than kv
-           (causal bottom-right aligned, as flash-attn), odd lengths (77, 129, 777, 1029)
+           (causal bottom-right aligned, as flash-attn), odd lengths (77, 129, 777, 1029);
+           MLA's head dims (q, k 192, v 128), causal, GQA
   sdpa     ``scaled_dot_product_attention`` (B, H, L, D), is_causal, bf16
   varlen   ``flash_attn_varlen_func``: four packed documents (one of length 1),
            causal sliding window, softcap and sinks together, bf16, forward and backward
@@ -34,7 +35,7 @@ from cpattn.kernels import decode_attention
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from reference import reference_attention, reference_varlen  # noqa: E402  (the tests' float64 reference)
 
-# name -> (kind, dtype, head_dim, causal, heads, kv_heads, seqlen_q, seqlen_k)
+# name -> (kind, dtype, head_dim (or (q/k, v) head dims), causal, heads, kv_heads, seqlen_q, seqlen_k)
 CASES = {
     "flash-bf16-d128-causal-mha": ("flash", "bf16", 128, True, 16, 16, 1000, 1000),
     "flash-bf16-d128-full-gqa-q<k": ("flash", "bf16", 128, False, 16, 4, 77, 1029),
@@ -42,6 +43,7 @@ CASES = {
     "flash-bf16-d64-full-mha": ("flash", "bf16", 64, False, 8, 8, 512, 512),
     "flash-fp16-d128-causal-mqa": ("flash", "fp16", 128, True, 8, 1, 777, 777),
     "flash-fp16-d64-full-mha": ("flash", "fp16", 64, False, 8, 8, 129, 129),
+    "flash-bf16-d192v128-causal-gqa": ("flash", "bf16", (192, 128), True, 16, 4, 1029, 1029),
     "sdpa-bf16-d128-causal": ("sdpa", "bf16", 128, True, 8, 8, 640, 640),
     "varlen-bf16-d128-window-softcap-sinks": ("varlen", "bf16", 128, True, 8, 2, 1078, 1078),
     "decode-bf16-d128-paged-gqa": ("decode", "bf16", 128, True, 32, 8, 1, 3000),
@@ -89,10 +91,11 @@ def compare(names, ours, torch_low, exact):
     return row
 
 
-def flash_case(dtype, head_dim, causal, heads, kv_heads, sq, sk, device, gen):
-    q, k, v = (torch.randn(2, s, h, head_dim, generator=gen, device=device).to(dtype)
-               for s, h in ((sq, heads), (sk, kv_heads), (sk, kv_heads)))
-    dout = torch.randn(2, sq, heads, head_dim, generator=gen, device=device).to(dtype)
+def flash_case(dtype, head_dims, causal, heads, kv_heads, sq, sk, device, gen):
+    head_dim, value_dim = (head_dims, head_dims) if isinstance(head_dims, int) else head_dims
+    q, k, v = (torch.randn(2, s, h, d, generator=gen, device=device).to(dtype)
+               for s, h, d in ((sq, heads, head_dim), (sk, kv_heads, head_dim), (sk, kv_heads, value_dim)))
+    dout = torch.randn(2, sq, heads, value_dim, generator=gen, device=device).to(dtype)
     ours = grads(lambda *t: cpattn.flash_attn_func(*t, causal=causal), (q, k, v), dout)
     # flash-attn aligns causal masks bottom-right: the last query sees the last key.
     exact = grads(lambda *t: reference_attention(*t, causal=causal, q_start=sk - sq)[0], (q, k, v), dout.double())
@@ -164,7 +167,8 @@ RUNNERS = {"flash": flash_case, "sdpa": sdpa_case, "varlen": varlen_case, "decod
 def quick_case(case):
     """The same case, tiny and in fp32, for the CPU interpreter."""
     kind, _, head_dim, causal, heads, kv_heads, sq, sk = case
-    return kind, "fp32", min(head_dim, 32), causal, min(heads, 4), min(kv_heads, 2), max(1, sq // 16), max(1, sk // 16)
+    head_dim = min(head_dim, 32) if isinstance(head_dim, int) else (40, 32)
+    return kind, "fp32", head_dim, causal, min(heads, 4), min(kv_heads, 2), max(1, sq // 16), max(1, sk // 16)
 
 
 def main(argv=None):
@@ -189,7 +193,8 @@ def main(argv=None):
             result = RUNNERS[kind](C.DTYPES[dtype], *shape, device, gen)
         except Exception as exc:  # a crash is a failed case, reported with the others
             result = {"ok": False, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
-        rows.append({"case": name, "dtype": dtype, "head_dim": shape[0], **result})
+        dims = shape[0] if isinstance(shape[0], int) else "/".join(map(str, shape[0]))
+        rows.append({"case": name, "dtype": dtype, "head_dim": dims, **result})
         print(f"  {'ok  ' if result['ok'] else 'FAIL'} {name} " + " ".join(
             f"{key}={value:.2e}" for key, value in result.items() if isinstance(value, float)) + (
             f" {result['error']}" if "error" in result else ""))

@@ -16,7 +16,7 @@ in the same collectives.
 An operator takes tensors and plain values, so the ``ContextParallel`` is
 named by an int handle (``register``), a constant of the graph.
 
-The forward returns this rank's out (B, S/P, H, D), contiguous in flash
+The forward returns this rank's out (B, S/P, H, Dv), contiguous in flash
 layout, and lse (B, H, S/P) float32, always (the backward needs it). The
 backward gets the forward's inputs and outputs (``usp.usp_attention_backward``
 says why not the ring-side tensors eager autograd saves) and returns dq, dk,
@@ -82,8 +82,8 @@ def cp_attention_fwd(q: Tensor, k: Tensor, v: Tensor, sinks: Optional[Tensor], c
 @cp_attention_fwd.register_fake
 def _(q, k, v, sinks, cu_seqlens, handle, causal, softmax_scale, return_lse, sdpa_layout, enable_gqa, window_left,
       window_right, softcap, seq_len, needs_grad):
-    batch, seqlen, heads, head_dim = _flash_shape(q, sdpa_layout)
-    return (q.new_empty((batch, seqlen, heads, head_dim)),
+    batch, seqlen, heads, _ = _flash_shape(q, sdpa_layout)
+    return (q.new_empty((batch, seqlen, heads, v.shape[-1])),  # v's head dim, whatever the layout
             q.new_empty((batch, heads, seqlen), dtype=torch.float32))
 
 

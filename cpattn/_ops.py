@@ -49,8 +49,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_
                   cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor], pos_q: Optional[Tensor],
                   pos_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int,
                   atomic_dq: bool = False) -> Tuple[Tensor, Tensor]:
-    """(out (B, Sq, H, D) in q's dtype, lse (B, H, Sq) float32 natural log). ``atomic_dq`` only
-    chooses the backward (the 5-GEMM one, see attention_backward)."""
+    """(out (B, Sq, H, Dv) in q's dtype, Dv v's head dim, lse (B, H, Sq) float32 natural log).
+    ``atomic_dq`` only chooses the backward (the 5-GEMM one, see attention_backward)."""
     mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
                  max_seqlen_q, max_seqlen_k)
     dtype = _kernel_dtype(q)
@@ -62,9 +62,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_
 @attention_fwd.register_fake
 def _(q, k, v, softmax_scale, window_left, window_right, q_start, k_start, softcap, sinks,
       cu_seqlens_q, cu_seqlens_k, pos_q, pos_k, max_seqlen_q, max_seqlen_k, atomic_dq=False):
-    # The kernels write a fresh contiguous out, whatever q's strides (an SDPA-layout q is a transposed view).
+    # The kernels write a fresh contiguous out, whatever q's strides (an SDPA-layout q is a transposed view),
+    # with v's head dim.
     batch, seqlen_q, heads, _ = q.shape
-    return _fresh(q), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return (q.new_empty((batch, seqlen_q, heads, v.shape[-1])),
+            q.new_empty((batch, heads, seqlen_q), dtype=torch.float32))
 
 
 @torch.library.custom_op("cpattn::attention_bwd", mutates_args=())

@@ -59,7 +59,9 @@ def _returns(out, lse, return_attn_probs, return_lse):
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, return_attn_probs=False, *, sinks=None, return_lse=False,
                     atomic_dq=False):
-    """flash-attn 2's ``flash_attn_func``: q (B, Sq, H, D), k and v (B, Sk, Hkv, D), H a multiple of Hkv.
+    """flash-attn 2's ``flash_attn_func``: q (B, Sq, H, D), k (B, Sk, Hkv, D) and v (B, Sk, Hkv, Dv),
+    H a multiple of Hkv. v may have a head dim of its own (as in FlashAttention-3), e.g. MLA's
+    D = 192, Dv = 128; the output has v's. The scale defaults to 1/sqrt(D), q's head dim.
 
     Causal masks and windows are bottom-right aligned when Sq != Sk, as in flash-attn:
     query row i sits at position i + Sk - Sq and sees keys j with
@@ -69,7 +71,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     (dq summed with fp32 atomics inside the dk/dv kernel; refused with ``deterministic=True``).
     ``dropout_p > 0`` and ``alibi_slopes`` raise NotImplementedError.
 
-    Returns out (B, Sq, H, D); with ``return_attn_probs=True`` (out, lse, None) and with
+    Returns out (B, Sq, H, Dv); with ``return_attn_probs=True`` (out, lse, None) and with
     the cpattn keyword ``return_lse=True`` (out, lse), lse (B, H, Sq) float32, natural log,
     -inf for rows that see no key. cpattn keyword ``sinks`` (H,): one value-less logit
     per query head added to every row's softmax (gpt-oss), differentiable.
@@ -79,7 +81,7 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, wi
     where = "flash_attn_func"
     refuse_unsupported(where, dropout_p, alibi_slopes)
     q, k, v = _autocast(q, k, v)
-    _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where, allow_no_heads=True)
+    _, seqlen_q, seqlen_k, heads, _, _ = check_qkv(q, k, v, where, same_value_dim=False, allow_no_heads=True)
     atomic_dq = _check_atomic_dq(atomic_dq, deterministic, where)
     mask = MaskSpec(bool(causal), check_window(window_size, where), q_start=seqlen_k - seqlen_q)
     out, lse = _call_kernels(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, atomic_dq)
@@ -96,8 +98,10 @@ def flash_attn_qkvpacked_func(qkv, dropout_p=0.0, softmax_scale=None, causal=Fal
 
 def flash_attn_kvpacked_func(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                              softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False, **extra):
-    """flash-attn's packed variant: q (B, Sq, H, D), kv (B, Sk, 2, Hkv, D); k, v are views of kv."""
+    """flash-attn's packed variant: q (B, Sq, H, D), kv (B, Sk, 2, Hkv, D); k, v are views of kv
+    (one head dim for both: a value head dim of its own needs ``flash_attn_func``)."""
     _check_packed(kv, 2, "kv", "(batch, seqlen, 2, heads, headdim)", "flash_attn_kvpacked_func")
+    _check_packed_width(q, kv, "flash_attn_kvpacked_func")
     return flash_attn_func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs, **extra)
 
@@ -109,16 +113,24 @@ def _check_packed(t, parts, name, dims, where, packed_dim=2):
         raise ValueError(f"{where}: {name} must be {dims}, got shape {tuple(t.shape)}")
 
 
+def _check_packed_width(q, kv, where):
+    """kv packs k and v at one head dim, so that head dim is q's too; naming the way to v's own head dim."""
+    if isinstance(q, torch.Tensor) and q.dim() >= 1 and q.shape[-1] != kv.shape[-1]:
+        raise ValueError(f"{where}: kv packs k and v with one head dim ({kv.shape[-1]}), which must be q's "
+                         f"({q.shape[-1]}); for a value head dim different from the query's (e.g. MLA's 192/128) "
+                         "pass k and v apart to the unpacked function")
+
+
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
                            deterministic=False, return_attn_probs=False, block_table=None, *, sinks=None,
                            return_lse=False, atomic_dq=False):
     """flash-attn 2's ``flash_attn_varlen_func``: packed documents, each attended separately.
 
-    q (total_q, H, D), k and v (total_k, Hkv, D); ``cu_seqlens_q``/``cu_seqlens_k`` int32
+    q (total_q, H, D), k (total_k, Hkv, D) and v (total_k, Hkv, Dv); ``cu_seqlens_q``/``cu_seqlens_k`` int32
     (N + 1,) cumulative document lengths from 0; ``max_seqlen_*`` at least the longest
     document. Inside each document, masks follow ``flash_attn_func`` (bottom-right when
-    its query and key lengths differ). Returns out (total_q, H, D); lse is (H, total_q)
+    its query and key lengths differ). Returns out (total_q, H, Dv); lse is (H, total_q)
     float32, as flash-attn's. ``atomic_dq`` as in ``flash_attn_func``.
 
     With ``block_table`` (N, max_num_blocks) int32, k and v are a page pool (num_blocks,
@@ -140,7 +152,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             raise ValueError(f"{where}: {name} must be a 3-D tensor (total_tokens, heads, headdim), got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)  # one "batch" of packed rows
-    _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where, allow_no_heads=True)
+    _, total_q, total_k, heads, _, _ = check_qkv(q4, k4, v4, where, same_value_dim=False, allow_no_heads=True)
     check_documents(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k, q.device, where)
     # Positions inside each document: keys from 0, queries bottom-right aligned.
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
@@ -166,6 +178,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                     alibi_slopes=None, deterministic=False, return_attn_probs=False, **extra):
     """flash-attn's packed varlen variant: q (total_q, H, D), kv (total_k, 2, Hkv, D)."""
     _check_packed(kv, 2, "kv", "(total, 2, heads, headdim)", "flash_attn_varlen_kvpacked_func", packed_dim=1)
+    _check_packed_width(q, kv, "flash_attn_varlen_kvpacked_func")
     return flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                   dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, **extra)
@@ -230,7 +243,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
     Same semantics as torch: ``is_causal`` with L != S is top-left aligned (query i sees
     keys j <= i); leading dimensions broadcast; 3-D inputs (N, L, E) are one head; the
-    value head dim may differ from the query's (computed through a zero-padded copy);
+    value head dim Ev may differ from the query's E (the kernels take it as it is);
     differing head counts need ``enable_gqa=True``; autocast casts like torch's; every zero
     size torch accepts (batch, heads, lengths, head dims) gives torch's result.
     An explicit ``attn_mask``, ``dropout_p > 0`` or float64 inputs are not accelerated:
@@ -262,14 +275,10 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     scale = check_scale(scale, where)
     if scale is None:  # with head dim 0 every logit is 0 whatever the scale: torch weighs the keys alike
         scale = 1.0 / math.sqrt(head_dim) if head_dim else 1.0
-    value_dim = v.shape[-1]
-    width = max(head_dim, value_dim, 1)
-    if (head_dim, value_dim) != (width, width):
-        # The kernels hold one head dim of at least 1: pad with zeros (zero columns add
-        # nothing to q.k, and zero value columns are cut off again).
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
     mask = MaskSpec(bool(is_causal), check_window(window_size, where))
+    # E and Ev as they are: q.k over E columns (none at E = 0: every logit 0), out with Ev columns.
+    # E and Ev as they are: q.k over E columns (none at E = 0: every logit 0), out with Ev columns.
     out, _ = _call_kernels(q, k, v, where, scale, mask, softcap, sinks, heads)
-    out = out[..., :value_dim].transpose(1, 2)
+    out = out.transpose(1, 2)
     out = out.reshape(*lead, *out.shape[-3:])  # splits the flattened batch again: a view
     return out.squeeze(-3) if query.dim() == 3 else out

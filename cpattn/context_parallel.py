@@ -164,11 +164,13 @@ class ContextParallel:
 
     def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1),
                   softcap=0.0, sinks=None, seq_len=None, cu_seqlens=None):
-        """Attention of local shards in flash layout: q (B, S/P, H, D), k and v (B, S/P, Hkv, D).
+        """Attention of local shards in flash layout: q (B, S/P, H, D), k (B, S/P, Hkv, D) and
+        v (B, S/P, Hkv, Dv); v may have a head dim of its own (MLA: D = 192, Dv = 128), and the
+        default scale is 1/sqrt(D).
 
         The shards must come from ``shard`` (or follow its order). ``causal``
         uses the global positions of the tokens (as on one device). Returns the
-        local shard of the output, (B, S/P, H, D), differentiable in q, k, v;
+        local shard of the output, (B, S/P, H, Dv), differentiable in q, k, v;
         with ``return_lse`` also lse (B, H, S/P) float32, natural log: the rows
         of single-device attention's lse for this rank's tokens (not differentiable).
 
@@ -198,7 +200,7 @@ class ContextParallel:
     def scaled_dot_product_attention(self, query, key, value, is_causal=False, scale=None, enable_gqa=False, *,
                                      window_size=(-1, -1), softcap=0.0, sinks=None, seq_len=None,
                                      cu_seqlens=None):
-        """``attention`` in torch SDPA layout: query (B, H, S/P, D), key and value (B, Hkv, S/P, D)."""
+        """``attention`` in torch SDPA layout: query and key (B, H or Hkv, S/P, D), value (B, Hkv, S/P, Dv)."""
         out = self._attend(AttentionArgs(query, key, value, is_causal, scale, False, window_size, softcap, sinks,
                                          seq_len, cu_seqlens, sdpa_layout=True, enable_gqa=enable_gqa))
         return out.transpose(1, 2)

@@ -106,7 +106,8 @@ def check_attention_arguments(args, ulysses_degree, where):
     """The checks that read nothing but the arguments (no host data, no group); returns the softmax scale,
     window size and softcap checked, and the local sequence length."""
     _, seqlen_q, seqlen_k, heads, heads_kv, _ = check_qkv(args.q, args.k, args.v, where,
-                                                          "sdpa" if args.sdpa_layout else "flash")
+                                                          "sdpa" if args.sdpa_layout else "flash",
+                                                          same_value_dim=False)
     softmax_scale = check_scale(args.softmax_scale, where)
     window_size = check_window(args.window_size, where)
     softcap = check_softcap(args.softcap, where)

@@ -15,10 +15,12 @@ import torch
 from cpattn.kernels import merge_attention
 
 
-def empty_partial(q):
-    """(out 0, lse -inf) for the rows of q (B, S, H, D): rows that see no key."""
-    batch, seqlen, heads, _ = q.shape
-    return (torch.zeros(q.shape, dtype=torch.float32, device=q.device),
+def empty_partial(q, value_dim=None):
+    """(out 0, lse -inf) for the rows of q (B, S, H, D): rows that see no key. out has
+    ``value_dim`` columns (default D: v's head dim when it has one of its own)."""
+    batch, seqlen, heads, dim = q.shape
+    return (torch.zeros((batch, seqlen, heads, dim if value_dim is None else value_dim), dtype=torch.float32,
+                        device=q.device),
             torch.full((batch, heads, seqlen), float("-inf"), dtype=torch.float32, device=q.device))
 
 

@@ -28,6 +28,7 @@ rank (ring_index - s) mod R. Computation and communication are separate:
 """
 import bisect
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -252,12 +253,21 @@ def _longest_piece(layout, seq_len, packing):
     return max(layout.piece_length(r, seq_len, packing) for r in range(layout.ring_degree))
 
 
+def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
+    """One flat buffer holding a tensor of ``shape_a`` and one of ``shape_b`` back to back, and those
+    two as contiguous views of it: k and v (or their fp32 gradients) travel as one message, each
+    with its own head dim (MLA: 192 and 128)."""
+    size_a = math.prod(shape_a)
+    buffer = (torch.zeros if zero else torch.empty)(size_a + math.prod(shape_b), dtype=dtype, device=device)
+    return buffer, (buffer[:size_a].view(shape_a), buffer[size_a:].view(shape_b))
+
+
 class _KVRotation:
     """The kv chunks a ring call visits, and what it sends at each step.
 
     Step 0 sends the caller's k and v as two messages (no stacked copy; they
-    are never written) into the halves of one (2, ...) receive buffer; later
-    steps send that buffer as one message. Two receive buffers take turns.
+    are never written) into the two parts of one receive buffer (``_pair_buffer``);
+    later steps send that buffer as one message. Two receive buffers take turns.
     """
 
     def __init__(self, k, v, comm):
@@ -267,9 +277,10 @@ class _KVRotation:
     def post(self, step, tag):
         """Post the transfer that brings the next step's kv; returns what to wait for."""
         if len(self._buffers) < 2:
-            k = self.kv[0]
-            self._buffers.append(torch.empty((2, *k.shape), dtype=k.dtype, device=k.device))
-            self._halves.append((self._buffers[-1][0], self._buffers[-1][1]))
+            k, v = self.kv
+            buffer, halves = _pair_buffer(k.shape, v.shape, k.dtype, k.device)
+            self._buffers.append(buffer)
+            self._halves.append(halves)
         incoming = step % 2
         recv = self._halves[incoming] if step == 0 else (self._buffers[incoming],)
         self._next = incoming
@@ -291,7 +302,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     merged once, after the last step.
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
-    out, lse = empty_partial(q)
+    out, lse = empty_partial(q, v.shape[-1])
     kv = None
     if comm is not None:
         longest = _longest_piece(layout, seq_len, packing)
@@ -328,10 +339,11 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     if comm is not None:
         longest = _longest_piece(layout, seq_len, packing)
         kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
-    dkv = [torch.zeros((2, k.shape[0], longest, *k.shape[2:]), dtype=torch.float32, device=k.device)]
-    if comm is not None:
-        dkv.append(torch.empty_like(dkv[0]))
-    halves = [(buffer[0], buffer[1]) for buffer in dkv]
+    # fp32 dk and dv of the visiting kv, each at its tensor's own head dim, back to back in one buffer.
+    shapes = [(k.shape[0], longest, *t.shape[2:]) for t in (k, v)]
+    # The second, which only ever receives whole messages, needs no zeros.
+    buffers = [_pair_buffer(*shapes, torch.float32, k.device, zero=i == 0) for i in range(1 if comm is None else 2)]
+    dkv, halves = [buffer for buffer, _ in buffers], [parts for _, parts in buffers]
     on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_row_ranges(), 0, None
     for step, (_, calls) in enumerate(plan):
         kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
@@ -380,7 +392,7 @@ def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size
 
 
 def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_size, cu_seqlens, where):
-    batch, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where)
+    batch, seqlen_q, seqlen_k, *_ = check_qkv(q, k, v, where, same_value_dim=False)
     if seqlen_q != seqlen_k:
         raise ValueError(f"{where}: q and k/v must have the same sequence length, got {seqlen_q} and {seqlen_k}")
     if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
@@ -401,7 +413,7 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
                             position_offset=0, window_size=(-1, -1), softcap=0.0, sinks=None, cu_seqlens=None):
     """Ring attention with one process playing all ``ring_degree`` ranks.
 
-    q (B, S, H, D), k and v (B, S, Hkv, D): full sequences in natural order,
+    q (B, S, H, D), k (B, S, Hkv, D) and v (B, S, Hkv, Dv): full sequences in natural order,
     whose first token sits at global position ``position_offset``.
     Each simulated rank takes its shard (``Layout``) and runs, step by step,
     the same ``plan_step`` + ``forward_step`` as ``ring_forward``, with the kv
@@ -415,11 +427,11 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
                                              window_size, cu_seqlens, "simulate_ring_attention")
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    out_full, lse_full = empty_partial(q)
+    out_full, lse_full = empty_partial(q, v.shape[-1])
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local = q[:, pos]
-        out, lse = empty_partial(q_local)
+        out, lse = empty_partial(q_local, v.shape[-1])
         for kv_index, calls in steps:
             kv_pos = positions[kv_index]
             forward_step(q_local, k[:, kv_pos], v[:, kv_pos], calls, out, lse, softmax_scale, softcap)
@@ -445,9 +457,8 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     result_dtype, dtype = q.dtype, _kernel_dtype(q)
     q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))
     dq_full = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk_owned = [torch.zeros((k.shape[0], len(p), *k.shape[2:]), dtype=torch.float32, device=k.device)
-                for p in positions]
-    dv_owned = [torch.zeros_like(t) for t in dk_owned]
+    dk_owned, dv_owned = ([torch.zeros((t.shape[0], len(p), *t.shape[2:]), dtype=torch.float32, device=t.device)
+                           for p in positions] for t in (k, v))
     for ring_index, steps in enumerate(schedule):
         pos = positions[ring_index]
         q_local, out_local, dout_local, lse_local = q[:, pos], out[:, pos], dout[:, pos], lse[:, :, pos]
@@ -459,7 +470,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
                           dq, dk_owned[kv_index], dv_owned[kv_index], softmax_scale, softcap, lse_log2=lse_log2)
         dq_full[:, pos] = dq
     dk_full = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-    dv_full = torch.zeros_like(dk_full)
+    dv_full = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for pos, dk, dv in zip(positions, dk_owned, dv_owned):
         dk_full[:, pos], dv_full[:, pos] = dk, dv
     return dq_full.to(result_dtype), dk_full.to(result_dtype), dv_full.to(result_dtype)

@@ -5,8 +5,9 @@ Over a Ulysses group of U ranks, ``scatter_heads`` turns this rank's
 [u*H/U, (u+1)*H/U) of the whole (group's) sequence, parts concatenated in
 Ulysses-rank order. ``gather_heads`` is its inverse. Several tensors of one
 dtype travel in ONE all-to-all (q, k and v forward; dq, dk and dv backward),
-side by side along the head axis of a single send buffer, so writing them
-there is the only copy before the transfer.
+packed side by side in a single send buffer, each tensor's heads taking
+heads x its own head dim columns (q and k of 192, v of 128 under MLA), so the
+packing is the only copy before the transfer.
 
 GQA: rank u's query heads use kv heads [u*Hkv/U, (u+1)*Hkv/U) when U divides
 Hkv. When Hkv divides U instead (fewer kv heads than ranks), rank u is sent kv
@@ -52,55 +53,69 @@ def _read_head_groups(src, heads, degree):
     return summed[..., 0, :].permute(1, 2, 0, 3)
 
 
-def scatter_heads(tensors, comm, parts=None):
-    """Sequence parts (B, S/U, H_i, D) -> head groups (B, S, H_i/U or 1, D), in one all-to-all over ``comm``.
+def _columns(buffer, col, width, dim):
+    """Columns [col, col + width * dim) of ``buffer``'s last axis as ``width`` heads of ``dim``: one
+    tensor's place in a send or receive buffer."""
+    return buffer[..., col:col + width * dim].unflatten(-1, (width, dim))
 
-    The tensors share dtype, batch, length and head dim. ``parts``: every Ulysses
-    rank's part length, in Ulysses order (None: all equal to this rank's). Returns
+
+def scatter_heads(tensors, comm, parts=None):
+    """Sequence parts (B, S/U, H_i, D_i) -> head groups (B, S, H_i/U or 1, D_i), in one all-to-all over ``comm``.
+
+    The tensors share dtype, batch and length; each keeps its head dim. ``parts``: every
+    Ulysses rank's part length, in Ulysses order (None: all equal to this rank's). Returns
     views of the received buffer when the parts are equal.
     """
     degree = comm.degree
-    batch, mine, _, dim = tensors[0].shape
+    batch, mine = tensors[0].shape[:2]
     part = mine if parts is None else max(parts)
     widths = [_heads_per_rank(t.shape[2], degree) for t in tensors]
-    send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
+    dims = [t.shape[3] for t in tensors]
+    columns = sum(w * d for w, d in zip(widths, dims))
+    send = torch.empty((degree, batch, part, columns), dtype=tensors[0].dtype, device=tensors[0].device)
     col = 0
-    for t, width in zip(tensors, widths):
-        _write_head_groups(send[:, :, :mine, col:col + width, :], t, degree)
-        col += width
+    for t, width, dim in zip(tensors, widths, dims):
+        _write_head_groups(_columns(send[:, :, :mine], col, width, dim), t, degree)
+        col += width * dim
     recv = comm.all_to_all(send)  # recv[i]: rank i's sequence part, this rank's heads
     if parts is None or min(parts) == part:
-        # (U, B, S/U, w, D) -> (B, S, w, D): a view when B == 1, one copy otherwise
-        full = recv.permute(1, 0, 2, 3, 4).reshape(batch, degree * part, sum(widths), dim)
+        # (U, B, S/U, columns) -> (B, S, columns): a view when B == 1, one copy otherwise
+        full = recv.permute(1, 0, 2, 3).reshape(batch, degree * part, columns)
     else:
         full = torch.cat([recv[i, :, :length] for i, length in enumerate(parts)], dim=1)
-    return list(full.split(widths, dim=2))
+    heads, col = [], 0
+    for width, dim in zip(widths, dims):
+        heads.append(_columns(full, col, width, dim))
+        col += width * dim
+    return heads
 
 
 def gather_heads(tensors, heads, comm, parts=None, index=0):
-    """Head groups (B, S, w_i, D) -> sequence parts (B, S/U, heads[i], D), in one all-to-all over ``comm``.
+    """Head groups (B, S, w_i, D_i) -> sequence parts (B, S/U, heads[i], D_i), in one all-to-all over ``comm``.
 
     The inverse of ``scatter_heads``; where a head was replicated (its
     ``heads[i]`` divides U) the copies are summed, as gradients must be.
     ``parts`` as in ``scatter_heads``; ``index``: this rank's Ulysses index (needed with ``parts``).
     """
     degree = comm.degree
-    batch, seqlen, _, dim = tensors[0].shape
+    batch, seqlen = tensors[0].shape[:2]
     parts = [seqlen // degree] * degree if parts is None else parts
     part = max(parts)
     widths = [t.shape[2] for t in tensors]
-    send = torch.empty((degree, batch, part, sum(widths), dim), dtype=tensors[0].dtype, device=tensors[0].device)
+    dims = [t.shape[3] for t in tensors]
+    columns = sum(w * d for w, d in zip(widths, dims))
+    send = torch.empty((degree, batch, part, columns), dtype=tensors[0].dtype, device=tensors[0].device)
     col = 0
-    for t, width in zip(tensors, widths):
+    for t, width, dim in zip(tensors, widths, dims):
         if min(parts) == part:
-            send[..., col:col + width, :].copy_(t.view(batch, degree, part, width, dim).permute(1, 0, 2, 3, 4))
+            _columns(send, col, width, dim).copy_(t.unflatten(1, (degree, part)).permute(1, 0, 2, 3, 4))
         else:
             for i, piece in enumerate(t.split(parts, dim=1)):
-                send[i, :, :parts[i], col:col + width].copy_(piece)
-        col += width
+                _columns(send[i, :, :parts[i]], col, width, dim).copy_(piece)
+        col += width * dim
     recv = comm.all_to_all(send)[:, :, :parts[index]]  # recv[i]: rank i's heads of this rank's sequence part
     parts, col = [], 0
-    for count, width in zip(heads, widths):
-        parts.append(_read_head_groups(recv[..., col:col + width, :], count, degree))
-        col += width
+    for count, width, dim in zip(heads, widths, dims):
+        parts.append(_read_head_groups(_columns(recv, col, width, dim), count, degree))
+        col += width * dim
     return parts

@@ -10,12 +10,12 @@ cost time inside the timed region.
 Configs depend on the GPU family and the head dim. Each list below holds the
 configs that the compile gate (kernels/aot.py: bench/aot_gate.py sweeps it,
 tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
-dims 64, 128 and 256) found to compile without spilling registers and within
-shared memory on every Triton release it ran on (3.4.0, the oldest supported,
+dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to
+compile without spilling registers and within shared memory on every Triton release it ran on (3.4.0, the oldest supported,
 and 3.9.0: ptxas allocates registers differently between them, so a config
 clean on one can spill on the other); on sm_90 the forward and backward configs
 also keep every dot on wgmma (BLOCK_M of at least 64 rows; dk/dv at head dim
-256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
+tiles of 256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
 drops configs whose shared memory estimate exceeds what that GPU allows per
 block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
@@ -41,6 +41,13 @@ def _fwd_configs(rows):
 
 # Family "sm_90": Hopper (wgmma) and newer; "sm_80": every GPU with mma.sync (Ampere, Ada).
 # (family, largest BLOCK_D the list serves) -> configs (BLOCK_M, BLOCK_N, warps, stages).
+# With two head dims (q/k and v/out tiles of BLOCK_D and BLOCK_DV columns) a list keyed by the
+# exact pair of tiles, (family, (BLOCK_D, BLOCK_DV)), serves them where there is one; otherwise
+# the list of the wider tile does (``candidate_configs``). Pairs have lists of their own where
+# that one does not fit them: narrower value tiles do not always mean fewer registers (ptxas
+# spilled some configs of the wider tile's list at (128, 64) on triton 3.4.0, and one at 3.9.0),
+# and at MLA's (256, 128) tiles the value tiles at half the width leave room on sm_90 for the
+# 128-row forward tile and 64 key rows in dk/dv that the lists of 256 cannot take.
 # The forward has two lists on sm_90: "sm_90+tma" for its tensor-descriptor loads (kernels/tiles.py
 # tma_compatible), "sm_90" for its pointer loads; a config adds whether the unmasked loop is
 # warp-specialized (WARP_SPECIALIZE).
@@ -63,10 +70,17 @@ _FWD = {
                                   (128, 32, 8, 3, False), (64, 64, 4, 2, False), (64, 64, 8, 2, False),
                                   (64, 32, 4, 4, False)]),
     ("sm_90", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 32, 8, 2, False)]),
+    ("sm_90", (256, 128)): _fwd_configs([(128, 64, 8, 2, False), (128, 64, 8, 3, False), (64, 64, 4, 2, False),
+                                         (128, 32, 8, 3, False)]),
     ("sm_80", 64): _fwd_configs([(128, 64, 8, 3, False), (64, 64, 4, 3, False), (64, 32, 4, 4, False)]),
     ("sm_80", 128): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False),
                                   (64, 128, 8, 2, False), (64, 32, 4, 3, False), (64, 32, 4, 4, False)]),
+    # 64 x 128 spilled 112-232 B on triton 3.4.0 at (128, 64).
+    ("sm_80", (128, 64)): _fwd_configs([(128, 32, 8, 3, False), (64, 64, 8, 3, False), (64, 32, 4, 3, False),
+                                        (64, 32, 4, 4, False)]),
     ("sm_80", 256): _fwd_configs([(64, 32, 8, 3, False), (64, 128, 8, 2, False), (32, 64, 4, 3, False)]),
+    # 128 x 64 compiled clean on triton 3.9.0 but spilled 152-208 B on 3.4.0.
+    ("sm_80", (256, 128)): _fwd_configs([(64, 64, 8, 2, False), (128, 32, 8, 3, False), (64, 32, 4, 3, False)]),
 }
 _DKDV = {
     ("sm_90", 64): _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2),
@@ -74,9 +88,11 @@ _DKDV = {
     ("sm_90", 128): _configs([(32, 128, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
                               (16, 64, 8, 2), (16, 128, 8, 2)]),
     ("sm_90", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+    # 16 x 64: the 64 key rows wgmma needs, which the lists of 256 cannot hold (aot.WGMMA_EXEMPT).
+    ("sm_90", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 8, 2)]),
     ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)]),
-    ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
+    ("sm_80", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),  # also (256, 128): 16 x 64 spilled 208-248 B on 3.4.0
 }
 # The 5-GEMM backward (ATOMIC_DQ): its dk/dv kernel also holds ds @ k for dq, so it has lists of its own.
 _DKDV_ATOMIC = {
@@ -96,15 +112,22 @@ _DQ = {
     ("sm_80", 128): _configs([(64, 128, 8, 2), (64, 64, 8, 3), (64, 64, 8, 2), (32, 128, 8, 2), (16, 128, 8, 2),
                               (64, 32, 4, 2)]),
     ("sm_80", 256): _configs([(16, 64, 4, 2)]),
+    # 64 x 32 of 8 warps compiled clean on triton 3.9.0 but spilled 32-88 B on 3.4.0.
+    ("sm_80", (256, 128)): _configs([(32, 128, 8, 2), (16, 64, 4, 2)]),
 }
 # Split-KV decode and the merges: one list per family and head-dim bound too (wide rows spill with few warps).
 _DECODE = {
     ("sm_90", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2),
                              (64, 64, 4, 2)]),
     ("sm_90", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (32, 64, 4, 2)]),
+    # At (128, 64) 16 x 64 of 4 warps, 2 stages spilled 8 B on triton 3.4.0, 32 x 64 8 B on 3.9.0 and 24 B
+    # on sm_80 with 3.4.0; at (256, 128) 16 x 64 of 8 warps 16 B on 3.4.0.
+    ("sm_90", (128, 64)): _configs([(16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3)]),
     ("sm_90", 256): _configs([(16, 64, 4, 2), (16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
+    ("sm_90", (256, 128)): _configs([(16, 64, 4, 2), (16, 128, 8, 2), (16, 32, 4, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (16, 128, 8, 3), (64, 64, 4, 2)]),
     ("sm_80", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2)]),
+    ("sm_80", (128, 64)): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3)]),
     ("sm_80", 256): _configs([(16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)]),
 }
 _PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
@@ -132,7 +155,8 @@ BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D = 64
 MAX_BLOCK_N = 128
 
 # Lengths enter the keys as power-of-two buckets, so varying lengths do not re-tune.
-_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "VARLEN", "LEFT", "RIGHT", "SOFTCAP", "ACCUMULATE"]
+_ATTN_KEY = ["seqlen_q_bucket", "seqlen_k_bucket", "BLOCK_D", "BLOCK_DV", "VARLEN", "LEFT", "RIGHT", "SOFTCAP",
+             "ACCUMULATE"]
 
 # kernel name -> (GPU configs: one list, or {(family, block_d bound): list}; autotune key;
 #                 CPU interpreter block sizes)
@@ -144,20 +168,24 @@ SPECS = {
     "_merge_kernel": (_MERGE, ["HEAD_DIM"], {"BLOCK_M": 32}),
     # Not split_len: it changes with the cache length, and every decode step would re-tune.
     # CPU key tiles of 32 straddle 16-token pages, so the tests cross page boundaries.
-    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "PAGED", "LEFT", "RIGHT", "SOFTCAP"],
+    "_decode_kernel": (_DECODE, ["seqlen_q", "group_size", "BLOCK_D", "BLOCK_DV", "LATENT", "PAGED", "LEFT", "RIGHT",
+                                 "SOFTCAP"],
                        {"BLOCK_M": 16, "BLOCK_N": 32}),
     "_merge_splits_kernel": (_MERGE_SPLITS, ["num_splits", "num_heads", "HEAD_DIM"], {"BLOCK_M": 16}),
 }
 
-# Shared memory (kernels/aot.py checks the estimate against every compile): tiles of
-# (block, BLOCK_D) elements a kernel keeps for the whole program ("resident", a count and
-# the block giving their rows) and tiles its loop streams through num_stages buffers,
-# plus fp32 row statistics streamed with them (dk/dv: lse and delta of each query row).
+# Shared memory (kernels/aot.py checks the estimate against every compile): tiles a kernel keeps
+# for the whole program ("resident": the block giving their rows, and the head-dim tile of each:
+# "D" for q and k's BLOCK_D, "DV" for v and out's BLOCK_DV, "W" the wider of the two) and tiles
+# its loop streams through num_stages buffers, plus fp32 row statistics streamed with them (dk/dv:
+# lse and delta of each query row). The dk/dv kernel counts its value tiles at the wider width:
+# what it stages does not shrink with them (at (128, 64) the sm_90 compiles use up to 10 KB more
+# than a count of its v and do tiles at 64 columns).
 _SMEM_TILES = {
-    "_fwd_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),         # q; k, v
-    "_decode_kernel": (("BLOCK_M", 1), ("BLOCK_N", 2), 0),      # q; k, v
-    "_bwd_dq_kernel": (("BLOCK_M", 2), ("BLOCK_N", 2), 0),      # q, do; k, v
-    "_bwd_dkdv_kernel": (("BLOCK_N", 2), ("BLOCK_M", 2), 8),    # k, v; q, do + lse, delta
+    "_fwd_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),              # q; k, v
+    "_decode_kernel": (("BLOCK_M", ("D",)), ("BLOCK_N", ("D", "DV")), 0),           # q; k, v
+    "_bwd_dq_kernel": (("BLOCK_M", ("D", "DV")), ("BLOCK_N", ("D", "DV")), 0),      # q, do; k, v
+    "_bwd_dkdv_kernel": (("BLOCK_N", ("W", "W")), ("BLOCK_M", ("W", "W")), 8),      # k, v; q, do + lse, delta
 }
 # Hopper reserves 1 KB of every block's shared memory (cuobjdump shows it as static).
 _RESERVED_SMEM = 1024
@@ -167,21 +195,26 @@ _TMA_BARRIERS_SMEM = 1024
 
 def smem_estimate(name, config, block_d, elem_bytes, constants=None):
     """An upper bound of the shared memory (bytes) ``config`` of kernel ``name`` needs for a launch
-    with ``constants``. Kernels without tiles of dots (merges, delta) need at most a reduction scratch."""
-    rows = config.kwargs
+    with ``constants`` (``BLOCK_DV`` among them: v's head-dim tile, else ``block_d``). Kernels
+    without tiles of dots (merges, delta) need at most a reduction scratch."""
+    rows, constants = config.kwargs, constants or {}
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
-    (resident, count), (streamed, streamed_count), stats = _SMEM_TILES[name]
-    per_stage = streamed_count * rows[streamed] * block_d * elem_bytes + stats * rows[streamed]
+    width = {"D": block_d, "DV": constants.get("BLOCK_DV", block_d)}
+    width["W"] = max(width.values())
+    (resident, resident_tiles), (streamed, streamed_tiles), stats = _SMEM_TILES[name]
+    per_stage = sum(width[t] for t in streamed_tiles) * rows[streamed] * elem_bytes + stats * rows[streamed]
     extra = _TMA_BARRIERS_SMEM if name == "_fwd_kernel" else 0
     if rows.get("WARP_SPECIALIZE"):
-        # Warp-specialized forwards keep one more (BLOCK_M, BLOCK_D) tile (the sm_90 compiles show it).
-        extra += rows["BLOCK_M"] * block_d * elem_bytes
-    if (constants or {}).get("ATOMIC_DQ"):
+        # Warp-specialized forwards keep one more (BLOCK_M, head-dim) tile (the sm_90 compiles show it;
+        # counted at the wider of the two head dims).
+        extra += rows["BLOCK_M"] * width["W"] * elem_bytes
+    if constants.get("ATOMIC_DQ"):
         # The 5-GEMM dk/dv kernel's dq dot (ds^T @ k) stages its operands once more: the k tile and,
         # as the sm_90 compiles show, up to two (BLOCK_M, BLOCK_N) tiles of ds.
         extra += (rows["BLOCK_N"] * block_d + 2 * rows["BLOCK_M"] * rows["BLOCK_N"]) * elem_bytes
-    return _RESERVED_SMEM + extra + count * rows[resident] * block_d * elem_bytes + config.num_stages * per_stage
+    resident_bytes = sum(width[t] for t in resident_tiles) * rows[resident] * elem_bytes
+    return _RESERVED_SMEM + extra + resident_bytes + config.num_stages * per_stage
 
 
 def family(capability):
@@ -199,15 +232,22 @@ def list_variant(constants):
     return ""
 
 
-def candidate_configs(name, block_d, capability, variant=""):
-    """The configs listed for kernel ``name`` at head-dim tile ``block_d`` on this family
-    (``variant``: the family's list of that name, see ``list_variant``)."""
+def candidate_configs(name, block_d, capability, variant="", block_dv=None):
+    """The configs listed for kernel ``name`` at head-dim tiles ``block_d`` (q, k) and ``block_dv``
+    (v, out; default ``block_d``) on this family (``variant``: the family's list of that name, see
+    ``list_variant``). A list for that exact pair of tiles if there is one; else the list of the
+    smallest bound that holds the wider tile: chosen for tiles of that width in every operand, it
+    fits a kernel whose other tiles are narrower (the compile gate checks (128, 64) so)."""
     table = SPECS[name][0]
     if isinstance(table, list):
         return table
     fam = family(capability) + variant
-    bounds = sorted(bound for f, bound in table if f == fam)
-    bound = next((b for b in bounds if b >= block_d), bounds[-1])
+    block_dv = block_d if block_dv is None else block_dv
+    if block_dv != block_d and (fam, (block_d, block_dv)) in table:
+        return table[(fam, (block_d, block_dv))]
+    width = max(block_d, block_dv)
+    bounds = sorted(bound for f, bound in table if f == fam and isinstance(bound, int))
+    bound = next((b for b in bounds if b >= width), bounds[-1])
     return table[(fam, bound)]
 
 
@@ -218,7 +258,7 @@ def keep_configs(name, block_d, elem_bytes, capability, smem_limit, constants=No
     only the one-loop form, without EDGES). Never empty: if none fits the estimate, the smallest is
     kept and Triton reports what it needs."""
     constants = constants or {}
-    configs = candidate_configs(name, block_d, capability, list_variant(constants))
+    configs = candidate_configs(name, block_d, capability, list_variant(constants), constants.get("BLOCK_DV"))
     if constants.get("EDGES", True):
         configs = [c for c in configs if not c.kwargs.get("WARP_SPECIALIZE")] or configs
     kept = [c for c in configs if smem_estimate(name, c, block_d, elem_bytes, constants) <= smem_limit]

@@ -41,6 +41,7 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
 
 from . import _autotune, decode, flash_bwd, flash_fwd, merge
+from .tiles import tile_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,19 +53,24 @@ class Target:
 
 TARGETS = {"sm_80": Target("sm_80", 80, 163 * 1024), "sm_90": Target("sm_90", 90, 227 * 1024)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-HEAD_DIMS = (64, 128, 256)
+# Head dims: one for q, k, v alike, or a pair (q/k, v/out) such as MLA's (192, 128).
+HEAD_DIMS = (64, 128, 256, (192, 128), (128, 64))
 KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_merge_kernel",
            "_decode_kernel", "_merge_splits_kernel")
 # The main loops that must run on wgmma on sm_90: every dot of these kernels an HGMMA.
 WGMMA_KERNELS = ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel")
 # Except: no dk/dv config with 64 key rows per warpgroup (wgmma's minimum) compiles
-# without spilling at head dim 256 (dk and dv alone fill the registers), so it runs mma.sync.
+# without spilling at head-dim tiles of 256 (dk and dv alone fill the registers), so it runs
+# mma.sync. Keyed by the wider head-dim tile (tiles.tile_width: 256 for (192, 128) too).
 WGMMA_EXEMPT = {("_bwd_dkdv_kernel", 256)}
 # The 5-GEMM backward's dq dot (ds @ k) has BLOCK_M query rows, fewer than wgmma's 64: it runs
 # mma.sync beside the dk/dv kernel's own wgmma dots.
 MMA_SYNC_ALLOWED = {("_bwd_dkdv_kernel", "atomic"), ("_bwd_dkdv_kernel", "atomic+local")}
-# Variants whose forward reads through tensor descriptors on sm_90: their loops must issue TMA loads.
+# Variants whose forward reads through tensor descriptors on sm_90 (where tiles.tma_compatible holds:
+# not at head dim 192, whose tiles are padded to 256): their loops must issue TMA loads.
 TMA_VARIANTS = ("causal", "ring", "local", "full")
+# Variants that exist only for a pair of head dims (q/k wider than v).
+PAIR_VARIANTS = ("latent",)
 
 _KERNEL_MODULES = (flash_fwd, flash_bwd, merge, decode)
 _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -72,31 +78,46 @@ _BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 # ---------------------------------------------------------------- capture
 
-def _causal_calls(dtype, head_dim):
+def _qkv(dtype, batch, seqlen, head_dim, value_dim):
+    """q (4 heads), k (2 heads) of ``head_dim`` and v (2 heads) of ``value_dim``."""
+    return (torch.empty(batch, seqlen, 4, head_dim, dtype=dtype), torch.empty(batch, seqlen, 2, head_dim, dtype=dtype),
+            torch.empty(batch, seqlen, 2, value_dim, dtype=dtype))
+
+
+def _causal_calls(dtype, head_dim, value_dim):
     """Single-device causal training (forward, delta, dq, dk/dv), a merge and a paged decode."""
-    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    q, k, v = _qkv(dtype, 2, 128, head_dim, value_dim)
     out, lse = flash_fwd.attention_forward(q, k, v, causal=True)
     flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True)
     merge.merge_attention(out, lse, out, lse)
     # Pages of 64 slots hold whole key tiles (one table entry per tile); "local" takes pages of 16,
     # smaller than the tiles (one entry per key).
-    pages = torch.empty(4, 64, 2, head_dim, dtype=dtype)
+    k_pages, v_pages = torch.empty(4, 64, 2, head_dim, dtype=dtype), torch.empty(4, 64, 2, value_dim, dtype=dtype)
     table = torch.arange(4, dtype=torch.int32).view(2, 2)
     lengths = torch.tensor([100, 120], dtype=torch.int32)
-    decode.decode_attention(q[:, :1], pages, pages, lengths, block_table=table, num_splits=2,
+    decode.decode_attention(q[:, :1], k_pages, v_pages, lengths, block_table=table, num_splits=2,
                             max_seqlen=128, validate=False, out_dtype=torch.float32)
 
 
-def _ring_calls(dtype, head_dim):
+def _latent_calls(dtype, head_dim, value_dim):
+    """The decode of "causal" over a latent cache (MLA): the values are the keys' first columns."""
+    q = torch.empty(2, 1, 4, head_dim, dtype=dtype)
+    pages = torch.empty(4, 64, 2, head_dim, dtype=dtype)
+    table = torch.arange(4, dtype=torch.int32).view(2, 2)
+    lengths = torch.tensor([100, 120], dtype=torch.int32)
+    decode.decode_attention(q, pages, pages[..., :value_dim], lengths, block_table=table, num_splits=2,
+                            max_seqlen=128, validate=False, out_dtype=torch.float32)
+
+
+def _ring_calls(dtype, head_dim, value_dim):
     """A ring step: causal, this step's partials accumulated into fp32 running buffers."""
-    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
-    out = torch.empty(q.shape, dtype=torch.float32)
+    q, k, v = _qkv(dtype, 2, 128, head_dim, value_dim)
+    out = torch.empty((2, 128, 4, value_dim), dtype=torch.float32)
     lse = torch.empty(2, 4, 128)
     flash_fwd.attention_forward(q, k, v, causal=True, q_start=128, out=out, lse=lse, accumulate=True)
     dq, dk, dv = (torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v))
-    flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, q_start=128, delta=lse, dq=dq, dk=dk, dv=dv,
+    dout = torch.empty(out.shape, dtype=dtype)  # also the final out (the ring hands it over in the inputs' dtype)
+    flash_bwd.attention_backward(dout, q, k, v, dout, lse, causal=True, q_start=128, delta=lse, dq=dq, dk=dk, dv=dv,
                                  accumulate=True)
 
 
@@ -108,52 +129,50 @@ def _local_mask():
                               cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
 
 
-def _local_calls(dtype, head_dim):
+def _local_calls(dtype, head_dim, value_dim):
     """Every extra at once: packed documents, a sliding window, softcap and sinks (forward,
     backward and a paged decode)."""
     mask = _local_mask()
-    q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    q, k, v = _qkv(dtype, 1, 256, head_dim, value_dim)
     sinks = torch.empty(4)
     out, lse = flash_fwd.attention_forward(q, k, v, mask=mask, softcap=30.0, sinks=sinks)
     flash_bwd.attention_backward(out, q, k, v, out, lse, mask=mask, softcap=30.0)
-    pages = torch.empty(16, 16, 2, head_dim, dtype=dtype)
+    k_pages, v_pages = torch.empty(16, 16, 2, head_dim, dtype=dtype), torch.empty(16, 16, 2, value_dim, dtype=dtype)
     table = torch.arange(16, dtype=torch.int32).view(2, 8)
     lengths = torch.tensor([100, 120], dtype=torch.int32)
-    decode.decode_attention(q[:, :2].expand(2, 2, 4, head_dim), pages, pages, lengths, block_table=table,
+    decode.decode_attention(q[:, :2].expand(2, 2, 4, head_dim), k_pages, v_pages, lengths, block_table=table,
                             num_splits=2, max_seqlen=128, validate=False, out_dtype=torch.float32,
                             window_size=(64, 0), softcap=30.0, sinks=sinks)
 
 
-def _full_calls(dtype, head_dim):
+def _full_calls(dtype, head_dim, value_dim):
     """Non-causal attention over whole key blocks: the forward's one-loop form (no EDGES), where
     its warp-specialized configs apply."""
-    q = torch.empty(2, 256, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(2, 256, 2, head_dim, dtype=dtype) for _ in range(2))
-    flash_fwd.attention_forward(q, k, v)
+    flash_fwd.attention_forward(*_qkv(dtype, 2, 256, head_dim, value_dim))
 
 
-def _pointer_calls(dtype, head_dim):
+def _pointer_calls(dtype, head_dim, value_dim):
     """The causal forward with pointer loads (``CPATTN_FORWARD=pointers``), kept for comparison."""
     with mock.patch.dict(os.environ, {"CPATTN_FORWARD": "pointers"}):
-        _causal_calls(dtype, head_dim)
+        _causal_calls(dtype, head_dim, value_dim)
 
 
-def _atomic_calls(dtype, head_dim):
+def _atomic_calls(dtype, head_dim, value_dim):
     """The causal backward's 5-GEMM form: dq added with atomics inside the dk/dv kernel."""
-    q = torch.empty(2, 128, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(2, 128, 2, head_dim, dtype=dtype) for _ in range(2))
+    q, k, v = _qkv(dtype, 2, 128, head_dim, value_dim)
+    out = torch.empty((2, 128, 4, value_dim), dtype=dtype)
     lse = torch.empty(2, 4, 128)
-    flash_bwd.attention_backward(q, q, k, v, q, lse, causal=True, delta=lse, atomic_dq=True)
+    flash_bwd.attention_backward(out, q, k, v, out, lse, causal=True, delta=lse, atomic_dq=True)
 
 
-def _atomic_local_calls(dtype, head_dim):
+def _atomic_local_calls(dtype, head_dim, value_dim):
     """The 5-GEMM dk/dv kernel with the extras of "local" (documents, window, softcap): the most
     registers its loop holds."""
-    q = torch.empty(1, 256, 4, head_dim, dtype=dtype)
-    k, v = (torch.empty(1, 256, 2, head_dim, dtype=dtype) for _ in range(2))
+    q, k, v = _qkv(dtype, 1, 256, head_dim, value_dim)
+    out = torch.empty((1, 256, 4, value_dim), dtype=dtype)
     lse = torch.empty(1, 4, 256)
-    flash_bwd.attention_backward(q, q, k, v, q, lse, mask=_local_mask(), softcap=30.0, delta=lse, atomic_dq=True)
+    flash_bwd.attention_backward(out, q, k, v, out, lse, mask=_local_mask(), softcap=30.0, delta=lse,
+                                 atomic_dq=True)
 
 
 # variant -> (the calls, the kernels whose code it specializes differently from "causal")
@@ -165,7 +184,13 @@ VARIANTS = {
     "pointers": (_pointer_calls, ("_fwd_kernel",)),
     "atomic": (_atomic_calls, ("_bwd_dkdv_kernel",)),
     "atomic+local": (_atomic_local_calls, ("_bwd_dkdv_kernel",)),
+    "latent": (_latent_calls, ("_decode_kernel",)),
 }
+
+
+def head_dim_pair(head_dims):
+    """(q/k head dim, v head dim) of a grid entry: an int (both alike) or a pair."""
+    return (head_dims, head_dims) if isinstance(head_dims, int) else tuple(head_dims)
 
 
 @dataclasses.dataclass
@@ -175,9 +200,10 @@ class Launch:
     constants: dict
 
 
-def capture(variant, dtype, head_dim, target=None):
-    """{kernel name: Launch} of the calls of ``variant`` (nothing runs), with the choices the
-    host makes for a GPU of ``target`` (tensor-descriptor loads from sm_90 on).
+def capture(variant, dtype, head_dims, target=None):
+    """{kernel name: Launch} of the calls of ``variant`` (nothing runs) at ``head_dims`` (an int, or
+    a (q/k, v) pair), with the choices the host makes for a GPU of ``target`` (tensor-descriptor
+    loads from sm_90 on).
 
     Shapes keep every integer that varies in real use above 1 (batch, heads, GQA
     group), so Triton does not fold it into a constant a real launch would not have."""
@@ -193,7 +219,7 @@ def capture(variant, dtype, head_dim, target=None):
             stack.enter_context(mock.patch.object(module, "launch", record))
         stack.enter_context(mock.patch.object(flash_fwd, "use_tma",
                                               lambda device: flash_fwd.tma_target(capability)))
-        calls(dtype, head_dim)
+        calls(dtype, *head_dim_pair(head_dims))
     missing = set(kernels) - set(launches)
     if missing:
         raise RuntimeError(f"aot.capture: the {variant!r} calls launched no {sorted(missing)}")
@@ -216,10 +242,12 @@ class Case:
     target: Target
     dtype: str
     head_dim: int
+    value_dim: int
     config: triton.Config
     source: ASTSource
     options: dict
     smem_estimate: int
+    tma: bool = False  # the launch reads through tensor descriptors (a forward where tma_compatible holds)
 
     @property
     def key(self):
@@ -233,8 +261,8 @@ class Case:
 
     @property
     def label(self):
-        return (f"{self.kernel} [{self.variant}] {self.target.name} {self.dtype} D={self.head_dim} "
-                f"{config_name(self.config)}")
+        dims = self.head_dim if self.head_dim == self.value_dim else f"{self.head_dim}/{self.value_dim}"
+        return f"{self.kernel} [{self.variant}] {self.target.name} {self.dtype} D={dims} {config_name(self.config)}"
 
 
 def _bind(launch, config, target):
@@ -269,18 +297,22 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
     """Every Case of the grid: variant, dtype, head dim, kernel, target, each config kept for it."""
     for variant in variants:
         for dtype in dtypes:
-            for head_dim in head_dims:
+            for dims in head_dims:
+                head_dim, value_dim = head_dim_pair(dims)
+                if variant in PAIR_VARIANTS and head_dim == value_dim:
+                    continue
                 for target in (TARGETS[t] for t in targets):
-                    for name, launch in capture(variant, DTYPES[dtype], head_dim, target).items():
+                    for name, launch in capture(variant, DTYPES[dtype], dims, target).items():
                         if name not in kernels:
                             continue
                         block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
                         for config in _autotune.keep_configs(name, block_d, elem_bytes, target.capability,
                                                              target.smem_limit, launch.constants):
                             source, options = _bind(launch, config, target)
-                            yield Case(name, variant, target, dtype, head_dim, config, source, options,
+                            yield Case(name, variant, target, dtype, head_dim, value_dim, config, source, options,
                                        _autotune.smem_estimate(name, config, block_d, elem_bytes,
-                                                               launch.constants))
+                                                               launch.constants),
+                                       bool(launch.constants.get("TMA")))
 
 
 # ---------------------------------------------------------------- compile and read the cubin
@@ -347,7 +379,8 @@ def compile_case(case):
     seconds = time.perf_counter() - start
     regs, spill, static_smem, hgmma, hmma, loops = _cubin_facts(compiled.asm["cubin"])
     return {"key": case.key, "kernel": case.kernel, "variant": case.variant, "target": case.target.name,
-            "dtype": case.dtype, "head_dim": case.head_dim, "config": config_name(case.config),
+            "dtype": case.dtype, "head_dim": case.head_dim, "head_dim_v": case.value_dim, "tma": case.tma,
+            "config": config_name(case.config),
             "regs": regs, "spill_bytes": spill, "smem": compiled.metadata.shared + static_smem,
             "smem_limit": case.target.smem_limit, "smem_estimate": case.smem_estimate,
             "hgmma": hgmma, "hmma": hmma, **loops, "warps": compiled.metadata.num_warps,
@@ -363,13 +396,14 @@ def problems(row):
         found.append(f"needs {row['smem']} B of shared memory, the target allows {row['smem_limit']}")
     if row["smem_estimate"] < row["smem"]:
         found.append(f"the prune's estimate {row['smem_estimate']} B is below the {row['smem']} B it uses")
-    wgmma = row["kernel"] in WGMMA_KERNELS and (row["kernel"], row["head_dim"]) not in WGMMA_EXEMPT
+    width = tile_width(row["head_dim"], row.get("head_dim_v", row["head_dim"]))
+    wgmma = row["kernel"] in WGMMA_KERNELS and (row["kernel"], width) not in WGMMA_EXEMPT
     mma_sync = row["hmma"] > 0 and (row["kernel"], row["variant"]) not in MMA_SYNC_ALLOWED
     if row["target"] == "sm_90" and wgmma and (row["hgmma"] == 0 or mma_sync):
         found.append(f"sm_90 SASS has {row['hgmma']} HGMMA and {row['hmma']} HMMA: not every dot is a wgmma")
     if row["target"] == "sm_90" and wgmma and not row.get("main_loop_wgmma"):
         found.append("sm_90 SASS has no loop with wgmma (HGMMA): the main loop's dots are elsewhere")
-    if (row["target"] == "sm_90" and row["kernel"] == "_fwd_kernel" and row["variant"] in TMA_VARIANTS
+    if (row["target"] == "sm_90" and row["kernel"] == "_fwd_kernel" and row.get("tma", row["variant"] in TMA_VARIANTS)
             and not row.get("loop_utmaldg")):
         found.append("sm_90 forward issues no TMA load (UTMALDG) in its loops")
     return found
@@ -391,7 +425,8 @@ def load_cache(path):
 
 def save_cache(path, rows):
     """Write ``rows`` (compiled cases) as the cache, sorted so that diffs stay readable."""
-    order = lambda r: (r["kernel"], r["variant"], r["target"], r["dtype"], r["head_dim"], r["config"])  # noqa: E731
+    order = lambda r: (r["kernel"], r["variant"], r["target"], r["dtype"], r["head_dim"],  # noqa: E731
+                       r.get("head_dim_v", r["head_dim"]), r["config"])
     payload = {"triton": triton.__version__, "rows": sorted(rows, key=order)}
     Path(path).write_text(json.dumps(payload, indent=0) + "\n")
 

@@ -5,7 +5,14 @@ decoding or a prefill chunk) attend to a cache of keys and values:
   contiguous  k_cache (B, capacity, Hkv, D): sequence b's slot j at [b, j]
   paged       k_cache (num_pages, page_size, Hkv, D) and block_table (B, max_pages)
               int32: sequence b's slot j at [block_table[b, j // page_size], j % page_size]
-``cache_seqlens[b]`` (int32) slots of sequence b are valid.
+``cache_seqlens[b]`` (int32) slots of sequence b are valid. Keys and queries have
+one head dim (``HEAD_DIM``), values and the output their own (``HEAD_DIM_V``).
+
+Latent form (``LATENT``, MLA): the values are the first ``HEAD_DIM_V`` columns of the
+keys themselves (v_cache a view of k_cache's leading columns, one buffer). Each key
+tile is then read once, as two column blocks: its first ``HEAD_DIM_V`` columns, which
+are the value tile, and the rest (MLA's rotary part); q.k is the sum of the two
+blocks' products, and the first block feeds the value product as it is.
 
 Positions: query token t of sequence b sits at global position ``q_positions[b, t]``
 (by default ``cache_seqlens[b] - Sq + t``); cache slot j holds the key at
@@ -64,6 +71,13 @@ def _slots_before(pos, pos_stripe, pos_stride, pos_offset):
     return tl.where(rel <= 0, 0, (rel // pos_stride) * pos_stripe + tl.minimum(rel % pos_stride, pos_stripe))
 
 
+@triton.jit
+def _rope_columns(HEAD_DIM, HEAD_DIM_V, BLOCK_DR: tl.constexpr):
+    """The key columns past the values in the latent form, [HEAD_DIM_V, HEAD_DIM), in a tile of BLOCK_DR."""
+    cols = HEAD_DIM_V + tl.arange(0, BLOCK_DR)
+    return cols, cols < HEAD_DIM
+
+
 @triton.jit(do_not_specialize=["seqlen_q", "pos_offset", "window_left", "window_right"])
 def _decode_kernel(
     Q, K, V, Out, Lse, SeqLens, QPos, BlockTable, Sinks,
@@ -75,9 +89,10 @@ def _decode_kernel(
     stride_pb, stride_ps, stride_btb,
     seqlen_q, num_heads_kv, group_size, num_splits,
     pos_stripe, pos_stride, pos_offset, window_left, window_right, softmax_scale, softcap,
-    HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, LEFT: tl.constexpr,
-    RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, LATENT: tl.constexpr, PAGED: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+    WIDE: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_DR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     tile, b, h_kv = program_tile(seqlen_q * group_size, num_heads_kv, BLOCK_M)
     split = tl.program_id(1)
@@ -86,13 +101,23 @@ def _decode_kernel(
     tok = rows // group_size
     head = rows % group_size  # the query head within kv head h_kv's group
     h0 = h_kv * group_size
-    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    tile_ok = row_ok[:, None] & d_ok[None, :]
+    offs_dv = tl.arange(0, BLOCK_DV)
+    dv_ok = offs_dv < HEAD_DIM_V
+    out_ok = row_ok[:, None] & dv_ok[None, :]
 
-    q = tl.load(_pair_ptrs(seq_base(Q, b, h0, 0, stride_qb, stride_qh, stride_qs), tok, head, offs_d,
-                           stride_qs, stride_qh, stride_qd, WIDE), mask=tile_ok, other=0.0)
+    Q = seq_base(Q, b, h0, 0, stride_qb, stride_qh, stride_qs)
+    if LATENT:
+        # q's columns in the key tile's two blocks: those facing the values, and the rest.
+        key_cols, key_cols_ok = _rope_columns(HEAD_DIM, HEAD_DIM_V, BLOCK_DR)
+        q = tl.load(_pair_ptrs(Q, tok, head, offs_dv, stride_qs, stride_qh, stride_qd, WIDE), mask=out_ok, other=0.0)
+        q_rope = tl.load(_pair_ptrs(Q, tok, head, key_cols, stride_qs, stride_qh, stride_qd, WIDE),
+                         mask=row_ok[:, None] & key_cols_ok[None, :], other=0.0)
+    else:
+        key_cols = tl.arange(0, BLOCK_D)
+        key_cols_ok = key_cols < HEAD_DIM
+        q = tl.load(_pair_ptrs(Q, tok, head, key_cols, stride_qs, stride_qh, stride_qd, WIDE),
+                    mask=row_ok[:, None] & key_cols_ok[None, :], other=0.0)
     q_pos = tl.load(seq_base(QPos, b, 0, 0, stride_pb, 0, 0) + tok * stride_ps, mask=row_ok, other=0)
     seqlen_k = tl.load(SeqLens + b)
 
@@ -122,30 +147,41 @@ def _decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < hi
         if PAGED and PAGE_SIZE >= BLOCK_N:
             # The tile lies in one page: one table entry, then rows as in a contiguous cache.
             page = tl.load(table + start_n // PAGE_SIZE).to(tl.int64)
-            k_ptrs = tile_ptrs(K + page * stride_kb, offs_d, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
-            v_ptrs = tile_ptrs(V + page * stride_vb, cols % PAGE_SIZE, offs_d, stride_vs, stride_vd, WIDE)
+            k_ptrs = tile_ptrs(K + page * stride_kb, key_cols, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
+            v_ptrs = tile_ptrs(V + page * stride_vb, cols % PAGE_SIZE, offs_dv, stride_vs, stride_vd, WIDE)
         elif PAGED:
             # Pages smaller than a tile: each column looks up its own page.
             page = tl.load(table + cols // PAGE_SIZE, mask=col_ok, other=0).to(tl.int64)
-            k_ptrs = tile_ptrs(K + (page * stride_kb)[None, :], offs_d, cols % PAGE_SIZE, stride_kd, stride_ks, WIDE)
-            v_ptrs = tile_ptrs(V + (page * stride_vb)[:, None], cols % PAGE_SIZE, offs_d, stride_vs, stride_vd, WIDE)
+            k_ptrs = tile_ptrs(K + (page * stride_kb)[None, :], key_cols, cols % PAGE_SIZE, stride_kd, stride_ks,
+                               WIDE)
+            v_ptrs = tile_ptrs(V + (page * stride_vb)[:, None], cols % PAGE_SIZE, offs_dv, stride_vs, stride_vd,
+                               WIDE)
         else:
-            k_ptrs = tile_ptrs(K, offs_d, cols, stride_kd, stride_ks, WIDE)
-            v_ptrs = tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE)
-        k = tl.load(k_ptrs, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-        s = scores(tl.dot(q, k, input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)[0]
+            k_ptrs = tile_ptrs(K, key_cols, cols, stride_kd, stride_ks, WIDE)
+            v_ptrs = tile_ptrs(V, cols, offs_dv, stride_vs, stride_vd, WIDE)
+        # K is loaded as (columns, BLOCK_N), ready for q @ k^T.
+        k = tl.load(k_ptrs, mask=key_cols_ok[:, None] & col_ok[None, :], other=0.0)
+        if LATENT:
+            # The value tile is the key tile's first HEAD_DIM_V columns: read once, used by both products.
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
+            qk = tl.dot(q_rope, k, tl.dot(q, tl.trans(v), input_precision=DOT_PRECISION),
+                        input_precision=DOT_PRECISION)
+        else:
+            qk = tl.dot(q, k, input_precision=DOT_PRECISION)
+        s = scores(qk, softmax_scale, softcap, SOFTCAP)[0]
         key_pos = _slot_position(cols, pos_stripe, pos_stride, pos_offset)
         seen = col_ok[None, :] & visible(q_pos[:, None], key_pos[None, :], window_left, window_right, LEFT, RIGHT)
         s = tl.where(seen, s, float("-inf"))
         p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i, 1.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if not LATENT:
+            v = tl.load(v_ptrs, mask=col_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
     # An empty split (or rows with no visible key) gives out = 0, lse = -inf: the merge's identity.
@@ -154,12 +190,12 @@ def _decode_kernel(
         # A sink is the partial (out 0, lse sink_h); split 0 alone folds it in, so it counts once.
         sink = tl.load(Sinks + h0 + head, mask=row_ok, other=float("-inf")).to(tl.float32)
         sink = tl.where(split == 0, sink, float("-inf"))
-        out, lse = merge_partials(out, lse, tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32), sink)
+        out, lse = merge_partials(out, lse, tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32), sink)
     # (split, sequence, first head of the group) through seq_base's three int64 index/stride pairs.
     out_base = seq_base(Out, split, b, h0, stride_osplit, stride_ob, stride_oh)
     lse_base = seq_base(Lse, split, b, h0, stride_lsplit, stride_lb, stride_lh)
-    tl.store(_pair_ptrs(out_base, tok, head, offs_d, stride_os, stride_oh, stride_od, WIDE),
-             out.to(Out.dtype.element_ty), mask=tile_ok)
+    tl.store(_pair_ptrs(out_base, tok, head, offs_dv, stride_os, stride_oh, stride_od, WIDE),
+             out.to(Out.dtype.element_ty), mask=out_ok)
     tl.store(lse_base + offsets(head, stride_lh, WIDE) + offsets(tok, stride_ls, WIDE), lse, mask=row_ok)
 
 
@@ -307,8 +343,8 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
                softmax_scale: float, window_left: int, window_right: int, softcap: float,
                slot_positions: List[int], num_splits: int, out_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     batch, seqlen_q, heads, head_dim = q.shape
-    heads_kv = k_cache.shape[2]
-    out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+    heads_kv, value_dim = k_cache.shape[2], v_cache.shape[-1]
+    out = torch.empty((batch, seqlen_q, heads, value_dim), dtype=out_dtype, device=q.device)
     lse = torch.empty((batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     if q.numel() == 0:
         return out, lse
@@ -316,7 +352,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
     if num_splits == 1:
         out_p, lse_p = out.unsqueeze(0), lse.unsqueeze(0)
     else:
-        out_p = torch.empty((num_splits, *q.shape), dtype=torch.float32, device=q.device)
+        out_p = torch.empty((num_splits, *out.shape), dtype=torch.float32, device=q.device)
         lse_p = torch.empty((num_splits, batch, heads, seqlen_q), dtype=torch.float32, device=q.device)
     table = block_table if paged else cache_seqlens  # an unused pointer when contiguous
     args = (q, k_cache, v_cache, out_p, lse_p, cache_seqlens, q_positions, table, q if sinks is None else sinks,
@@ -324,10 +360,14 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache
             *q_positions.stride(), table.stride(0),
             seqlen_q, heads_kv, heads // heads_kv, num_splits,
             *slot_positions, max(window_left, 0), max(window_right, 0), softmax_scale, softcap or 1.0)
-    constants = {"HEAD_DIM": head_dim, "PAGED": paged, "PAGE_SIZE": k_cache.shape[1] if paged else 1,
+    latent = is_leading_columns(v_cache, k_cache)  # one buffer: read each key tile once (module docstring)
+    constants = {"HEAD_DIM": head_dim, "HEAD_DIM_V": value_dim, "LATENT": latent, "PAGED": paged,
+                 "PAGE_SIZE": k_cache.shape[1] if paged else 1,
                  "LEFT": window_left >= 0, "RIGHT": window_right >= 0, "SOFTCAP": softcap > 0,
                  "SINKS": sinks is not None, "WIDE": needs_int64(q, k_cache, v_cache, out_p[0], lse_p[0]),
-                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim)}
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim),
+                 # BLOCK_DR: the latent form's tile of the key columns past the values (unused otherwise)
+                 "BLOCK_DV": block_d(value_dim), "BLOCK_DR": block_d(head_dim - value_dim) if latent else 16}
     tiles = grid_1d(seqlen_q * (heads // heads_kv), batch * heads_kv)
     launch(_decode_kernel, lambda meta: (*tiles(meta), num_splits), args, constants, q)
     if num_splits > 1:
@@ -342,7 +382,16 @@ _decode_op = torch.library.custom_op("cpattn::decode_attention", _decode, mutate
 def _(q, k_cache, v_cache, cache_seqlens, q_positions, block_table, sinks, softmax_scale, window_left,
       window_right, softcap, slot_positions, num_splits, out_dtype):
     batch, seqlen_q, heads, _ = q.shape
-    return q.new_empty(q.shape, dtype=out_dtype), q.new_empty((batch, heads, seqlen_q), dtype=torch.float32)
+    return (q.new_empty((batch, seqlen_q, heads, v_cache.shape[-1]), dtype=out_dtype),
+            q.new_empty((batch, heads, seqlen_q), dtype=torch.float32))
+
+
+def is_leading_columns(v_cache, k_cache):
+    """Whether ``v_cache`` is a view of ``k_cache``'s first columns and nothing else (the latent form of
+    the module docstring: an MLA cache whose values are the leading columns of its keys)."""
+    return (v_cache.shape[-1] < k_cache.shape[-1] and v_cache.shape[:-1] == k_cache.shape[:-1]
+            and v_cache.stride() == k_cache.stride() and v_cache.dtype == k_cache.dtype
+            and v_cache.device == k_cache.device and v_cache.data_ptr() == k_cache.data_ptr())
 
 
 def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,
@@ -358,12 +407,13 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_ta
         if paged and isinstance(t, torch.Tensor) and t.dim() == 4 and isinstance(q, torch.Tensor) and q.dim() == 4:
             return t[:1].expand(q.shape[0], -1, -1, -1)
         return t
-    batch, seqlen_q, _, heads, _, _ = check_qkv(q, per_sequence(k_cache), per_sequence(v_cache), where)
+    batch, seqlen_q, _, heads, _, _ = check_qkv(q, per_sequence(k_cache), per_sequence(v_cache), where,
+                                                same_value_dim=False)
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         raise TypeError(f"{where}: bfloat16 on CPU is not supported by Triton's interpreter; pass float32")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"{where}: k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs "
-                         f"{tuple(v_cache.shape)}")
+    if k_cache.shape[:-1] != v_cache.shape[:-1]:
+        raise ValueError(f"{where}: k_cache and v_cache shapes differ (other than in the head dim): "
+                         f"{tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
     check_int_tensor(cache_seqlens, "cache_seqlens", (batch,), q.device, where)
     if q_start is not None:
         check_int_tensor(q_start, "q_start", (batch,), q.device, where)
@@ -407,9 +457,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
                      out_dtype=None, window_size=(-1, -1), softcap=0.0, sinks=None, q_positions=None):
     """Attention of a few new query tokens per sequence over a (paged) KV cache.
 
-    q (B, Sq, H, D); k_cache, v_cache (B, capacity, Hkv, D), or with
-    ``block_table`` (B, max_pages) int32 the paged pool (num_pages, page_size,
-    Hkv, D), page_size a power of two >= 16. cache_seqlens (B,) int32: valid
+    q (B, Sq, H, D); k_cache (B, capacity, Hkv, D), v_cache (B, capacity, Hkv, Dv),
+    or with ``block_table`` (B, max_pages) int32 the paged pools (num_pages, page_size,
+    Hkv, D or Dv), page_size a power of two >= 16. ``v_cache = k_cache[..., :Dv]``
+    (a view, Dv < D) is the latent form (MLA): each key tile is read once and its
+    first Dv columns serve as the value tile. cache_seqlens (B,) int32: valid
     slots per sequence. Query positions: ``q_positions`` (B, Sq) int32, or
     ``q_start`` (B,) int32 for token t at q_start[b] + t (default
     ``cache_seqlens - Sq``: the new tokens are the cache's last Sq).
@@ -420,7 +472,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     logits (``softcap * tanh(s / softcap)``); ``sinks`` (H,) float32 adds one
     value-less logit per head, once.
 
-    Returns (out (B, Sq, H, D) in q's dtype or ``out_dtype`` (float32 keeps a
+    Returns (out (B, Sq, H, Dv) in q's dtype or ``out_dtype`` (float32 keeps a
     partial exact for a later merge), lse (B, H, Sq) float32 natural log,
     -inf where a query sees no key). ``validate=False`` skips the host-side
     checks (they read cache_seqlens and block_table back from the device), so

@@ -15,6 +15,10 @@ Three kernels, none with atomics (deterministic):
     the kv blocks its rows can see.
 Each may add into existing gradient buffers (``accumulate``), which the ring
 backward uses to sum contributions over steps.
+
+Head dims as in the forward: q, k, dq, dk in tiles of ``BLOCK_D`` columns (``HEAD_DIM``),
+v, out, dout, dv in tiles of ``BLOCK_DV`` (``HEAD_DIM_V``); the delta pass reads only out
+and dout, so its one head dim is the value head dim.
 """
 import math
 
@@ -27,7 +31,8 @@ from ._launch import launch
 from .flash_fwd import MaskSpec
 from .mask import block_count, block_start, visible, visible_range
 from .softmax import LOG2_E, dot_precision, scores
-from .tiles import block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs
+from .tiles import (block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs,
+                    tile_width)
 
 
 @triton.jit
@@ -74,7 +79,7 @@ def _load_row_stats(LseLog2, Delta, rows, seqlen_q, stride_ls, stride_ds):
 def _dkdv_inner(dk, dv, k, v, Q, DOut, LseLog2, Delta, DQ,
                 stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
                 stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
-                k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
+                k_pos, offs_d, offs_dv, q_pos0, seqlen_q, group_size, HEAD_DIM, HEAD_DIM_V, softmax_scale, softcap,
                 window_left, window_right, lo, full_lo, full_hi, hi,
                 MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
                 ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -90,16 +95,18 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, LseLog2, Delta, DQ,
     """
     offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     num_blocks = block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_M)
     g = 0  # head of the group
     j = 0  # block within the head
     for _ in range(0, group_size * num_blocks):
         rows = block_start(j, lo, full_lo, full_hi, MASKED, BLOCK_M) + offs_m
         h = g.to(tl.int64)  # head offsets in int64, as in seq_base
-        tile_ok = (rows[:, None] < seqlen_q) & d_ok[None, :]
+        row_ok = rows[:, None] < seqlen_q
+        tile_ok = row_ok & d_ok[None, :]
         q = tl.load(tile_ptrs(Q + h * stride_qh, rows, offs_d, stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
-        do = tl.load(tile_ptrs(DOut + h * stride_gh, rows, offs_d, stride_gs, stride_gd, WIDE), mask=tile_ok,
-                     other=0.0)
+        do = tl.load(tile_ptrs(DOut + h * stride_gh, rows, offs_dv, stride_gs, stride_gd, WIDE),
+                     mask=row_ok & dv_ok[None, :], other=0.0)
         lse, delta = _load_row_stats(LseLog2 + h * stride_lh, Delta + h * stride_dh, rows, seqlen_q, stride_ls,
                                      stride_ds)
         s_t, t_t = scores(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
@@ -141,9 +148,10 @@ def _bwd_dkdv_kernel(
     seqlen_q, seqlen_k, num_heads_kv, group_size,
     q_start, k_start, window_left, window_right, softmax_scale, softcap,
     seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr,
+    RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, ATOMIC_DQ: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     tile, seq, h_kv = program_tile(seqlen_k, num_heads_kv, BLOCK_N)  # seqlen_k: the longest, if packed
     batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
@@ -152,13 +160,15 @@ def _bwd_dkdv_kernel(
         return
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_ok = (offs_n[:, None] < seqlen_k) & (offs_d[None, :] < HEAD_DIM)
+    v_ok = (offs_n[:, None] < seqlen_k) & (offs_dv[None, :] < HEAD_DIM_V)
     k = tl.load(tile_ptrs(seq_base(K, batch, h_kv, k_row0, stride_kb, stride_kh, stride_ks), offs_n, offs_d,
-                          stride_ks, stride_kd, WIDE), mask=kv_ok, other=0.0)
-    v = tl.load(tile_ptrs(seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs), offs_n, offs_d,
-                          stride_vs, stride_vd, WIDE), mask=kv_ok, other=0.0)
+                          stride_ks, stride_kd, WIDE), mask=k_ok, other=0.0)
+    v = tl.load(tile_ptrs(seq_base(V, batch, h_kv, k_row0, stride_vb, stride_vh, stride_vs), offs_n, offs_dv,
+                          stride_vs, stride_vd, WIDE), mask=v_ok, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
 
     # The queries that see this key block: the visibility rule read backwards
     # (q sees k iff k - right <= q <= k + left), so the bounds swap sides.
@@ -175,45 +185,47 @@ def _bwd_dkdv_kernel(
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                          stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
                          stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
-                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                         window_left, window_right, lo, full_lo, full_hi, hi,
+                         k_pos, offs_d, offs_dv, q_pos0, seqlen_q, group_size, HEAD_DIM, HEAD_DIM_V, softmax_scale,
+                         softcap, window_left, window_right, lo, full_lo, full_hi, hi,
                          False, LEFT, RIGHT, SOFTCAP, ATOMIC_DQ, WIDE, BLOCK_M, DOT_PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
                          stride_qh, stride_gh, stride_lh, stride_dh, stride_dqh,
                          stride_qs, stride_qd, stride_gs, stride_gd, stride_ls, stride_ds, stride_dqs, stride_dqd,
-                         k_pos, offs_d, q_pos0, seqlen_q, group_size, HEAD_DIM, softmax_scale, softcap,
-                         window_left, window_right, lo, full_lo, full_hi, hi,
+                         k_pos, offs_d, offs_dv, q_pos0, seqlen_q, group_size, HEAD_DIM, HEAD_DIM_V, softmax_scale,
+                         softcap, window_left, window_right, lo, full_lo, full_hi, hi,
                          True, LEFT, RIGHT, SOFTCAP, ATOMIC_DQ, WIDE, BLOCK_M, DOT_PRECISION)
     dk = dk * softmax_scale
 
     dk_ptrs = tile_ptrs(seq_base(DK, batch, h_kv, k_row0, stride_dkb, stride_dkh, stride_dks), offs_n, offs_d,
                         stride_dks, stride_dkd, WIDE)
-    dv_ptrs = tile_ptrs(seq_base(DV, batch, h_kv, k_row0, stride_dvb, stride_dvh, stride_dvs), offs_n, offs_d,
+    dv_ptrs = tile_ptrs(seq_base(DV, batch, h_kv, k_row0, stride_dvb, stride_dvh, stride_dvs), offs_n, offs_dv,
                         stride_dvs, stride_dvd, WIDE)
     # dk first, then dv: the previous values of only one accumulator are in registers at a time.
     if ACCUMULATE:
-        dk += tl.load(dk_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_ok)
+        dk += tl.load(dk_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=k_ok)
     if ACCUMULATE:
-        dv += tl.load(dv_ptrs, mask=kv_ok, other=0.0).to(tl.float32)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_ok)
+        dv += tl.load(dv_ptrs, mask=v_ok, other=0.0).to(tl.float32)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=v_ok)
 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-              q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-              lo, full_lo, full_hi, hi,
+              q_pos, offs_d, offs_dv, k_pos0, seqlen_k, HEAD_DIM, HEAD_DIM_V, softmax_scale, softcap,
+              window_left, window_right, lo, full_lo, full_hi, hi,
               MASKED: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
               WIDE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Add the contributions of the masked or the unmasked key blocks (mask.visible_range) to one query tile's dq."""
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
+    dv_ok = offs_dv < HEAD_DIM_V
     for i in range(0, block_count(lo, full_lo, full_hi, hi, MASKED, BLOCK_N)):
         cols = block_start(i, lo, full_lo, full_hi, MASKED, BLOCK_N) + offs_n
         col_ok = cols < seqlen_k
-        kv_ok = col_ok[:, None] & d_ok[None, :]
-        k = tl.load(tile_ptrs(K, cols, offs_d, stride_ks, stride_kd, WIDE), mask=kv_ok, other=0.0)
-        v = tl.load(tile_ptrs(V, cols, offs_d, stride_vs, stride_vd, WIDE), mask=kv_ok, other=0.0)
+        k = tl.load(tile_ptrs(K, cols, offs_d, stride_ks, stride_kd, WIDE), mask=col_ok[:, None] & d_ok[None, :],
+                    other=0.0)
+        v = tl.load(tile_ptrs(V, cols, offs_dv, stride_vs, stride_vd, WIDE), mask=col_ok[:, None] & dv_ok[None, :],
+                    other=0.0)
         s, t = scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), softmax_scale, softcap, SOFTCAP)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -242,9 +254,10 @@ def _bwd_dq_kernel(
     seqlen_q, seqlen_k, num_heads, group_size,
     q_start, k_start, window_left, window_right, softmax_scale, softcap,
     seqlen_q_bucket, seqlen_k_bucket,
-    HEAD_DIM: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr, RIGHT: tl.constexpr,
-    SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, VARLEN: tl.constexpr, LEFT: tl.constexpr,
+    RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ACCUMULATE: tl.constexpr, WIDE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     tile, seq, h = program_tile(seqlen_q, num_heads, BLOCK_M)  # seqlen_q: the longest, if packed
     batch, q_row0, seqlen_q, k_row0, seqlen_k, q_pos0, k_pos0 = seqlen_info(
@@ -254,11 +267,13 @@ def _bwd_dq_kernel(
     h_kv = h // group_size
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     tile_ok = (offs_m[:, None] < seqlen_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(tile_ptrs(seq_base(Q, batch, h, q_row0, stride_qb, stride_qh, stride_qs), offs_m, offs_d,
                           stride_qs, stride_qd, WIDE), mask=tile_ok, other=0.0)
-    do = tl.load(tile_ptrs(seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs), offs_m, offs_d,
-                           stride_gs, stride_gd, WIDE), mask=tile_ok, other=0.0)
+    do = tl.load(tile_ptrs(seq_base(DOut, batch, h, q_row0, stride_gb, stride_gh, stride_gs), offs_m, offs_dv,
+                           stride_gs, stride_gd, WIDE),
+                 mask=(offs_m[:, None] < seqlen_q) & (offs_dv[None, :] < HEAD_DIM_V), other=0.0)
     lse, delta = _load_row_stats(seq_base(LseLog2, batch, h, q_row0, stride_lb, stride_lh, stride_ls),
                                  seq_base(Delta, batch, h, q_row0, stride_db, stride_dh, stride_ds),
                                  offs_m, seqlen_q, stride_ls, stride_ds)
@@ -271,11 +286,11 @@ def _bwd_dq_kernel(
     lo, full_lo, full_hi, hi = visible_range(q_pos0 + tile * BLOCK_M, q_pos0 + last_row, k_pos0, seqlen_k,
                                              window_left, window_right, LEFT, RIGHT, BLOCK_N)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                   lo, full_lo, full_hi, hi, False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+                   q_pos, offs_d, offs_dv, k_pos0, seqlen_k, HEAD_DIM, HEAD_DIM_V, softmax_scale, softcap,
+                   window_left, window_right, lo, full_lo, full_hi, hi, False, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = _dq_inner(dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                   q_pos, offs_d, k_pos0, seqlen_k, HEAD_DIM, softmax_scale, softcap, window_left, window_right,
-                   lo, full_lo, full_hi, hi, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
+                   q_pos, offs_d, offs_dv, k_pos0, seqlen_k, HEAD_DIM, HEAD_DIM_V, softmax_scale, softcap,
+                   window_left, window_right, lo, full_lo, full_hi, hi, True, LEFT, RIGHT, SOFTCAP, WIDE, BLOCK_N, DOT_PRECISION)
     dq = dq * softmax_scale
 
     dq_ptrs = tile_ptrs(seq_base(DQ, batch, h, q_row0, stride_dqb, stride_dqh, stride_dqs), offs_m, offs_d,
@@ -316,6 +331,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
                        compute_dq=True, compute_dkdv=True, atomic_dq=False, lse_log2=None):
     """Gradients of attention for one (q, kv) pair, given the final out and lse.
 
+    Shapes as in ``attention_forward``: v, out and dout may have a head dim of their own.
     Visibility as in ``attention_forward`` (``mask``, or ``causal``/``q_start``/``k_start``);
     ``softcap`` must be the forward's. ``delta`` (shaped like ``lse``, any strides) may be
     precomputed once: the ring backward computes it for its whole local sequence and
@@ -330,7 +346,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     """
     mask = mask or MaskSpec(causal=causal, q_start=q_start, k_start=k_start)
     batch, seqlen_q, heads, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    seqlen_k, heads_kv, value_dim = k.shape[1], k.shape[2], v.shape[-1]
     if softmax_scale is None:
         softmax_scale = 1.0 / math.sqrt(head_dim)
     if accumulate and ((compute_dq and dq is None) or (compute_dkdv and (dk is None or dv is None))):
@@ -338,7 +354,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     if atomic_dq and not (compute_dq and compute_dkdv):
         raise ValueError("attention_backward: atomic_dq=True computes dq inside the dk/dv kernel, so it needs "
                          "compute_dq and compute_dkdv")
-    if accumulate and block_d(head_dim) > BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
+    if accumulate and tile_width(head_dim, value_dim) > BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D:
         fresh = [None if g is None else torch.empty(g.shape, dtype=g.dtype, device=g.device) for g in (dq, dk, dv)]
         parts = attention_backward(dout, q, k, v, out, lse, softmax_scale, delta=delta, dq=fresh[0], dk=fresh[1],
                                    dv=fresh[2], mask=mask, softcap=softcap, compute_dq=compute_dq,
@@ -351,7 +367,7 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     dq = (torch.empty_like(q) if dq is None else dq) if compute_dq else None
     dk = (torch.empty_like(k) if dk is None else dk) if compute_dkdv else None
     dv = (torch.empty_like(v) if dv is None else dv) if compute_dkdv else None
-    if seqlen_q == 0 or seqlen_k == 0 or q.numel() == 0:
+    if seqlen_q == 0 or seqlen_k == 0 or batch * heads == 0:
         if not accumulate:
             for grad in (dq, dk, dv):
                 if grad is not None:
@@ -367,9 +383,9 @@ def attention_backward(dout, q, k, v, out, lse, softmax_scale=None, causal=False
     cu_q, cu_k, pos_q, pos_k, *positions = mask.kernel_args(q)
     common = (*q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse_log2.stride(), *delta.stride())
     per_call = (*positions, float(softmax_scale), float(softcap or 1.0), length_bucket(max_q), length_bucket(max_k))
-    constants = {"HEAD_DIM": head_dim, **mask.constants(), "SOFTCAP": bool(softcap), "ACCUMULATE": bool(accumulate),
-                 "WIDE": needs_int64(q, k, v, dout, dq, dk, dv), "DOT_PRECISION": dot_precision(q.dtype),
-                 "BLOCK_D": block_d(head_dim)}
+    constants = {"HEAD_DIM": head_dim, "HEAD_DIM_V": value_dim, **mask.constants(), "SOFTCAP": bool(softcap),
+                 "ACCUMULATE": bool(accumulate), "WIDE": needs_int64(q, k, v, dout, dq, dk, dv),
+                 "DOT_PRECISION": dot_precision(q.dtype), "BLOCK_D": block_d(head_dim), "BLOCK_DV": block_d(value_dim)}
     num_seqs = mask.num_seqs(batch)
     if atomic_dq:
         # The atomics add into fp32: the caller's buffer itself when it is one and is accumulated into.

@@ -75,16 +75,17 @@ def row_descriptor(base, rows, stride_row, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl
                                      block_shape=[BLOCK_ROWS, BLOCK_D])
 
 
-def tma_compatible(head_dim, *tensors):
+def tma_compatible(*tensors):
     """Whether tensor descriptors can address every (sequence, head) slice of ``tensors``
     (B, S, H, D) as ``row_descriptor`` does: TMA wants a 16-byte aligned base and 16-byte
-    multiples as strides, a unit stride along the head dim, and the head dim filling its
-    tile (a padded tile would read the next head's columns instead of zeros)."""
-    if block_d(head_dim) != head_dim:
-        return False
+    multiples as strides, a unit stride along the head dim, and each tensor's head dim
+    filling its tile (a padded tile would read the next head's columns instead of zeros:
+    q and k of head dim 192 in tiles of 256 do not qualify, whatever v's head dim)."""
     for t in tensors:
         if t is None:
             continue
+        if block_d(t.shape[-1]) != t.shape[-1]:
+            return False
         if t.stride(-1) != 1 or t.data_ptr() % 16:
             return False
         if any((stride * t.element_size()) % 16 for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size > 1):
@@ -95,6 +96,13 @@ def tma_compatible(head_dim, *tensors):
 def block_d(head_dim):
     """The padded head dim a tile holds: a power of two, at least 16 (tl.dot's minimum)."""
     return max(16, triton.next_power_of_2(head_dim))
+
+
+def tile_width(head_dim, value_dim):
+    """The widest head-dim tile of a kernel whose q/k and v/out tiles hold ``head_dim`` and
+    ``value_dim`` columns: what its register and shared-memory budget is chosen by (the
+    config lists' head-dim bound and the fused-accumulate bounds of kernels/_autotune.py)."""
+    return max(block_d(head_dim), block_d(value_dim))
 
 
 def is_power_of_two(n):

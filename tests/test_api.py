@@ -297,7 +297,8 @@ def _t(*shape, dtype=torch.float32):
 BAD_FLASH_INPUTS = [
     ("3-D q", (_t(2, 8, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 16)), ValueError, "must be 4-D"),
     ("head dim mismatch", (_t(1, 8, 2, 16), _t(1, 8, 2, 32), _t(1, 8, 2, 32)), ValueError, "head dims differ"),
-    ("v head dim", (_t(1, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 32)), ValueError, "head dims differ"),
+    ("v head dim too big", (_t(1, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 264)), ValueError, "maximum 256"),
+    ("v head dim 0", (_t(1, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 0)), ValueError, "at least 1"),
     ("H not multiple of Hkv", (_t(1, 8, 6, 16), _t(1, 8, 4, 16), _t(1, 8, 4, 16)), ValueError, "multiple of kv heads"),
     ("batch mismatch", (_t(2, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 8, 2, 16)), ValueError, "batch sizes differ"),
     ("kv length mismatch", (_t(1, 8, 2, 16), _t(1, 8, 2, 16), _t(1, 9, 2, 16)), ValueError, "lengths differ"),

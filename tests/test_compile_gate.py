@@ -2,9 +2,10 @@
 spills no register, fits in shared memory, and on sm_90 runs its forward and backward dots on wgmma.
 
 No GPU is needed (``kernels/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
-grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 x 7 kernels x 2 targets x each kept
-config, over 800 compiles) takes a quarter of an hour on one core, so its rows are cached in
-``bench/results/aot/triton-<version>.json`` by ``python bench/aot_gate.py``. A row counts only for
+grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 and the (q/k, v) pairs (192, 128) and
+(128, 64) x 7 kernels x 2 targets x each kept config, 1380 compiles) takes 20 to 30 minutes on two
+cores, so its rows are cached in ``bench/results/aot/triton-<version>.json`` by
+``python bench/aot_gate.py``. A row counts only for
 the exact binary it describes (its key hashes the kernel source with every helper it calls, the
 specialization, the config, the target and the Triton version): after an edit the stale cases are
 compiled here, a few dozen at most; more than that fails and asks for the sweep. A fresh compile
@@ -29,9 +30,23 @@ def grid():
 
 
 def test_the_grid_covers_every_kernel_target_dtype_and_head_dim():
-    seen = {(c.kernel, c.target.name, c.dtype, c.head_dim) for c in grid()}
-    expected = {(k, t, d, h) for k in aot.KERNELS for t in aot.TARGETS for d in aot.DTYPES for h in aot.HEAD_DIMS}
+    seen = {(c.kernel, c.target.name, c.dtype, (c.head_dim, c.value_dim)) for c in grid()}
+    expected = {(k, t, d, aot.head_dim_pair(h)) for k in aot.KERNELS for t in aot.TARGETS for d in aot.DTYPES
+                for h in aot.HEAD_DIMS}
     assert seen == expected
+    # The latent decode (v the keys' first columns) at every pair of head dims.
+    latent = {(c.target.name, c.dtype, c.head_dim, c.value_dim) for c in grid() if c.variant == "latent"}
+    pairs = [aot.head_dim_pair(h) for h in aot.HEAD_DIMS if not isinstance(h, int)]
+    assert latent == {(t, d, *p) for t in aot.TARGETS for d in aot.DTYPES for p in pairs}
+
+
+def test_the_forward_reads_through_tensor_descriptors_where_it_can():
+    """On sm_90 the TMA variants' forwards take tensor descriptors wherever every head dim fills its tile
+    (not at 192, padded to 256: a descriptor would read the next head's columns); the gate then checks
+    that their loops issue TMA loads."""
+    for c in grid():
+        if c.kernel == "_fwd_kernel" and c.target.name == "sm_90" and c.variant in aot.TMA_VARIANTS:
+            assert c.tma == (c.head_dim in (64, 128, 256) and c.value_dim in (64, 128, 256)), c.label
 
 
 def test_every_case_passes_the_gate():

@@ -317,9 +317,10 @@ def test_tensor_descriptor_and_pointer_forwards_agree(device, monkeypatch):
     with its warp-specialized range) and an unaligned view (pointers)."""
     from cpattn.kernels import flash_fwd, tiles
     q, k, v = make_qkv(1, 70, 256, 2, 1, 64, device, seed=5)
-    assert tiles.tma_compatible(64, q, k, v) and not tiles.tma_compatible(48, q[..., :48], k, v)
+    assert tiles.tma_compatible(q, k, v) and not tiles.tma_compatible(q[..., :48], k, v)
+    assert tiles.tma_compatible(q, k, v[..., :32].contiguous())  # each tensor's head dim fills its own tile
     odd = torch.randn(1, 70 * 2 * 64 + 1, device=device)[:, 1:].view(1, 70, 2, 64)  # base not 16-byte aligned
-    assert not tiles.tma_compatible(64, odd)
+    assert not tiles.tma_compatible(odd)
     launched = []
     real_launch = flash_fwd.launch
     monkeypatch.setattr(flash_fwd, "launch", lambda kernel, grid, args, constants, *rest, **kw: (

@@ -48,6 +48,16 @@ def int_list(text):
     return [int(x) for x in text.split(",") if x]
 
 
+def head_dim_list(text):
+    """"64,128,192:128" -> [(64, 64), (128, 128), (192, 128)]: q/k head dim, then v's where it differs."""
+    pairs = []
+    for item in text.split(","):
+        if item:
+            d, _, dv = item.partition(":")
+            pairs.append((int(d), int(dv or d)))
+    return pairs
+
+
 def str_list(text):
     return [x for x in text.split(",") if x]
 
@@ -98,10 +108,11 @@ def output_dir(args, device):
 
 # ---------------------------------------------------------------- FLOPs and timing
 
-def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode="fwd"):
-    """4*B*H*Sq*Sk*D for the forward (two matmuls), halved when causal with Sq == Sk;
-    the backward counts 2.5x the forward, forward+backward 3.5x."""
-    flops = 4 * batch * heads * seqlen_q * seqlen_k * head_dim
+def attention_flops(batch, heads, seqlen_q, seqlen_k, head_dim, causal, mode="fwd", value_head_dim=None):
+    """2*B*H*Sq*Sk*(D + Dv) for the forward (q.k over D, p.v over Dv; 4*B*H*Sq*Sk*D when they are
+    equal), halved when causal with Sq == Sk; the backward counts 2.5x the forward, forward+backward 3.5x."""
+    value_head_dim = head_dim if value_head_dim is None else value_head_dim
+    flops = 2 * batch * heads * seqlen_q * seqlen_k * (head_dim + value_head_dim)
     if causal and seqlen_q == seqlen_k:
         flops //= 2
     return flops * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
@@ -129,14 +140,16 @@ def time_ms(fn, device, grad_to_none=None, cpu_reps=1):
 
 # ---------------------------------------------------------------- inputs and torch SDPA backends
 
-def attention_inputs(batch, seqlen, heads, kv_heads, head_dim, dtype, device, seed=0):
-    """Random q, k, v, dout in flash layout (B, S, H, D), contiguous; ``dtype`` a DTYPES key."""
+def attention_inputs(batch, seqlen, heads, kv_heads, head_dim, dtype, device, seed=0, value_head_dim=None):
+    """Random q, k, v, dout in flash layout (B, S, H, D), contiguous; ``dtype`` a DTYPES key.
+    ``value_head_dim``: v's and dout's head dim when it differs from q's and k's (MLA)."""
     gen = torch.Generator(device=device).manual_seed(seed)
+    value_head_dim = head_dim if value_head_dim is None else value_head_dim
 
-    def rand(h):
-        return torch.randn((batch, seqlen, h, head_dim), generator=gen, device=device, dtype=DTYPES[dtype])
+    def rand(h, dim):
+        return torch.randn((batch, seqlen, h, dim), generator=gen, device=device, dtype=DTYPES[dtype])
 
-    return rand(heads), rand(kv_heads), rand(kv_heads), rand(heads)
+    return rand(heads, head_dim), rand(kv_heads, head_dim), rand(kv_heads, value_head_dim), rand(heads, value_head_dim)
 
 
 def sdpa_backends(names):

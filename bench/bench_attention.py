@@ -40,7 +40,8 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 def parse_args(argv):
     p = C.base_parser(__doc__)
     p.add_argument("--seqlens", type=C.int_list, default=None, help="comma list (default 1024..32768)")
-    p.add_argument("--head-dims", type=C.int_list, default=None, help="comma list (default 64,128)")
+    p.add_argument("--head-dims", type=C.head_dim_list, default=None,
+                   help="comma list (default 64,128); D:Dv gives v a head dim of its own, e.g. 192:128 (MLA)")
     p.add_argument("--dtypes", type=C.str_list, default=None, help="comma list of bf16,fp16,fp32 (default bf16,fp16)")
     p.add_argument("--causal", choices=("both", "causal", "full"), default="both")
     p.add_argument("--attn", type=C.str_list, default=None, help="comma list of mha,gqa (default both)")
@@ -56,10 +57,10 @@ def parse_args(argv):
                    help="torch SDPA backends, comma list of flash,cudnn,efficient,math (default flash,cudnn,efficient)")
     args = p.parse_args(argv)
     # The real grid, or a tiny one for the interpreter (bf16 there runs as fp32 anyway).
-    defaults = dict(seqlens=[1024, 2048, 4096, 8192, 16384, 32768], head_dims=[64, 128], dtypes=["bf16", "fp16"],
+    defaults = dict(seqlens=[1024, 2048, 4096, 8192, 16384, 32768], head_dims=[(64, 64), (128, 128)], dtypes=["bf16", "fp16"],
                     attn=["mha", "gqa"], heads=32, kv_heads=8, tokens=16384, backends=["flash", "cudnn", "efficient"])
     if args.quick:
-        defaults.update(seqlens=[64, 128], head_dims=[32], dtypes=["fp32"], heads=4, kv_heads=2, tokens=128,
+        defaults.update(seqlens=[64, 128], head_dims=[(32, 32)], dtypes=["fp32"], heads=4, kv_heads=2, tokens=128,
                         backends=["math", "flash", "efficient", "cudnn"])
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -106,7 +107,7 @@ def shapes(args):
                                                                     causals, args.seqlens):
         yield dict(seqlen=seqlen, batch=max(1, args.tokens // seqlen), heads=args.heads,
                    kv_heads=args.heads if kind == "mha" else args.kv_heads, attn=kind,
-                   head_dim=head_dim, causal=causal, dtype=dtype)
+                   head_dim=head_dim[0], value_head_dim=head_dim[1], causal=causal, dtype=dtype)
 
 
 def time_modes(forward, q, k, v, dout, modes, device):
@@ -133,7 +134,8 @@ def bench_shape(shape, args, device, backends):
     modes = args.modes
     causal = shape["causal"]
     q, k, v, dout = C.attention_inputs(shape["batch"], shape["seqlen"], shape["heads"], shape["kv_heads"],
-                                       shape["head_dim"], shape["dtype"], device)
+                                       shape["head_dim"], shape["dtype"], device,
+                                       value_head_dim=shape["value_head_dim"])
     tuned_before = _flat(chosen_configs())
     timed = {}  # label -> {mode: ms}
     for label, forward, backward, variant_modes in kernel_variants(args):
@@ -166,7 +168,7 @@ def bench_shape(shape, args, device, backends):
     rows = []
     for mode in modes:
         flops = C.attention_flops(shape["batch"], shape["heads"], shape["seqlen"], shape["seqlen"],
-                                  shape["head_dim"], causal, mode)
+                                  shape["head_dim"], causal, mode, shape["value_head_dim"])
         row = {**shape, "mode": mode, "flops": flops, "cpattn_ms": cp_ms[mode],
                "cpattn_tflops": flops / cp_ms[mode] / 1e9, "cpattn_max_abs_err_vs_sdpa": max_err,
                "cpattn_configs": configs}
@@ -204,7 +206,7 @@ def main(argv=None):
     total, step, rows = len(grid) * (len(kernel_variants(args)) + len(backends)), 0, []
     for shape in grid:
         tag = (f"S={shape['seqlen']} B={shape['batch']} H={shape['heads']}/{shape['kv_heads']} "
-               f"D={shape['head_dim']} {'causal' if shape['causal'] else 'full'} {shape['dtype']}")
+               f"D={shape['head_dim']}/{shape['value_head_dim']} {'causal' if shape['causal'] else 'full'} {shape['dtype']}")
         for item in bench_shape(shape, args, device, backends):
             if isinstance(item, str):
                 step += 1
@@ -223,11 +225,11 @@ def main(argv=None):
             heads = f"{sub[0]['heads']}/{sub[0]['kv_heads']} heads"
             paths.append(C.plot_lines(
                 out_dir / f"attention_{dtype}_{kind}.png", sub, "seqlen", series,
-                lambda r: f"{r['mode']} d={r['head_dim']} {'causal' if r['causal'] else 'full'}",
+                lambda r: f"{r['mode']} d={r['head_dim']}/{r['value_head_dim']} {'causal' if r['causal'] else 'full'}",
                 C.plot_title(env, f"{dtype} {kind} ({heads}), batch x seq >= {args.tokens}"), "TFLOPS", ncols=len(args.modes)))
 
     columns = [("seqlen", "seq"), ("batch", "B"), ("heads", "H"), ("kv_heads", "Hkv"), ("head_dim", "D"),
-               ("causal", "causal"), ("dtype", "dtype"), ("mode", "mode"), ("cpattn_tflops", "cpattn TF")]
+               ("value_head_dim", "Dv"), ("causal", "causal"), ("dtype", "dtype"), ("mode", "mode"), ("cpattn_tflops", "cpattn TF")]
     for label in extra:
         columns += [(f"{label}_tflops", f"{label} TF"), (f"x{label}", f"x{label}")]
     for b in backends:

@@ -5,7 +5,8 @@
 #   bash bench/gpu_session.sh all --dry-run   # on CPU: installs nothing, reaches every stage, runs no GPU work
 #
 #   1 env       GPU, driver, torch, triton, NCCL, CUDA versions
-#   2 smoke     correctness on CUDA: bench/gpu_smoke.py (its docstring lists the cases)
+#   2 smoke     correctness on CUDA: bench/gpu_smoke.py (its docstring lists the cases), then every kept
+#               forward config forced in turn against SDPA (bench/check_fwd_configs.py)
 #   3 headline  forward/backward TFLOPS, bf16, head dim 128, 16 heads, seqlen 2k/8k/16k at 16k tokens,
 #               causal and not, TMA vs pointer forward and the two backwards, next to every torch SDPA
 #               backend in the same run
@@ -21,8 +22,9 @@
 # so a run cut short still returns what finished.
 #
 # The older single stages remain: `tests` (the kernel/API/decode test files on the GPU, slow: every
-# config is tuned), `nccl`, `bench` (every benchmark with its full grid).
-# Stage timeouts add up to 480 s (8 minutes), the install before them about 10 s.
+# config is tuned), `nccl`, `bench` (every benchmark with its full grid), and `more-head-dims` (head dim
+# 64 and MLA's 192/128 next to SDPA, about 150 s). The stages of `all` have timeouts adding up to 470 s
+# (under 8 minutes), the install before them about 10 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-all}"
@@ -97,7 +99,10 @@ env_stage() {
 
 smoke_stage() {
     stage "2 smoke"
-    CPATTN_AUTOTUNE=1 run 90 python3 bench/gpu_smoke.py --out "$results"
+    CPATTN_AUTOTUNE=1 run 70 python3 bench/gpu_smoke.py --out "$results"
+    # Every kept forward config forced in turn against SDPA: autotuning runs only the config it picks, so
+    # a wrong one hides (warp-specialized configs with 3 stages gave NaN on triton 3.6.0, H200, 2026-12-04).
+    run 60 python3 bench/check_fwd_configs.py --seqlens 4096 --out "$results"
 }
 
 headline_stage() {
@@ -105,22 +110,26 @@ headline_stage() {
     # Issue 18's comparison in one run: the tensor-descriptor forward against the pointer forward of
     # the first H200 run, the two-kernel backward against the 5-GEMM (atomic dq) one. Estimated 1.5-2
     # minutes (bench/NOTES.md: ~30 configs to compile, ~80 tuning runs, ~65 timed calls); 55 s on the H200.
-    CPATTN_AUTOTUNE=3 run 120 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
+    CPATTN_AUTOTUNE=3 run 110 python3 bench/bench_attention.py --seqlens 2048,8192,16384 --head-dims 128 \
         --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --forward tma,pointers \
         --backward deterministic,atomic --out "$results"
-    # Head dim 64 (issue 18's target not met there, by the compiled code) and MLA's q/k 192, v 128 (issue 22;
-    # SDPA's flash backend refuses Dv != D, cuDNN and efficient take it), at 8k and 16k. Its own results folder
-    # so the d128 table above keeps its name.
-    CPATTN_AUTOTUNE=3 run 80 python3 bench/bench_attention.py --seqlens 8192,16384 --head-dims 64,192:128 \
+}
+
+more_head_dims_stage() {
+    stage "more head dims"
+    # Not in `all` (about 150 s, mostly compiles): head dim 64 and MLA's q/k 192, v 128 at 8k and 16k
+    # (SDPA's flash backend refuses Dv != D; cuDNN and efficient take it), in a folder of its own.
+    CPATTN_AUTOTUNE=3 run 200 python3 bench/bench_attention.py --seqlens 8192,16384 --head-dims 64,192:128 \
         --dtypes bf16 --attn mha --heads 16 --tokens 16384 --modes fwd,bwd --out "$results/d64_mla"
 }
 
 cp_stage() {
     stage "4 cp, merge, decode"
     export CPATTN_AUTOTUNE=1
-    # Causal only: the full grid took about 140 s on an H200 (results/NVIDIA_H200 holds both).
-    run 75 python3 bench/bench_cp_decomposition.py --causal causal --host-calls 20 --out "$results"
-    run 15 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
+    # Causal only: the full grid took about 140 s on an H200; causal alone 71 s with the pointer forward
+    # and about 90 s with the TMA one (its compiles), which cut the 75 s of the second run.
+    run 110 python3 bench/bench_cp_decomposition.py --causal causal --host-calls 20 --out "$results"
+    run 25 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
     run 30 python3 bench/bench_decode.py --seqlens 8192,32768,131072 --out "$results"
     run 20 python3 -m pytest -q -p no:cacheprovider \
         tests/test_inference_serving.py::test_decode_step_cuda_graph_replays_exactly
@@ -131,7 +140,7 @@ nccl_stage() {
     stage "5 nccl"
     # Several ranks on one GPU: NCCL 2.28.9 (torch 2.11) refused them ("Duplicate GPU detected", H200,
     # 2026-12-04); the stage still runs so that a newer NCCL, or a machine with 2 GPUs, is tried.
-    NCCL_MULTI_RANK_GPU_ENABLE=1 CPATTN_AUTOTUNE=1 run 30 python3 bench/check_nccl.py --ranks 2 --timeout 25 --out "$results"
+    NCCL_MULTI_RANK_GPU_ENABLE=1 CPATTN_AUTOTUNE=1 run 25 python3 bench/check_nccl.py --ranks 2 --timeout 20 --out "$results"
 }
 
 case "$mode" in
@@ -147,6 +156,7 @@ case "$mode" in
     env) env_stage ;;
     smoke) smoke_stage ;;
     headline) headline_stage ;;
+    more-head-dims) more_head_dims_stage ;;
     cp) cp_stage ;;
     nccl) nccl_stage ;;
     bench)
@@ -155,7 +165,7 @@ case "$mode" in
             run 3600 python3 "bench/$script.py" --out "$results"
         done ;;
     *)
-        echo "usage: bash bench/gpu_session.sh [all|env|smoke|headline|cp|nccl|tests|bench] [--dry-run]" >&2; exit 2 ;;
+        echo "usage: bash bench/gpu_session.sh [all|env|smoke|headline|more-head-dims|cp|nccl|tests|bench] [--dry-run]" >&2; exit 2 ;;
 esac
 save_to_out
 echo "gpu_session $mode: $([ $status = 0 ] && echo 'every step passed' || echo 'SOME STEP FAILED (see above)')" | tee -a "$log"

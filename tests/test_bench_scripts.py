@@ -153,7 +153,7 @@ def test_gpu_session_dry_run_reaches_every_stage():
     result = _session("all", "--dry-run")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert re.findall(r"^=== stage (\d) ", result.stdout, re.M) == ["1", "2", "3", "4", "5"]
-    for script in ("gpu_env.py", "gpu_smoke.py", "bench_attention.py", "bench_cp_decomposition.py",
+    for script in ("gpu_env.py", "gpu_smoke.py", "check_fwd_configs.py", "bench_attention.py", "bench_cp_decomposition.py",
                    "bench_merge.py", "bench_decode.py", "test_decode_step_cuda_graph_replays_exactly",
                    "check_nccl.py"):
         assert script in result.stdout
@@ -161,6 +161,12 @@ def test_gpu_session_dry_run_reaches_every_stage():
     assert not (BENCH / "results" / "dry-run").exists()  # a dry run writes no results
     # The budget: the whole command within 8 minutes on a fresh GPU machine, enforced by the stage timeouts.
     assert sum(int(t) for t in re.findall(r"^\+ \(timeout (\d+)s\)", result.stdout, re.M)) <= 480
+
+
+def test_gpu_session_more_head_dims_dry_run():
+    result = _session("more-head-dims", "--dry-run")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "--head-dims 64,192:128" in result.stdout and "every step passed" in result.stdout
 
 
 def test_gpu_session_refuses_an_unknown_stage():

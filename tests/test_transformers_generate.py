@@ -6,9 +6,12 @@ real tokens): the tokens must equal transformers' own generate() ("sdpa", "eager
 logits of every step agree to float32 rounding. The default run (about 2 minutes of 2 loaded cores) keeps
 it short: 2 ranks, the four families, 12 tokens, then the cache prefilled on both ranks and handed to a
 1-rank decode group (transfer_cache) that generates 32 tokens, and a mask that differs on one rank making
-every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens. ``-m slow``: the four families, 32 tokens, on 1
+every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks. ``-m slow``: the four families, 32 tokens, on 1
 and 4 ranks. One run_ranks call per group size.
 """
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -159,3 +162,11 @@ def test_refusals():
     reference(ids, attention_mask=mask, cache=cache)
     with pytest.raises(RuntimeError, match="never reached the 'cpattn_cp' attention"):
         reference(ids, attention_mask=mask, cache=cache)
+
+
+def test_torchrun_example_generates_like_single_device():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m",
+           "cpattn.examples.generate_transformers", "--max-new-tokens", "4", "--prompt-lengths", "3", "6"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "same tokens as single-device generate(): True" in result.stdout, result.stdout

@@ -106,8 +106,8 @@ class ShardedLayer(CacheLayerMixin):
         self.awaiting_attention = False
 
     def _refuse(self, what):
-        raise NotImplementedError(f"ShardedCache: {what} is not supported (no beam search, assisted decoding or "
-                                  "num_return_sequences > 1 over a sharded cache)")
+        raise NotImplementedError(f"ShardedCache: {what} is not supported (no beam search or assisted decoding over a "
+                                  "sharded cache)")
 
     reorder_cache = (lambda self, *args: self._refuse("reordering the batch (beam search)"))
     crop = (lambda self, *args: self._refuse("cropping (assisted decoding)"))

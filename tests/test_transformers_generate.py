@@ -6,8 +6,9 @@ real tokens): the tokens must equal transformers' own generate() ("sdpa", "eager
 logits of every step agree to float32 rounding. The default run (about 2 minutes of 2 loaded cores) keeps
 it short: 2 ranks, the four families, 12 tokens, then the cache prefilled on both ranks and handed to a
 1-rank decode group (transfer_cache) that generates 32 tokens, and a mask that differs on one rank making
-every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks. ``-m slow``: the four families, 32 tokens, on 1
-and 4 ranks. One run_ranks call per group size.
+every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks; Gemma 2 and
+generate()'s chunked prefill on one process. ``-m slow``: the four families, 32 tokens, on 1 and 4 ranks.
+One run_ranks call per group size.
 """
 import subprocess
 import sys
@@ -135,6 +136,25 @@ def test_generate_four_ranks():
 def test_generate_four_ranks_every_family_32_tokens():
     for results in run_ranks(generate_every_family, 4, timeout=600):
         assert_exact(results)
+
+
+def test_gemma2_and_chunked_prefill_one_process():
+    """Gemma 2 (softcap, a window of 8 on layer 0, query_pre_attn_scalar) and generate()'s chunked prefill
+    (prefill_chunk_size=5: a chunk of padding only, a chunk starting with padding, then real tokens)."""
+    from test_transformers import gemma2_config
+    ids, mask = prompts()
+    torch.manual_seed(0)
+    reference = build_model(gemma2_config(0.05), "eager")
+    model = build_model(gemma2_config(0.05), "cpattn_cp", reference.state_dict())
+    results = {}
+    for name, options in (("gemma2", {}), ("chunked prefill", {"prefill_chunk_size": 5})):
+        if name == "chunked prefill":
+            reference, model = models("llama")
+        want = reference.generate(ids, attention_mask=mask, max_new_tokens=8, **GENERATE)
+        cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=64)
+        results[name] = compare(want, model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=8,
+                                                     **options, **GENERATE))
+    assert_exact(results)
 
 
 def test_refusals():

@@ -177,6 +177,10 @@ def test_refusals():
     cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=16)
     with pytest.raises(ValueError, match="cache overflow"):
         model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=8, **GENERATE)
+    cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=64)
+    model(ids, attention_mask=mask, cache=cache)
+    with pytest.raises(ValueError, match="no attention mask, but the cache holds"):  # the padding is forgotten
+        model(ids[:, :1], cache=cache)
     # A model whose attention is not "cpattn_cp" given a ShardedCache directly: the next update says so.
     cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=64)
     reference(ids, attention_mask=mask, cache=cache)

@@ -122,7 +122,11 @@ class ShardedLayer(CacheLayerMixin):
         if batch != self.kv.batch:
             raise ValueError(f"{where}: the batch holds {batch} sequences but the ShardedCache was built for "
                              f"batch_size={self.kv.batch}")
-        if attention_mask is None:
+        cached = self.kv.seqlens
+        if attention_mask is None:  # no padding in this step, nor before it (the mask would keep it)
+            if not bool((cached == self.columns).all()):
+                raise ValueError(f"{where}: no attention mask, but the cache holds {cached.tolist()} real tokens of "
+                                 f"the {self.columns} seen (padding before): pass the attention mask")
             return torch.full((batch,), q_len, dtype=torch.int64), None
         if attention_mask.dim() != 2 or attention_mask.shape[1] != self.columns + q_len:
             raise NotImplementedError(f"{where}: the attention mask {tuple(attention_mask.shape)} is not the 2-D "
@@ -132,7 +136,6 @@ class ShardedLayer(CacheLayerMixin):
         new = mask[:, -q_len:]
         counts = new.sum(1)
         left_padded = torch.arange(q_len)[None, :] >= (q_len - counts)[:, None]
-        cached = self.kv.seqlens
         if not torch.equal(new, left_padded) or bool(((counts < q_len) & (cached > 0)).any()):
             raise NotImplementedError(f"{where}: padding other than left padding before a sequence's first token "
                                       f"(new tokens' mask {new.int().tolist()}, cached lengths {cached.tolist()})")
@@ -194,7 +197,7 @@ class ShardedLayer(CacheLayerMixin):
 
 
 def _attention_shape(config, where):
-    """(kv heads, head dim) of every layer of ``config``; refuses layers that are not attention."""
+    """(the text config, kv heads, head dim) of ``config``'s layers; refuses layers that are not attention."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if not kinds <= set(ATTENTION_LAYER_TYPES):

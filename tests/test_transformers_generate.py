@@ -7,7 +7,7 @@ logits of every step agree to float32 rounding. The default run (about 2 minutes
 it short: 2 ranks, the four families, 12 tokens, then the cache prefilled on both ranks and handed to a
 1-rank decode group (transfer_cache) that generates 32 tokens, and a mask that differs on one rank making
 every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks; Gemma 2 and
-generate()'s chunked prefill on one process. ``-m slow``: the four families, 32 tokens, on 1 and 4 ranks.
+generate()'s chunked prefill on one process. ``-m slow``: the four families, 32 tokens, on 1, 2 and 4 ranks.
 One run_ranks call per group size.
 """
 import subprocess
@@ -129,6 +129,12 @@ def test_generate_two_ranks_transfer_and_misuse():
 
 def test_generate_four_ranks():
     for results in run_ranks(generate_every_family, 4, ("llama", "gpt_oss"), 8, timeout=600):
+        assert_exact(results)
+
+
+@pytest.mark.slow
+def test_generate_two_ranks_every_family_32_tokens():
+    for results in run_ranks(generate_every_family, 2, timeout=600):
         assert_exact(results)
 
 

@@ -5,13 +5,15 @@ on layer 0) models with random weights generate greedily from a left-padded batc
 real tokens): the tokens must equal transformers' own generate() ("sdpa", "eager" for gpt-oss) and the
 logits of every step agree to float32 rounding. The default run (about 2 minutes of 2 loaded cores) keeps
 it short: 2 ranks, the four families, 12 tokens, then the cache prefilled on both ranks and handed to a
-1-rank decode group (transfer_cache) that generates 32 tokens, and a mask that differs on one rank making
-every rank raise; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks; Gemma 2 and
+1-rank decode group (transfer_cache) that generates 32 tokens, a mask that differs on one rank making
+every rank raise, and a fault on one rank inside a decode step making the other raise PeerFailure in bounded
+time; 4 ranks, Llama and gpt-oss, 8 tokens; the torchrun example on 2 ranks; Gemma 2 and
 generate()'s chunked prefill on one process. ``-m slow``: the four families, 32 tokens, on 1, 2 and 4 ranks.
 One run_ranks call per group size.
 """
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -22,11 +24,14 @@ import torch.distributed as dist  # noqa: E402
 
 import cpattn.integrations.transformers as cpattn_hf  # noqa: E402
 from cpattn.examples.train_transformers import build_model, tiny_config  # noqa: E402
+from cpattn.faults import inject_faults  # noqa: E402
 from cpattn.testing import run_ranks  # noqa: E402
+from fault_scenarios import fault_hook, outcome  # noqa: E402
 
 FAMILIES = {"llama": {}, "qwen2": {"head_dim": 40}, "mistral": {"sliding_window": 8}, "gpt_oss": {}}
 NEW_TOKENS = 32   # the issue's length: the slow runs and the transfer
 LOGIT_TOL = 1e-4
+FAULT_TIMEOUT = 6.0  # the caches' timeout in the fault case
 
 
 def prompts():
@@ -103,9 +108,21 @@ def mask_differs_on_one_rank(rank, world):
     return None
 
 
+def fault_in_a_decode_step(rank, world):
+    """Rank 1 fails inside a decode step of generate(): (what each rank raised, seconds after the fault)."""
+    ids, mask = prompts()
+    _, model = models("llama")
+    cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=64, timeout=FAULT_TIMEOUT)
+    fault = {}
+    with inject_faults(fault_hook(rank, "decode", None, 1, "raise", FAULT_TIMEOUT, fault)):
+        kind, named, message = outcome(lambda: model.generate(ids, attention_mask=mask, cache=cache,
+                                                               max_new_tokens=4, **GENERATE))
+    return kind, named, message, time.time(), fault.get("time")
+
+
 def two_rank_cases(rank, world):
     return (generate_every_family(rank, world, new_tokens=12), prefill_here_decode_on_rank_0(rank, world),
-            mask_differs_on_one_rank(rank, world))
+            mask_differs_on_one_rank(rank, world), fault_in_a_decode_step(rank, world))
 
 
 def assert_exact(results):
@@ -119,12 +136,17 @@ def test_generate_one_process():
     assert_exact(generate_every_family(0, 1))
 
 
-def test_generate_two_ranks_transfer_and_misuse():
-    for rank, (results, transferred, misuse) in enumerate(run_ranks(two_rank_cases, 2, timeout=600)):
+def test_generate_two_ranks_transfer_misuse_and_fault():
+    per_rank = run_ranks(two_rank_cases, 2, timeout=600)
+    fault_time = per_rank[1][3][4]
+    for rank, (results, transferred, misuse, fault) in enumerate(per_rank):
         assert_exact(results)
         if rank == 0:
             assert_exact({"transferred": transferred})
         assert misuse is not None and "disagree on new_tokens" in misuse, misuse
+        kind, named, message, raised_at, _ = fault
+        assert (kind, named) == (("RuntimeError", None) if rank == 1 else ("PeerFailure", 1)), fault
+        assert raised_at - fault_time < FAULT_TIMEOUT + 8.0, fault  # 8 s: the kernels before the next exchange
 
 
 def test_generate_four_ranks():

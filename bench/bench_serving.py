@@ -317,12 +317,19 @@ def serve_generate(rank, world, s, device_type):
                 return None
             return cpattn_hf.ShardedCache(model.config, batch, max(lengths) + s["new_tokens"], device=device,
                                           page_size=s["page_size"])
+        def run(ids, mask, new_tokens):
+            sharded = cache(len(ids))
+            result = timed_generate(model, ids, mask, new_tokens, clock, sharded)
+            if sharded is not None:
+                sharded.close()
+            return result
         ids, mask = hf_inputs(lengths, device)
-        ttft, steps, tokens = timed_generate(model, ids, mask, s["new_tokens"], clock, cache(len(lengths)))
+        ttft, steps, tokens = run(ids, mask, s["new_tokens"])
         row = latency_row(ttft, steps, tokens, "hf-sdpa" if world == 0 else f"cp{world}", length, s)
         # The same prompts prefilled one generate() call each (the first token only).
-        row["ttft_alone_ms"] = sum(timed_generate(model, ids[b:b + 1, ids.shape[1] - n:], mask[b:b + 1, ids.shape[1] - n:],
-                                                  1, clock, cache(1))[0] for b, n in enumerate(lengths))
+        width = ids.shape[1]
+        row["ttft_alone_ms"] = sum(run(ids[b:b + 1, width - n:], mask[b:b + 1, width - n:], 1)[0]
+                                   for b, n in enumerate(lengths))
         row["lengths"] = lengths
         row["prefill_bytes"], row["decode_step_bytes"] = generate_bytes(max(world, 1), s, lengths)
         rows.append(row)

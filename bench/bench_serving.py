@@ -20,6 +20,17 @@ Prefix hit (P ranks): sequences with C cached tokens get N new ones, prefilled o
 strategy "pass-q" and once with "pass-kv"; the time of each, the bytes per rank each moves
 (cpattn.inference.prefill_bytes) and what "auto" picks, for N / (N + C) from small to 1.
 
+--generate: the same table for Hugging Face generate() (a transformers Llama of the same
+shape, random weights) over a cpattn.integrations.transformers.ShardedCache on P ranks
+next to single-device generate() ("sdpa", DynamicCache). The --batch prompts have mixed
+lengths (L, 3L/4 + 1, L/2 + 3, ... left padded, so one ragged prefill serves them all);
+TTFT and each step are read by a logits processor (generate() calls it once a step).
+Also: ``ttft_alone_ms``, the TTFT of prefilling the same prompts one generate() call
+each (summed), against ``ttft_ms`` of the batch prefilled together; and the bytes each
+rank receives per prefill and per decode step (calculated: prefill_bytes with "auto"'s
+choice plus the all-gather of the outputs, decode_merge_bytes; the agreements' few ints
+left out), summed over the layers.
+
 P > 1 runs P processes (cpattn.testing.run_ranks): NCCL with one GPU each when there are
 P GPUs, gloo on CPU with --quick; a CP size with too few GPUs is skipped and reported.
 """
@@ -31,7 +42,7 @@ import torch.nn.functional as F
 
 import _common as C
 import cpattn
-from cpattn.inference import choose_prefill_strategy, prefill_bytes
+from cpattn.inference import choose_prefill_strategy, decode_merge_bytes, prefill_bytes
 from cpattn.testing import run_ranks
 from cpattn.examples.tiny_decoder import TinyConfig, TinyDecoder
 
@@ -51,6 +62,9 @@ def parse_args(argv=None):
     parser.add_argument("--layers", type=int, default=None, help="layers (default 4)")
     parser.add_argument("--dtype", choices=sorted(C.DTYPES), default=None, help="default bf16 (fp32 with --quick)")
     parser.add_argument("--prefix-cached", type=int, default=None, help="cached tokens in the prefix-hit table")
+    parser.add_argument("--generate", action="store_true",
+                        help="Hugging Face generate() over a ShardedCache (needs transformers) instead of the tiny "
+                             "decoder and the prefix-hit table")
     return parser.parse_args(argv)
 
 
@@ -221,6 +235,131 @@ def prefix_hit(rank, world, s, device_type):
     return rows if rank == 0 else None
 
 
+# ---- Hugging Face generate() over a ShardedCache (--generate) -------------------------------------------------
+def mixed_lengths(length, batch):
+    """The prompt lengths of a request: L, 3L/4 + 1, L/2 + 3, L/4 + 5, L, ... (odd offsets: uneven splits)."""
+    return [max(1, length * (4 - i % 4) // 4 + 2 * (i % 4) - (i % 4 > 0)) for i in range(batch)]
+
+
+def hf_inputs(lengths, device):
+    """Left-padded (input_ids, attention_mask) of prompts of ``lengths`` tokens (pad token 0)."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, 1024, (n,), generator=torch.Generator().manual_seed(n + row))
+        mask[row, width - n:] = 1
+    return ids.to(device), mask.to(device)
+
+
+def hf_model(s, attn_implementation, device):
+    """A transformers Llama of the benchmark's shape; the same random weights in every process."""
+    from transformers import LlamaConfig
+    from cpattn.examples.train_transformers import build_model
+
+    config = LlamaConfig(vocab_size=1024, hidden_size=s["dim"], intermediate_size=2 * s["dim"],
+                         num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                         num_key_value_heads=s["kv_heads"], head_dim=s["head_dim"],
+                         max_position_embeddings=max(s["prompts"]) + s["new_tokens"])
+    torch.manual_seed(0)
+    model = build_model(config, attn_implementation)
+    model.generation_config.eos_token_id = None  # every request generates --new-tokens tokens
+    return model.to(device=device, dtype=C.DTYPES[s["dtype"]]).eval()
+
+
+def timed_generate(model, ids, mask, new_tokens, clock, cache=None):
+    """(ttft ms, [ms of each later step], tokens) of one greedy generate() call."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepMarks(LogitsProcessor):  # called once per step, after the step's forward
+        def __init__(self):
+            self.marks = []
+
+        def __call__(self, input_ids, scores):
+            self.marks.append(clock.now())
+            return scores
+
+    marks = StepMarks()
+    start = clock.now()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                             logits_processor=LogitsProcessorList([marks]), **({} if cache is None else
+                                                                               {"cache": cache}))
+    times = [start] + marks.marks
+    steps = [b - a for a, b in zip(times[1:], times[2:])]
+    return times[1] - start, steps or [0.0], out[:, ids.shape[1]:].tolist()
+
+
+def generate_bytes(world, s, lengths):
+    """(bytes per rank per prefill, per decode step), calculated, summed over the layers."""
+    heads, kv_heads, head_dim, elem = s["heads"], s["kv_heads"], s["head_dim"], C.DTYPES[s["dtype"]].itemsize
+    n = sum(lengths)
+    strategy = choose_prefill_strategy(world, n, 0, heads, kv_heads, head_dim, elem)
+    gathered = (world - 1) / world * n * heads * head_dim * elem  # every rank gets every token's output
+    prefill = prefill_bytes(strategy, world, n, 0, heads, kv_heads, head_dim, elem) + gathered
+    return s["layers"] * prefill, s["layers"] * decode_merge_bytes(world, len(lengths) * heads, head_dim)
+
+
+def serve_generate(rank, world, s, device_type):
+    """One rank of generate() over a ShardedCache (world >= 1; world 0: single-device "sdpa")."""
+    import cpattn.integrations.transformers as cpattn_hf
+
+    device = torch.device(device_type, rank % max(1, torch.cuda.device_count())) if device_type == "cuda" \
+        else torch.device("cpu")
+    model = hf_model(s, "sdpa" if world == 0 else "cpattn_cp", device)
+    clock = Clock(device, max(world, 1))
+    rows = []
+    for length in s["prompts"]:
+        lengths = mixed_lengths(length, s["batch"])
+
+        def cache(batch):
+            if world == 0:
+                return None
+            return cpattn_hf.ShardedCache(model.config, batch, max(lengths) + s["new_tokens"], device=device,
+                                          page_size=s["page_size"])
+        def run(ids, mask, new_tokens):
+            sharded = cache(len(ids))
+            result = timed_generate(model, ids, mask, new_tokens, clock, sharded)
+            if sharded is not None:
+                sharded.close()
+            return result
+        ids, mask = hf_inputs(lengths, device)
+        ttft, steps, tokens = run(ids, mask, s["new_tokens"])
+        row = latency_row(ttft, steps, tokens, "hf-sdpa" if world == 0 else f"cp{world}", length, s)
+        # The same prompts prefilled one generate() call each (the first token only).
+        width = ids.shape[1]
+        row["ttft_alone_ms"] = sum(run(ids[b:b + 1, width - n:], mask[b:b + 1, width - n:], 1)[0]
+                                   for b, n in enumerate(lengths))
+        row["lengths"] = lengths
+        row["prefill_bytes"], row["decode_step_bytes"] = generate_bytes(max(world, 1), s, lengths)
+        rows.append(row)
+    return rows if rank == 0 else None
+
+
+def main_generate(args, s, device):
+    """--generate: the generate() table."""
+    env = C.environment(device, args.quick)
+    skipped = []
+    rows = serve_generate(0, 0, s, device.type)
+    for i, world in enumerate(s["cp_sizes"], 1):
+        C.progress(i, len(s["cp_sizes"]), f"generate(): CP size {world}")
+        rows += run_group(serve_generate, world, s, device, skipped) or []
+    reference = {r["prompt"]: r["tokens"] for r in rows if r["cp"] == "hf-sdpa"}
+    for r in rows:
+        r["same_tokens"] = r["tokens"] == reference[r["prompt"]]
+    paths = C.save_results(C.output_dir(args, device), "serving_generate", env,
+                           [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
+                           extra={"settings": s, "skipped": skipped})
+    title = f"generate() over a ShardedCache, {env['device']}" + (" [--quick: NOT timing]" if args.quick else "")
+    C.print_table(rows, [("prompt", "prompt"), ("cp", "P"), ("ttft_ms", "TTFT ms"), ("ttft_alone_ms", "TTFT 1-by-1"),
+                         ("itl_mean_ms", "ITL ms"), ("itl_p99_ms", "ITL p99"), ("e2e_ms", "e2e ms"),
+                         ("tok_per_s", "tok/s"), ("prefill_bytes", "prefill B/rank"),
+                         ("decode_step_bytes", "step B/rank"), ("same_tokens", "= sdpa")], title=title)
+    for line in skipped:
+        print("skipped", line)
+    C.print_saved(paths, args.quick)
+
+
 def run_group(fn, world, s, device, skipped):
     """rank 0's rows of ``fn`` on ``world`` ranks, or None (recorded in ``skipped``) without enough GPUs."""
     if world == 1:
@@ -235,6 +374,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = C.pick_device(args.quick)
     s = settings(args)
+    if args.generate:  # any prompt length: prefill splits any chunk
+        return main_generate(args, s, device)
     lcm = max(s["cp_sizes"])
     if any(n % lcm for n in s["prompts"] + [s["chunk"], s["prefix_cached"]]) or any(lcm % w for w in s["cp_sizes"]):
         raise SystemExit(f"prompts, --chunk and --prefix-cached must be multiples of every CP size {s['cp_sizes']}")

@@ -61,11 +61,13 @@ import torch.distributed._functional_collectives as funcol
 
 from cpattn.kernels import decode_attention, merge_splits
 
-from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window
+from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window, positive_int
 from .agreement import agree
 from ._ops import _kernel_dtype
+from .comm import gather_rows
 from .faults import collective, fault_path, fault_point
-from .kv_cache import ShardedKVCache
+from .kv_cache import ShardedKVCache, packed_tokens
+from .layout import Layout
 from .partials import empty_partial, stack_partial, unstack_partial
 from .visibility import causal_window, visible_keys
 
@@ -73,7 +75,7 @@ STRATEGIES = ("auto", "pass-q", "pass-kv")
 
 
 # ---- checks -------------------------------------------------------------------------------------------
-def _check_q(cache, q, k, v, batch, where):
+def _check_q(cache, q, k, v, batch, where, allow_empty=False):
     if not isinstance(q, torch.Tensor):
         raise TypeError(f"{where}: q must be a torch.Tensor, got {type(q).__name__}")
     if q.dim() != 4:
@@ -91,7 +93,7 @@ def _check_q(cache, q, k, v, batch, where):
     check_kv(k, v, batch, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device, where)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{where}: q has {q.shape[1]} tokens but k, v have {k.shape[1]}")
-    if q.shape[1] == 0:
+    if q.shape[1] == 0 and not allow_empty:
         raise ValueError(f"{where}: q, k, v hold no tokens")
 
 
@@ -105,32 +107,36 @@ class _Options:
         self.sinks = check_sinks(sinks, q.shape[2], cache.device, where)
 
 
-def _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where):
-    """The checks prefill and decode share; returns (the sequences' ids, the options)."""
+def _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where, packed=None):
+    """The checks prefill and decode share; returns (the sequences' ids, the options). ``packed``: prefill's
+    mode, None for decode (prefill: a rank may hold no token; a packed chunk is one row of q)."""
     ids = cache.sequence_ids(batch_index)
-    _check_q(cache, q, k, v, len(ids), where)
+    _check_q(cache, q, k, v, 1 if packed else len(ids), where, allow_empty=packed is not None)
     return ids, _Options(cache, q, softmax_scale, window_size, softcap, sinks, where)
 
 
 class CacheCall(NamedTuple):
     """What must be the same on every rank in one ``prefill`` or ``decode`` (agreement.py): ranks with
     different windows, say, would merge partials of different attentions."""
-    tokens: int  # this rank's tokens of the chunk (prefill), the new tokens (decode)
+    tokens: Optional[int]  # the new tokens (decode), this rank's tokens of the chunk (prefill without
+    #                        token_index); None: prefill with token_index, where ranks may hold different counts
     heads: int
     strategy: Optional[str]  # prefill's, None for decode
     window_left: int
     softcap: float
     sinks_given: bool
     batch_index: tuple  # which sequences, in which order
+    packing: Optional[tuple]  # prefill's cu_seqlens
 
     FIXES = {"heads": "pass q with the same number of heads on every rank",
              "sinks_given": "pass sinks on every rank or on none",
-             "batch_index": "pass the same batch_index on every rank"}
+             "batch_index": "pass the same batch_index on every rank",
+             "packing": "pass the same cu_seqlens on every rank, or none"}
 
     @classmethod
-    def of(cls, q, strategy, options, ids):
-        return cls(q.shape[1], q.shape[2], strategy, options.window[0], options.softcap, options.sinks is not None,
-                   tuple(ids.tolist()))
+    def of(cls, q, strategy, options, ids, count_tokens=True, packing=None):
+        return cls(q.shape[1] if count_tokens else None, q.shape[2], strategy, options.window[0], options.softcap,
+                   options.sinks is not None, tuple(ids.tolist()), packing)
 
 
 def _agree(cache, where, check, hint, fixes):
@@ -283,18 +289,102 @@ def decode_step(cache: ShardedKVCache, q, k, v, softmax_scale=None, return_lse=F
     return (out, lse) if return_lse else out
 
 
-# ---- prefill ----------------------------------------------------------------------------------------------
-def split_chunk(x, cache, seq_dim=1):
-    """This rank's contiguous piece of a full chunk ``x`` and its token indices, for ``prefill``.
+# ---- splitting a chunk over the ranks ---------------------------------------------------------------------
+SPLIT_ORDERS = ("contiguous", "zigzag")
 
-    The chunk length must be a multiple of the group size."""
+
+def _split_index(n, world, rank, order):
+    """Token indices rank ``rank`` holds of an n-token chunk split over ``world`` ranks: "contiguous" pieces
+    whose lengths differ by at most one (the longer ones first), or "zigzag" (2 x world such pieces, rank r
+    holding pieces r and 2 world - 1 - r, so that every rank's queries have about the same causal work).
+    The split of ``layout.Layout``: the tokens ``ContextParallel(ring_impl="ring" or "zigzag")`` gives a rank."""
+    return Layout(world, 1, "ring" if order == "contiguous" else "zigzag").positions(n, rank)
+
+
+def _check_split(x, seq_dim, order, where):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(f"{where}: seq_dim must be a dimension of the {x.dim()}-D tensor, got {seq_dim!r}")
+    if order not in SPLIT_ORDERS:
+        raise ValueError(f"{where}: order must be one of {SPLIT_ORDERS}, got {order!r}")
+
+
+def split_chunk(x, cache, seq_dim=1, order="contiguous"):
+    """This rank's piece of a full chunk ``x`` (any length) and its token indices, for ``prefill``.
+
+    ``order``: "contiguous" (rank r holds the r-th of P pieces whose lengths differ by at most
+    one: a view of ``x``) or "zigzag" (pieces r and 2P-1-r of 2P: balanced causal work for
+    pass-KV). A rank holds an empty piece when the chunk is shorter than the split has pieces."""
+    where = "split_chunk"
+    _check_split(x, seq_dim, order, where)
     n = x.shape[seq_dim]
-    if n % cache.world_size:
-        raise ValueError(f"split_chunk: chunk length {n} is not a multiple of the group size {cache.world_size}")
-    per = n // cache.world_size
-    return x.narrow(seq_dim, cache.rank * per, per), torch.arange(cache.rank * per, (cache.rank + 1) * per)
+    if n == 0:
+        raise ValueError(f"{where}: the chunk holds no tokens")
+    index = _split_index(n, cache.world_size, cache.rank, order)
+    if order == "contiguous":
+        return x.narrow(seq_dim, int(index[0]) if len(index) else 0, len(index)), index
+    return x.index_select(seq_dim, index.to(x.device)), index
 
 
+class GatherCall(NamedTuple):
+    """What must be the same on every rank in one ``gather_chunk``."""
+    chunk_len: int
+    order: str
+    shape: tuple  # the piece's shape, None at seq_dim
+    dtype: str
+
+    FIXES = {"shape": "gather every rank's split_chunk piece of one tensor"}
+
+
+def gather_chunk(x, cache, chunk_len, seq_dim=1, order="contiguous"):
+    """The whole chunk on every rank from every rank's ``split_chunk`` piece ``x``: the inverse of
+    ``split_chunk(chunk, cache, seq_dim, order)`` for a chunk of ``chunk_len`` tokens, e.g. to read the
+    hidden state of a prompt's last token, or to give every rank the whole output of a prefill.
+    Collective over the cache's group (one all-gather, after the agreement)."""
+    where = "gather_chunk"
+
+    def check():
+        _check_split(x, seq_dim, order, where)
+        positive_int(chunk_len, "chunk_len", where)
+        expected = len(_split_index(chunk_len, cache.world_size, cache.rank, order))
+        if x.shape[seq_dim] != expected:
+            raise ValueError(f"{where}: this rank's piece of a {chunk_len}-token chunk split {order} has {expected} "
+                             f"tokens (dimension {seq_dim}), got shape {tuple(x.shape)}")
+        shape = list(x.shape)
+        shape[seq_dim] = None
+        return GatherCall(chunk_len, order, tuple(shape), str(x.dtype))
+
+    _agree(cache, where, check, x, {})
+    if cache.world_size == 1:
+        return x
+    every_index = [_split_index(chunk_len, cache.world_size, r, order) for r in range(cache.world_size)]
+    with fault_path(cache.comm, where):
+        (full,) = _gather_chunk(cache, [x.movedim(seq_dim, 0)[None]], every_index, chunk_len)
+    return full[0].movedim(0, seq_dim)
+
+
+def _gather_chunk(cache, tensors, every_index, n):
+    """All ranks' tokens of a chunk (dimension 1; ``every_index``: each rank's token indices, any sizes)
+    as full (batch, n, ...) tensors in chunk order. Every rank's piece travels padded to the largest."""
+    order = torch.cat(every_index).to(tensors[0].device)
+    counts = [len(index) for index in every_index]
+    fulls = []
+    for t in tensors:
+        pieces = t
+        if cache.world_size > 1:
+            padded = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, max(counts) - t.shape[1])).contiguous()
+            parts = [torch.empty_like(padded) for _ in range(cache.world_size)]
+            with collective("prefill all-gather of the chunk"):
+                dist.all_gather(parts, padded, group=cache.comm.group)
+            pieces = torch.cat([part[:, :count] for part, count in zip(parts, counts)], dim=1)
+        full = torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=t.device)
+        full[:, order] = pieces
+        fulls.append(full)
+    return fulls
+
+
+# ---- prefill ----------------------------------------------------------------------------------------------
 def prefill_bytes(strategy, world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size):
     """Bytes each rank receives in one prefill of ``new_tokens`` (summed over the sequences) after
     ``cached_tokens`` already in the cache, by ``strategy`` ("pass-q" or "pass-kv"); an estimate that
@@ -326,45 +416,86 @@ def choose_prefill_strategy(world, new_tokens, cached_tokens, heads, kv_heads, h
     return "pass-kv" if prefill_bytes("pass-kv", *args) < prefill_bytes("pass-q", *args) else "pass-q"
 
 
-def _gather_chunk(cache, tensors, every_index, n):
-    """All ranks' tokens of the chunk (``every_index``: each rank's token indices) as full (B, n, ...)
-    tensors in chunk order."""
-    order = torch.cat(every_index)
-    fulls = []
-    for t in tensors:
-        parts = [t]
-        if cache.world_size > 1:
-            parts = [torch.empty_like(t) for _ in range(cache.world_size)]
-            with collective("prefill all-gather of the chunk"):
-                dist.all_gather(parts, t.contiguous(), group=cache.comm.group)
-        full = torch.empty((t.shape[0], n, *t.shape[2:]), dtype=t.dtype, device=t.device)
-        full[:, order] = torch.cat(parts, dim=1)
-        fulls.append(full)
-    return fulls
+class PackedChunk(NamedTuple):
+    """The tokens of one prefill as a packed chunk: ``cu`` (host int64, (m + 1,)) cuts it into the new
+    tokens of m sequences, sequence i continuing at its cached length ``start[i]`` (host int64)."""
+    cu: torch.Tensor
+    start: torch.Tensor
+
+    @property
+    def size(self):
+        return int(self.cu[-1])
+
+    def positions(self, tokens):
+        """(sequence, global position) of the chunk's tokens ``tokens`` (host int64)."""
+        seq, offset = packed_tokens(self.cu, tokens)
+        return seq, self.start[seq] + offset
 
 
-def _prefill_pass_q(cache, ids, dev_ids, q, every_index, start, options):
+class QueryRows:
+    """Some tokens of a packed chunk laid out as the decode kernel takes queries: sequence i's tokens in
+    row i of an (m, width) grid, any order; a padding slot sits at position -1, where a causal query sees
+    no key (a tile of padding loads nothing)."""
+
+    def __init__(self, chunk, tokens, device):
+        seq, pos = chunk.positions(tokens)
+        num_seqs = len(chunk.start)
+        counts = torch.bincount(seq, minlength=num_seqs)
+        # Each token's slot in its sequence's row: its rank among that sequence's tokens.
+        order = torch.argsort(seq, stable=True)
+        slot = torch.empty_like(seq)
+        slot[order] = torch.arange(len(seq)) - (counts.cumsum(0) - counts)[seq[order]]
+        self.width = max(int(counts.max()) if num_seqs else 0, 1)
+        self.positions = torch.full((num_seqs, self.width), -1, dtype=torch.int64)
+        self.positions[seq, slot] = pos
+        self._has_rows = counts > 0
+        self._seq, self._slot = seq.to(device), slot.to(device)
+
+    def pad(self, x):
+        """(tokens, ...) -> (m, width, ...), zeros in the padding."""
+        grid = x.new_zeros((len(self._has_rows), self.width, *x.shape[1:]))
+        grid[self._seq, self._slot] = x
+        return grid
+
+    def unpad(self, grid):
+        """(m, width, ...) -> (tokens, ...), in the order of ``tokens``."""
+        return grid[self._seq, self._slot]
+
+    def sees_nothing(self, layout, rank, lens, window):
+        """Host check: does ``rank`` hold no key any of these queries sees (sequences of global lengths
+        ``lens``)? Then it may skip its kernel."""
+        real = self.positions >= 0
+        first = torch.where(real, self.positions, torch.iinfo(torch.int64).max).min(1).values
+        last = self.positions.max(1).values
+        has = self._has_rows
+        return _sees_nothing(layout, rank, lens[has], first[has], last[has], window)
+
+
+def _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options):
     """Every rank attends the whole chunk's queries to its shard; partials go back to their owners."""
-    world, n = cache.world_size, q.shape[1] * cache.world_size
-    (q_full,) = _gather_chunk(cache, [q], every_index, n)
-    positions = start[:, None] + torch.arange(n)
-    lens = cache.seqlens_of(ids)
+    world, mine = cache.world_size, every_index[cache.rank]
+    (q_full,) = _gather_chunk(cache, [q], every_index, chunk.size)
+    rows = QueryRows(chunk, torch.arange(chunk.size), cache.device)
     sinks = options.sinks if cache.rank == 0 else None
-    if sinks is None and _sees_nothing(cache.layout, cache.rank, lens, start, start + n - 1, options.window):
-        out_all, lse_all = empty_partial(q_full)
+    if sinks is None and rows.sees_nothing(cache.layout, cache.rank, cache.seqlens_of(ids), options.window):
+        out, lse = empty_partial(q_full)
+        partials = stack_partial(out, lse)[0]
     else:
-        out_all, lse_all = _attend_local(cache, dev_ids, cache.seqlens_device[dev_ids], q_full,
-                                         positions.to(cache.device), options, sinks)
+        out, lse = _attend_local(cache, dev_ids, cache.seqlens_device[dev_ids], rows.pad(q_full[0]),
+                                 rows.positions.to(cache.device), options, sinks)
+        partials = rows.unpad(stack_partial(out, lse))  # (n, H, D + 1), in chunk order
     if world == 1:
-        return out_all
-    # Rank r receives every rank's partial for the queries it holds, then merges them.
-    stacked = stack_partial(out_all, lse_all)
-    send = torch.stack([stacked[:, idx.to(cache.device)] for idx in every_index])
-    recv = torch.empty_like(send)
+        return partials[None, mine.to(cache.device), :, :-1]
+    # Rank r receives every rank's partial of the queries it holds, then merges them.
+    send = torch.cat([partials[index.to(cache.device)] for index in every_index])
+    recv = partials.new_empty((world * len(mine), *partials.shape[1:]))
     fault_point("prefill")
     with collective("prefill all-to-all of the partials"):
-        dist.all_to_all_single(recv, send, group=cache.comm.group)
-    out, _ = merge_splits(*unstack_partial(recv))
+        dist.all_to_all_single(recv, send, output_split_sizes=[len(mine)] * world,
+                               input_split_sizes=[len(index) for index in every_index], group=cache.comm.group)
+    if len(mine) == 0:
+        return recv.new_zeros((1, 0, *recv.shape[1:-1], recv.shape[-1] - 1))
+    out, _ = merge_splits(*unstack_partial(recv.view(world, 1, len(mine), *recv.shape[1:])))
     return out
 
 
@@ -379,12 +510,12 @@ def _ring_exchange(cache, send, recv):
                                        dist.P2POp(dist.irecv, recv, peer((cache.rank - 1) % world), group)])
 
 
-def _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options):
+def _prefill_pass_kv(cache, ids, dev_ids, q, mine, chunk, options):
     """Every rank keeps its queries; the ranks' shards of keys and values travel round the ring."""
     world, rank = cache.world_size, cache.rank
     lens = cache.seqlens_of(ids)
-    q_pos_host = start[:, None] + token_index.cpu()[None, :]
-    q_positions = q_pos_host.to(cache.device)
+    rows = QueryRows(chunk, mine.cpu(), cache.device)
+    q_rows, q_positions = rows.pad(q[0]), rows.positions.to(cache.device)
     # Each rank's shard, padded to the largest share (rank 0 holds the most), so buffers match in size.
     num_slots = int(cache.layout.local_lengths(lens.max(), 0))
     shard = torch.stack(cache.read(dev_ids, torch.arange(num_slots, device=cache.device)))
@@ -396,10 +527,9 @@ def _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options):
             pending = _ring_exchange(cache, shard, incoming)  # the next shard travels while this one is used
         fault_point("prefill", step)
         sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
-        if sinks is not None or not _sees_nothing(cache.layout, src, lens, q_pos_host.min(1).values,
-                                                  q_pos_host.max(1).values, options.window):
+        if len(mine) and (sinks is not None or not rows.sees_nothing(cache.layout, src, lens, options.window)):
             src_lens = cache.layout.local_lengths(lens, src).to(cache.device)
-            partials.append(_attend(q, shard[0], shard[1], src_lens, q_positions, None,
+            partials.append(_attend(q_rows, shard[0], shard[1], src_lens, q_positions, None,
                                     cache.layout.slot_positions(src), options, sinks))
         if step + 1 < world:
             with collective("prefill ring exchange"):
@@ -408,69 +538,126 @@ def _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options):
     if not partials:
         return empty_partial(q)[0]
     out, _ = merge_splits(torch.stack([p[0] for p in partials]), torch.stack([p[1] for p in partials]))
-    return out
+    return rows.unpad(out)[None]
+
+
+def _every_index(cache, token_index, q, where):
+    """Every rank's token indices, in rank order (device int64): this rank's ``token_index``, exchanged
+    (the ranks' counts first, then the indices, padded to the largest count)."""
+    if cache.world_size == 1:
+        return [token_index]
+    comm = cache.comm
+    with fault_path(comm, where), collective("prefill all-gather of token_index"):
+        counts = [row[0] for row in gather_rows(comm.group, [len(token_index)], q, comm)]
+        padded = torch.nn.functional.pad(token_index, (0, max(counts) - len(token_index)))
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded, group=comm.group)
+    return [part[:count] for part, count in zip(parts, counts)]
+
+
+def _check_packing(cu_seqlens, num_seqs, q, where):
+    """Prefill's ``cu_seqlens``: the packing over ``num_seqs`` sequences, as a tuple of ints."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or \
+            cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{where}: cu_seqlens must be a 1-D int32 tensor, got "
+                        f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens).__name__)}")
+    packing = tuple(cu_seqlens.tolist())
+    if len(packing) != num_seqs + 1 or packing[0] != 0 or any(b < a for a, b in zip(packing, packing[1:])):
+        raise ValueError(f"{where}: cu_seqlens must hold len(batch_index) + 1 = {num_seqs + 1} offsets from 0, "
+                         f"not decreasing, got {list(packing)}")
+    if q.shape[0] != 1:
+        raise ValueError(f"{where}: with cu_seqlens, q, k, v hold one packed row: (1, tokens, heads, head_dim), "
+                         f"got {tuple(q.shape)}")
+    return packing
 
 
 def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, softmax_scale=None,
-            strategy="auto", window_size=(-1, -1), softcap=0.0, sinks=None):
+            strategy="auto", window_size=(-1, -1), softcap=0.0, sinks=None, cu_seqlens=None):
     """Causal attention of a prompt chunk's local tokens over everything before them; stores the chunk's k, v.
 
-    q (B, n_local, H, D), k, v (B, n_local, Hkv, D): this rank's n_local tokens of
-    the next chunk of n = n_local * group size tokens, at indices ``token_index``
-    (n_local distinct ints in [0, n); default: rank r holds [r * n_local, (r + 1) * n_local),
-    as ``split_chunk`` gives) for sequences ``batch_index`` (default all; B = their
-    number). Token i of the chunk sits at position ``cache.seqlens[b] + i``: a chunk
-    after a cached prefix (a prefix hit) sees the prefix. ``strategy``: "pass-q",
-    "pass-kv" or "auto" (module docstring; both exact). ``window_size``, ``softcap``,
-    ``sinks``: as in ``decode``.
-    Returns out (B, n_local, H, D) in q's dtype, for this rank's tokens.
-    Collective: every rank of the cache's group must call it with the same n_local.
+    Each rank passes its own tokens of the chunk, ``token_index`` saying which (distinct ints; together
+    the ranks' indices are a permutation of the chunk; default: rank r holds the r-th of P equal
+    contiguous pieces, so every rank must pass the same number of tokens). Any chunk length, any split:
+    a rank may hold no token (empty tensors and an empty ``token_index``); the ranks learn the chunk's
+    length from each other.
+
+    * One chunk of n tokens for every sequence of ``batch_index`` (default all; B = their number):
+      q (B, n_local, H, D), k, v (B, n_local, Hkv, D); token i of the chunk sits at position
+      ``cache.seqlens[b] + i``.
+    * A packed chunk (``cu_seqlens``, int32 (len(batch_index) + 1,), the same on every rank): the new
+      tokens of the sequences of ``batch_index``, of different lengths, one after another: sequence i
+      has tokens [cu_seqlens[i], cu_seqlens[i + 1]) of the chunk (possibly none) and continues at its
+      own cached length. q (1, n_local, H, D), k, v (1, n_local, Hkv, D); ``token_index`` indexes the
+      packed chunk (``cache.positions(token_index=..., batch_index=..., cu_seqlens=...)``: their positions).
+
+    A chunk after a cached prefix (a prefix hit) sees the prefix. ``strategy``: "pass-q", "pass-kv"
+    or "auto" (module docstring; both exact; "auto" decides on the whole chunk's tokens and the
+    cached tokens of its sequences). ``window_size``, ``softcap``, ``sinks``: as in ``decode``.
+    Returns out (B or 1, n_local, H, D) in q's dtype, for this rank's tokens. Collective.
     """
     where = "prefill"
     world = cache.world_size
     state = {}
 
     def check():
-        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where)
+        ids, options = _check_call(cache, q, k, v, batch_index, softmax_scale, window_size, softcap, sinks, where,
+                                   packed=cu_seqlens is not None)
         if strategy not in STRATEGIES:
             raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+        packing = None if cu_seqlens is None else _check_packing(cu_seqlens, len(ids), q, where)
         n_local = q.shape[1]
-        index = torch.arange(cache.rank * n_local, (cache.rank + 1) * n_local) if token_index is None \
-            else torch.as_tensor(token_index).reshape(-1)
+        if token_index is None:
+            index = torch.arange(cache.rank * n_local, (cache.rank + 1) * n_local)
+            if n_local == 0:
+                raise ValueError(f"{where}: q, k, v hold no tokens (pass token_index when a rank holds none of the "
+                                 "chunk)")
+        else:
+            index = torch.as_tensor(token_index).reshape(-1)
         if index.dtype not in (torch.int32, torch.int64) or index.numel() != n_local:
             raise TypeError(f"{where}: token_index must hold {n_local} integers (one per local token), "
                             f"got {index.dtype} of {index.numel()}")
-        cache.check_room(ids, n_local * world, where)
-        state.update(ids=ids, options=options, index=index.to(torch.int64).to(cache.device))
-        return CacheCall.of(q, strategy, options, ids)
+        state.update(ids=ids, options=options, index=index.to(torch.int64).to(cache.device), packing=packing)
+        return CacheCall.of(q, strategy, options, ids, token_index is None, packing)
 
-    _agree(cache, where, check, q, {"tokens": "every rank must pass the same number of the chunk's tokens "
-                                              "(split_chunk splits a chunk)"})
-    ids, options, token_index = state["ids"], state["options"], state["index"]
-    n = q.shape[1] * world
+    _agree(cache, where, check, q, {"tokens": "every rank must pass the same number of the chunk's tokens, or "
+                                              "token_index on every rank (split_chunk gives both)"})
+    ids, options, packing = state["ids"], state["options"], state["packing"]
+    out_shape, out_dtype = q.shape, q.dtype
+    if token_index is None:  # every rank the same count: no exchange needed
+        n_local = q.shape[1]
+        every_index = [torch.arange(r * n_local, (r + 1) * n_local, device=cache.device) for r in range(world)]
+    else:
+        every_index = _every_index(cache, state["index"], q, where)
+    n = sum(len(index) for index in every_index)
+    # Every rank has every rank's indices now: the checks below reach the same verdict everywhere.
+    if n == 0 or (packing is not None and n != packing[-1]) or \
+            not torch.equal(torch.cat(every_index).sort().values.cpu(), torch.arange(n)):
+        raise ValueError(f"{where}: the ranks' token_index must together be a permutation of range(n), n the "
+                         f"chunk's length{'' if packing is None else f' (cu_seqlens[-1] = {packing[-1]})'}, got "
+                         f"{[index.tolist() for index in every_index]}")
 
-    every_index = [token_index]
-    if world > 1:
-        every_index = [torch.empty_like(token_index) for _ in range(world)]
-        comm = cache.comm
-        with fault_path(comm, where), collective("prefill all-gather of token_index"):
-            dist.all_gather(every_index, token_index, group=comm.group)
-    if not torch.equal(torch.cat(every_index).sort().values.cpu(), torch.arange(n)):
-        raise ValueError(f"{where}: the ranks' token_index must together be a permutation of range({n}), "
-                         f"got {[t.tolist() for t in every_index]}")
-
-    start = cache.seqlens_of(ids)
+    if packing is None:  # one chunk for every sequence: the packing of B chunks of n, sequence after sequence
+        batch = len(ids)
+        packing = tuple(range(0, (batch + 1) * n, n))
+        offsets = torch.arange(batch, device=cache.device)[:, None] * n
+        every_index = [(offsets + index[None]).reshape(-1) for index in every_index]
+        q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
+    cu = torch.tensor(packing)
+    cache.check_room(ids, cu.diff(), where)
+    chunk = PackedChunk(cu, cache.seqlens_of(ids))
     if strategy == "auto":
-        strategy = choose_prefill_strategy(world, len(ids) * n, int(start.sum()), q.shape[2], cache.num_kv_heads,
+        strategy = choose_prefill_strategy(world, chunk.size, int(chunk.start.sum()), q.shape[2], cache.num_kv_heads,
                                            cache.head_dim, q.element_size())
     with fault_path(cache.comm if world > 1 else None, where):
-        k_full, v_full = _gather_chunk(cache, [k, v], every_index, n)
-        cache.make_room(ids, n, where)
+        k_full, v_full = _gather_chunk(cache, [k, v], every_index, chunk.size)
+        cache.make_room(ids, cu.diff(), where)
         dev_ids = cache.device_ids(ids)
-        cache.store(dev_ids, (start[:, None] + torch.arange(n)).to(cache.device), k_full, v_full)
-        cache.advance(ids, n)
+        seq, positions = chunk.positions(torch.arange(chunk.size))
+        cache.store(dev_ids[seq.to(cache.device)], positions[:, None].to(cache.device), k_full[0, :, None],
+                    v_full[0, :, None])
+        cache.advance(ids, cu.diff())
         if strategy == "pass-q":
-            out = _prefill_pass_q(cache, ids, dev_ids, q, every_index, start, options)
+            out = _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options)
         else:
-            out = _prefill_pass_kv(cache, ids, dev_ids, q, token_index, start, options)
-    return out.to(q.dtype)
+            out = _prefill_pass_kv(cache, ids, dev_ids, q, every_index[cache.rank], chunk, options)
+    return out.reshape(out_shape).to(out_dtype)

@@ -51,21 +51,24 @@ class Bookkeeping:
         return self._limit.clone()
 
     def check_room(self, ids, num_new, where):
-        """Raise (changing nothing) unless ``num_new`` more tokens fit in every sequence of ``ids`` (host).
+        """Raise (changing nothing) unless ``num_new`` more tokens (an int, or one count per sequence: host
+        int64) fit in every sequence of ``ids`` (host).
 
         The check depends only on replicated host state, so every rank reaches the same verdict."""
         new_lens = self.host()[ids] + num_new
         if int(new_lens.max()) > self.capacity:
-            b = int(ids[int(torch.argmax(new_lens))])
+            i = int(torch.argmax(new_lens))
+            b, adding = int(ids[i]), int(new_lens[i] - self._host[ids[i]])
             raise ValueError(f"{where}: cache overflow: sequence {b} holds {int(self._host[b])} tokens, "
-                             f"adding {num_new} exceeds the capacity {self.capacity}; the cache is unchanged")
+                             f"adding {adding} exceeds the capacity {self.capacity}; the cache is unchanged")
         if self.pages is not None:
             target = self._limit.clone()
             target[ids] = torch.maximum(target[ids], new_lens)
             check_pages(self.layout, self.page_size, self.num_pages, target, where)
 
     def make_room(self, ids, num_new, where):
-        """Make room for ``num_new`` more tokens in sequences ``ids`` (host int64): check, then take pages.
+        """Make room for ``num_new`` more tokens (an int, or one count per sequence) in sequences ``ids`` (host
+        int64): check, then take pages.
 
         Host work only; the device block table and limit are updated only when they change."""
         self.check_room(ids, num_new, where)
@@ -81,9 +84,10 @@ class Bookkeeping:
             self._limits_to_device()
 
     def advance(self, ids, dev_ids, num_new):
-        """Sequences ``ids`` (host; ``dev_ids`` the same on the device) grew by ``num_new`` tokens: both copies."""
+        """Sequences ``ids`` (host; ``dev_ids`` the same on the device) grew by ``num_new`` tokens (an int, or
+        one count per sequence: host int64): both copies."""
         self.host()[ids] += num_new
-        self.device_copy[dev_ids] += num_new
+        self.device_copy[dev_ids] += num_new.to(self.device) if isinstance(num_new, torch.Tensor) else num_new
 
     def advance_on_device(self, num_new):
         """Every sequence grew by ``num_new`` tokens, on the device only (no host work a graph could not

@@ -180,12 +180,12 @@ class ShardedKVCache:
         """Global lengths of sequences ``ids`` (host int64, from ``sequence_ids``): a copy."""
         return self._book.host()[ids]
 
-    def positions(self, num_tokens, token_index=None, batch_index=None):
-        """Global positions (len(batch), len(token_index)) of the next ``num_tokens``-token chunk's tokens
-        ``token_index`` (default all) for the sequences ``batch_index`` (default all): for RoPE."""
-        ids = self.sequence_ids(batch_index)
-        idx = torch.arange(num_tokens) if token_index is None else torch.as_tensor(token_index, dtype=torch.int64).cpu()
-        return self.seqlens_of(ids)[:, None] + idx[None, :]
+    def positions(self, num_tokens=None, token_index=None, batch_index=None, cu_seqlens=None):
+        """Global positions of the next chunk's tokens ``token_index`` (default all) for the sequences
+        ``batch_index`` (default all), for RoPE; each sequence continues at its own length. A chunk of
+        ``num_tokens`` for every sequence: (len(batch), len(token_index)); a packed chunk (``cu_seqlens``,
+        as ``prefill`` takes it): (1, len(token_index))."""
+        return chunk_positions(self.seqlens_of(self.sequence_ids(batch_index)), num_tokens, token_index, cu_seqlens)
 
     def sequence_ids(self, batch_index=None):
         """Host int64 tensor of the sequences ``batch_index`` names (default all): distinct ids in [0, batch)."""
@@ -199,12 +199,12 @@ class ShardedKVCache:
 
     # ---- room for new tokens --------------------------------------------------------------------------
     def check_room(self, ids, num_new, where):
-        """Raise (changing nothing) unless ``num_new`` more tokens fit in every sequence of ``ids`` (host).
+        """Raise (changing nothing) unless ``num_new`` more tokens (int or per sequence) fit in sequences ``ids``.
         The check reads only replicated host state, so every rank reaches the same verdict."""
         self._book.check_room(ids, num_new, where)
 
     def make_room(self, ids, num_new, where):
-        """Make room for ``num_new`` more tokens in sequences ``ids`` (host): check, then take pages (host work)."""
+        """Make room for ``num_new`` more tokens (int or per sequence) in sequences ``ids``: check, take pages."""
         self._book.make_room(ids, num_new, where)
 
     def reserve(self, num_tokens, batch_index=None):
@@ -232,7 +232,7 @@ class ShardedKVCache:
         self._storage.write(dev_ids, slots, keep, k, v)
 
     def advance(self, ids, num_new):
-        """Sequences ``ids`` (host) grew by ``num_new`` tokens: both copies of the lengths."""
+        """Sequences ``ids`` (host) grew by ``num_new`` tokens (int or per sequence): both copies of the lengths."""
         self._book.advance(ids, self.device_ids(ids), num_new)
 
     def advance_on_device(self, num_new):
@@ -282,6 +282,31 @@ class ShardedKVCache:
         """The whole unsharded cache on every rank: k, v (batch, max(seqlens), Hkv, D), zero past each
         sequence's length. A collective; meant for checks and debugging, not for the hot path."""
         return _gather_everything(self)
+
+def chunk_positions(lens, num_tokens, token_index, cu_seqlens, where="ShardedKVCache.positions"):
+    """``ShardedKVCache.positions`` for sequences of cached lengths ``lens`` (host int64)."""
+    if cu_seqlens is not None:
+        cu = torch.as_tensor(cu_seqlens, dtype=torch.int64).cpu().reshape(-1)
+        if cu.numel() != len(lens) + 1 or (num_tokens is not None and int(cu[-1]) != num_tokens):
+            raise ValueError(f"{where}: cu_seqlens must hold {len(lens) + 1} offsets ending at the chunk's "
+                             f"length, got {cu.tolist()}")
+        num_tokens = int(cu[-1])
+    elif num_tokens is None:
+        raise ValueError(f"{where}: pass num_tokens (the chunk's length) or cu_seqlens")
+    idx = torch.arange(num_tokens) if token_index is None else torch.as_tensor(token_index, dtype=torch.int64).cpu()
+    if cu_seqlens is None:
+        return lens[:, None] + idx.reshape(-1)[None, :]
+    seq, offset = packed_tokens(cu, idx.reshape(-1))
+    return (lens[seq] + offset)[None, :]
+
+
+def packed_tokens(cu_seqlens, tokens):
+    """(sequence, offset) of tokens ``tokens`` (host int64) of a packed chunk whose m sequences start at
+    ``cu_seqlens`` (host int64, (m + 1,)): the sequence each token belongs to (0..m-1) and its place among
+    that sequence's tokens of the chunk."""
+    seq = torch.searchsorted(cu_seqlens[1:], tokens, right=True)
+    return seq, tokens - cu_seqlens[seq]
+
 
 def _checked_arguments(batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where):
     """ShardedKVCache's arguments checked (TypeError/ValueError): batch, capacity, num_kv_heads, head_dim,

@@ -58,8 +58,8 @@ def test_messages_name_the_argument_the_values_and_the_fix():
             "different dtype": "ranks disagree on dtype (rank 0: torch.float32, rank 1: torch.float16): cast q, k, "
                                "v to the same dtype on every rank",
             "prefill chunk split unevenly": "ValueError: prefill: ranks disagree on tokens (rank 0: 6, rank 1: 5): "
-                                            "every rank must pass the same number of the chunk's tokens "
-                                            "(split_chunk splits a chunk)",
+                                            "every rank must pass the same number of the chunk's tokens, or "
+                                            "token_index on every rank (split_chunk gives both)",
             "decode windows differ": "ValueError: decode: ranks disagree on window_left (rank 0: -1, rank 1: 7): "
                                      "pass the same window_left on every rank",
             "construction differs": "ValueError: ContextParallel: ranks disagree on ulysses_degree (rank 0: 2, "

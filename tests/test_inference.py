@@ -285,8 +285,22 @@ def test_bad_constructor_arguments():
     for timeout in (0, -1.0, float("inf"), True, "30"):
         with pytest.raises(ValueError, match="timeout must be a positive number of seconds"):
             cpattn.ShardedKVCache(1, 64, 1, 32, timeout=timeout)
-    with pytest.raises(ValueError, match="multiple of the group size"):
-        cpattn.split_chunk(torch.zeros(1, 5, 2, 4), type("C", (), {"world_size": 2, "rank": 0})())
+
+def test_split_chunk_any_length():
+    """Pieces of every length, a rank with none, both orders; what split_chunk refuses."""
+    x = torch.arange(5)[None, :, None]
+    group = (lambda rank, world=2: type("Group", (), {"world_size": world, "rank": rank})())  # what it reads
+    assert [cpattn.split_chunk(x, group(r))[1].tolist() for r in range(2)] == [[0, 1, 2], [3, 4]]
+    assert [cpattn.split_chunk(x, group(r), order="zigzag")[1].tolist() for r in range(2)] == [[0, 1, 4], [2, 3]]
+    assert [cpattn.split_chunk(x[:, :3], group(r, 4))[1].tolist() for r in range(4)] == [[0], [1], [2], []]
+    piece, index = cpattn.split_chunk(x, group(1))
+    assert torch.equal(piece[0, :, 0], index) and piece.data_ptr() == x[:, 3:].data_ptr()  # a view
+    with pytest.raises(ValueError, match="no tokens"):
+        cpattn.split_chunk(x[:, :0], group(0))
+    with pytest.raises(ValueError, match="order must be one of"):
+        cpattn.split_chunk(x, group(0), order="striped")
+    with pytest.raises(ValueError, match="seq_dim"):
+        cpattn.split_chunk(x, group(0), seq_dim=3)
 
 
 def test_append_and_reset_single_process():

@@ -52,3 +52,22 @@ def test_bench_serving_quick(tmp_path):
     rows = prefix["rows"]
     assert prefix["ranks"] == 2 and rows[0]["auto"] == "pass-q" and rows[-1]["auto"] == "pass-kv"
     assert all((r["pass-kv_bytes"] < r["pass-q_bytes"]) == (r["auto"] == "pass-kv") for r in rows)
+
+
+def test_bench_serving_generate_quick(tmp_path):
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import bench_serving
+        bench_serving.main(["--quick", "--generate", "--out", str(tmp_path), "--prompts", "9", "--cp-sizes", "2",
+                            "--new-tokens", "3", "--batch", "2"])
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    serving = json.loads((tmp_path / "serving_generate.json").read_text())
+    assert serving["environment"]["quick"] and "NOT meaningful" in serving["environment"]["note"]
+    assert sorted(r["cp"] for r in serving["rows"]) == ["cp2", "hf-sdpa"]
+    for r in serving["rows"]:
+        assert r["same_tokens"] and r["lengths"] == [9, 7], r  # mixed lengths, greedy tokens as on one device
+        assert r["ttft_ms"] > 0 and r["ttft_alone_ms"] > 0 and r["itl_p99_ms"] >= r["itl_mean_ms"] > 0
+    cp2 = next(r for r in serving["rows"] if r["cp"] == "cp2")
+    assert cp2["prefill_bytes"] > 0 and cp2["decode_step_bytes"] > 0

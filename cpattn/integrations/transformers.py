@@ -12,11 +12,20 @@ the loss is ``causal_lm_loss`` and the gradients are summed by
 ``all_reduce_gradients``. The recipe in full: docs/transformers.md ("Hugging Face
 transformers") and ``cpattn.examples.train_transformers.context_parallel_step``.
 
+Generation over a KV cache sharded along the sequence ("cpattn_cp" with a
+``ShardedCache``, no context manager: the cache carries its group)::
+
+    cache = cpattn_hf.ShardedCache(model.config, batch_size=2, max_cache_len=256)
+    out_ids = model.generate(input_ids, attention_mask=mask, cache=cache, max_new_tokens=32)
+
+(transformers_cache.py; docs/transformers.md, "Generation over a sharded KV cache").
+
 Each layer's attention features come from the keyword arguments transformers
 passes (sliding_window, softcap, s_aux, dropout, attention masks, packed-sequence
 arguments). A feature cpattn does not compute raises NotImplementedError naming
 it; the layer never silently falls back to plain causal attention.
-transformers itself is imported only by ``register``.
+transformers itself is imported only by ``register`` and by the first use of ``ShardedCache``
+or ``transfer_cache``.
 """
 import torch
 import torch.distributed as dist
@@ -275,6 +284,10 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel."""
     where = "cpattn_cp attention"
+    from .transformers_cache import layer_of_update  # transformers is loaded: it is calling this function
+    layer = layer_of_update(key)
+    if layer is not None:  # a step of generate() over a ShardedCache: no context_parallel block needed
+        return layer.attend(module, query, key, value, attention_mask, dropout, scaling, kwargs), None
     if not _active:
         raise RuntimeError(f"{where}: call the model inside `with cpattn.integrations.transformers."
                            "context_parallel(cp):` (and its backward too under gradient checkpointing)")
@@ -284,7 +297,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
         if query.shape[2] != key.shape[2]:
             raise NotImplementedError(f"{where}: queries and keys differ in length ({query.shape[2]} vs "
                                       f"{key.shape[2]}), as with a KV cache; context-parallel layers run whole "
-                                      "sharded sequences: pass use_cache=False (decode with cpattn.ShardedKVCache)")
+                                      "sharded sequences: pass use_cache=False, or serve with a "
+                                      "cpattn.integrations.transformers.ShardedCache (generate(cache=...))")
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) under context "
                                       f"parallelism; pack the sequences instead{SDPA_HINT}")
@@ -310,6 +324,15 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                        causal=causal, softmax_scale=scaling, **extras)
     return out, None
+
+
+def __getattr__(name):
+    """``ShardedCache`` and ``transfer_cache`` (transformers_cache.py) subclass and call transformers: they are
+    imported on first use, so that importing this module does not import transformers."""
+    if name in ("ShardedCache", "transfer_cache"):
+        from . import transformers_cache
+        return getattr(transformers_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def shard_batch(cp, input_ids, labels, ignore_index=-100):

@@ -18,6 +18,7 @@ Neither function has a backward (flash-attn's neither): a call that would need o
 import torch
 
 from cpattn.kernels import decode_attention
+from cpattn.kernels.mask import causal_window
 from cpattn.kernels.tiles import is_power_of_two
 
 from ._checks import (SUPPORTED_DTYPES, check_documents, check_int_tensor, check_qkv, check_scale, check_sinks,
@@ -322,7 +323,7 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     padded[doc, row] = q
     rows = torch.arange(max_seqlen_q, device=q.device, dtype=torch.int32)
     positions = (lens_k - lens_q)[:, None] + rows  # bottom-right aligned per document, as flash-attn
-    right = 0 if causal else window_right
+    _, right = causal_window(causal, (window_left, window_right))
     if right >= 0:  # padding rows go where the right bound hides every key
         positions = torch.where(rows < lens_q[:, None], positions, -1 - right)
     dtype = _kernel_dtype(q)

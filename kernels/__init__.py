@@ -29,7 +29,8 @@ if __name__ == "kernels":
 else:
     from .decode import decode_attention, merge_splits
     from .flash_bwd import attention_backward, attention_backward_delta
-    from .flash_fwd import MaskSpec, attention_forward
+    from .flash_fwd import attention_forward
+    from .mask import MaskSpec
     from .merge import merge_attention
 
     __all__ = ["MaskSpec", "attention_forward", "attention_backward", "attention_backward_delta", "merge_attention",

@@ -7,6 +7,8 @@ before any kernel runs; inputs are never modified.
 """
 import torch
 
+from .tiles import is_power_of_two
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -111,3 +113,34 @@ def check_int_tensor(t, name, shape, device, where, dtype=torch.int32):
     if t.device != torch.device(device):
         raise ValueError(f"{where}: {name} is on {t.device}, the queries on {device}")
     return t
+
+
+def check_block_table(block_table, pool, batch, device, where, lengths=None):
+    """The int32 (batch, max_pages) table of a page pool (num_pages, page_size, ...) whose page size the decode
+    kernel takes (a power of two >= 16; flash-attn's CUDA kernel wants multiples of 256); with ``lengths``
+    (host ints) also ``check_pages_used``. Returns the keys a sequence can hold."""
+    page_size = pool.shape[1]
+    if page_size < 16 or not is_power_of_two(page_size):
+        raise ValueError(f"{where}: the page size (dimension 1 of the paged cache, {tuple(pool.shape)}) must be a "
+                         f"power of two >= 16, got {page_size}")
+    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
+        raise TypeError(f"{where}: block_table must be a 2-D int32 tensor (batch={batch}, max_pages), got "
+                        f"{getattr(block_table, 'shape', type(block_table).__name__)}")
+    check_int_tensor(block_table, "block_table", (batch, block_table.shape[1]), device, where)
+    if lengths is not None:
+        check_pages_used(block_table, lengths, pool.shape[0], page_size, where)
+    return block_table.shape[1] * page_size
+
+
+def check_pages_used(block_table, lengths, num_pages, page_size, where):
+    """Host check (reads the table back): the pages holding sequence b's ``lengths[b]`` keys are in the table
+    and in the pool."""
+    table = block_table.cpu()
+    for b, n in enumerate(lengths):
+        used = -(-n // page_size)
+        if used > table.shape[1]:
+            raise ValueError(f"{where}: sequence {b} has {n} keys = {used} pages, but block_table has "
+                             f"{table.shape[1]} columns")
+        if used and (int(table[b, :used].min()) < 0 or int(table[b, :used].max()) >= num_pages):
+            raise ValueError(f"{where}: block_table row {b} points outside the {num_pages} pages: "
+                             f"{table[b, :used].tolist()}")

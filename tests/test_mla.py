@@ -11,6 +11,8 @@ import cpattn
 from cpattn.kernels import decode as decode_module
 from cpattn.kernels import decode_attention, flash_fwd
 from cpattn.ring import simulate_ring_attention, simulate_ring_attention_backward
+from cpattn._cp_ops import compiled_attention
+from cpattn.cp_calls import AttentionArgs
 from cpattn.testing import run_ranks
 from fake_check import FakeMatchesReal
 from reference import reference_attention, reference_decode, reference_varlen, rel_err
@@ -256,8 +258,9 @@ def _ranks_run(rank, world_size):
                 sdpa = [t.transpose(1, 2) for t in local]  # the SDPA layout: transposed views
                 if path == "op":
                     with FakeMatchesReal() as check:
-                        out, lse = cpattn._cp_ops.attention(cp._handle, *sdpa, True, None, True, True, True, (-1, -1),
-                                                            0.0, None, SEQ_LEN, None)
+                        args = AttentionArgs(*sdpa, True, None, True, (-1, -1), 0.0, None, SEQ_LEN, None,
+                                             sdpa_layout=True, enable_gqa=True)
+                        out, lse = compiled_attention(cp._handle, args, cp.layout, "test_mla")
                         out.backward(cp.shard(dout))
                     layouts += check.mismatches
                 elif i % 2:

@@ -5,12 +5,13 @@
 - The installed packages (``cpattn/``, ``kernels/``) import nothing that lives only in the
   repository (``tests/``, ``bench/``), and no ahead-of-time compile machinery of Triton:
   the compile gate's tool is ``bench/aot.py``.
-- Every ``cpattn`` module that tests, benchmarks, examples or the packages themselves import
-  exists, so a module moved out of the package (e.g. ``cpattn.kernels.aot``) leaves no
-  importer behind.
+- Every ``cpattn`` module and name that tests, benchmarks, examples or the packages themselves
+  import, or reach as ``cpattn.<module>.<name>``, exists, so a module moved out of the package
+  (e.g. ``cpattn.kernels.aot``) or a function renamed leaves no user behind.
 Every import counts, also one inside a function (a lazy import is still a dependency).
 """
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,11 @@ def _module_name(path):
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _tree(path):
+    return ast.parse(path.read_text(), str(path))
+
+
 def imports(path):
     """(line, module, name) of every import in ``path``: ``import a.b`` gives (line, "a.b", None),
     ``from a import b`` (line, "a", "b"), b a module or a name in it; relative imports are
@@ -38,7 +44,7 @@ def imports(path):
     module = _module_name(path)
     package = module if path.name == "__init__.py" else (module.rpartition(".")[0] if module else None)
     found = []
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name, None) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -69,7 +75,7 @@ def _file(module):
 
 def _binds(path, name):
     """Whether the source ``path`` binds ``name`` anywhere (def, class, assignment, import)."""
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
             return True
         if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store) and node.id == name:
@@ -91,6 +97,28 @@ def _exists(module, name=None):
 
 def _is_cpattn(module):
     return module == "cpattn" or module.startswith("cpattn.")
+
+
+def dotted_uses(path):
+    """(line, module, name) of every ``cpattn.a.b...`` attribute chain in ``path``: the longest prefix
+    that names a module, and the name looked up in it."""
+    found = []
+    for node in ast.walk(_tree(path)):
+        if not isinstance(node, ast.Attribute):
+            continue
+        parts, inner = [], node
+        while isinstance(inner, ast.Attribute):
+            parts.insert(0, inner.attr)
+            inner = inner.value
+        if not (isinstance(inner, ast.Name) and inner.id == "cpattn"):
+            continue
+        module = "cpattn"
+        for part in parts:
+            if _file(f"{module}.{part}") is None:
+                found.append((node.lineno, module, part))
+                break
+            module = f"{module}.{part}"
+    return found
 
 
 def _violations(paths, bad):
@@ -115,6 +143,13 @@ def test_every_imported_cpattn_module_and_name_exists():
     def missing(module, name):
         return _is_cpattn(module) and not _exists(module, name)
     assert _violations(_sources("cpattn", "kernels", "tests", "bench"), missing) == []
+
+
+def test_every_cpattn_module_and_name_reached_by_attribute_exists():
+    paths = _sources("cpattn", "kernels", "tests", "bench")
+    unknown = [f"{p.relative_to(ROOT)}:{line}: {module}.{name}" for p in paths for line, module, name in dotted_uses(p)
+               if not _exists(module, name)]
+    assert unknown == []
 
 
 @pytest.mark.parametrize("module,name,expected", [

@@ -466,11 +466,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     """
     if validate:
         softmax_scale = check_scale(softmax_scale, "decode_attention")
-        window_left, window_right = check_window(window_size, "decode_attention")
+        window_size = check_window(window_size, "decode_attention")
         softcap = check_softcap(softcap, "decode_attention")
-    else:
-        window_left, window_right = window_size
-    window_left, window_right = causal_window(causal, (window_left, window_right))
+    window_left, window_right = causal_window(causal, window_size)
     slot_positions = [int(x) for x in slot_positions]
     if validate:
         _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,

@@ -1,6 +1,6 @@
 """The compile gate's full sweep: every kernel, every kept autotune config, compiled for sm_80 and sm_90.
 
-No GPU is needed: ``kernels/aot.py`` runs Triton's compiler and the ptxas in the
+No GPU is needed: ``aot.py`` (beside this script) runs Triton's compiler and the ptxas in the
 triton wheel, then reads registers, spills, shared memory and the tensor-core
 instructions from the cubin. This script compiles the whole grid (about a
 thousand cases, 1 to 3 s each on one core), prints the table and writes the
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from cpattn.kernels import aot
+import aot  # bench/aot.py: a script's own folder is on sys.path
 
 CACHE_DIR = Path(__file__).resolve().parent / "results" / "aot"
 COLUMNS = ("kernel", "variant", "target", "dtype", "head_dim", "head_dim_v", "config", "regs", "spill_bytes", "smem",

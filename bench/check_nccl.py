@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import _common as C
 import cpattn
+from cpattn.kernels.reference import reference_attention
 from cpattn.testing import run_ranks
 
 
@@ -35,16 +36,6 @@ def _out_and_grads(attention, q, k, v, dout):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = attention(*leaves)
     return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
-
-
-def _reference_lse(q, k, v, causal):
-    """fp32 log-sum-exp of the scaled scores, (B, H, S); flash layout inputs."""
-    q, k = q.float().transpose(1, 2), k.float().transpose(1, 2).repeat_interleave(q.shape[2] // k.shape[2], dim=1)
-    scores = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
-    if causal:
-        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device).triu(1),
-                                    float("-inf"))
-    return scores.logsumexp(-1)
 
 
 def _sync_free(call, device):
@@ -86,7 +77,8 @@ def check_rank(rank, world_size, device_type, dtype_name, seqlen, cases):
         row = {"algo": algo, "ulysses_degree": cp.ulysses_degree, "ring_degree": cp.ring_degree,
                "ring_impl": ring_impl, "causal": causal, "heads": heads, "kv_heads": kv_heads,
                "head_dim": head_dim, "seqlen": seqlen, "dtype": dtype_name, "steady_state_sync_free": sync_free,
-               "lse_err": (lse - _reference_lse(*(t.to(dtype) for t in (q, k, v)), causal)).abs().max().item()}
+               "lse_err": (lse - reference_attention(*(t.to(dtype) for t in (q, k, v)), causal=causal)[1])
+               .abs().max().item()}
         if dtype == torch.float32:
             for name, mine, ref in zip(("out", "dq", "dk", "dv"), ours, exact):
                 row[f"{name}_rel_err"] = ((mine - ref).norm() / ref.norm()).item()

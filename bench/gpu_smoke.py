@@ -24,16 +24,13 @@ in the low dtype). Rows: bench/results/<device>/gpu_smoke.{json,csv}; exit 1 if
 any case fails.
 """
 import sys
-from pathlib import Path
 
 import torch
 
 import _common as C
 import cpattn
 from cpattn.kernels import decode_attention
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from reference import reference_attention, reference_varlen  # noqa: E402  (the tests' float64 reference)
+from cpattn.kernels.reference import reference_attention, reference_varlen
 
 # name -> (kind, dtype, head_dim (or (q/k, v) head dims), causal, heads, kv_heads, seqlen_q, seqlen_k)
 CASES = {

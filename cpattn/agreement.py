@@ -1,5 +1,5 @@
 """Agreement across ranks: before its first collective, every collective entry point makes sure that
-all ranks were called alike.
+all ranks were called alike (DESIGN.md, "Agreement and faults", with the fault path of faults.py).
 
 A rank whose arguments are bad would raise before a collective its peers already
 wait in, and ranks called with different arguments (shapes, options) would

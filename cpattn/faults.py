@@ -1,4 +1,5 @@
-"""When one rank fails inside a collective call, every rank raises, in bounded time.
+"""When one rank fails inside a collective call, every rank raises, in bounded time (DESIGN.md,
+"Agreement and faults").
 
 A context-parallel call is collective: if one rank raises in the middle of it
 (bad input found late, out of memory, a kernel error), its peers would wait for

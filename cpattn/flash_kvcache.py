@@ -18,7 +18,8 @@ Neither function has a backward (flash-attn's neither): a call that would need o
 import torch
 
 from cpattn.kernels import decode_attention
-from cpattn.kernels.tiles import is_power_of_two
+from cpattn.kernels.checks import check_block_table, check_pages_used
+from cpattn.kernels.mask import causal_window
 
 from ._checks import (SUPPORTED_DTYPES, check_documents, check_int_tensor, check_qkv, check_scale, check_sinks,
                       check_softcap, check_window, may_read_back, refuse_unsupported)
@@ -48,33 +49,6 @@ def _check_against_cache(q, k_cache, v_cache, names, cache_dims, where):
     # Slices of no rows keep every other dimension: check_qkv sees all but the batch sizes.
     _, seqlen_q, _, heads, heads_kv, head_dim = check_qkv(q[:0], k_cache[:0], v_cache[:0], where, names=names)
     return seqlen_q, heads, heads_kv, head_dim
-
-
-def _check_block_table(block_table, pool, batch, where):
-    """The int32 (batch, max_pages) table of a page pool whose page size the decode kernel takes (a power of
-    two >= 16; flash-attn's CUDA kernel wants multiples of 256). Returns the keys a sequence can hold."""
-    num_pages, page_size = pool.shape[:2]
-    if page_size < 16 or not is_power_of_two(page_size):
-        raise ValueError(f"{where}: the page size (dimension 1 of the paged cache, {tuple(pool.shape)}) must be a "
-                         f"power of two >= 16, got {page_size}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
-        raise TypeError(f"{where}: block_table must be a 2-D int32 tensor (batch={batch}, max_num_blocks), got "
-                        f"{getattr(block_table, 'shape', type(block_table).__name__)}")
-    check_int_tensor(block_table, "block_table", (batch, block_table.shape[1]), pool.device, where)
-    return block_table.shape[1] * page_size
-
-
-def _check_pages_used(block_table, lengths, num_pages, page_size, where):
-    """Host check: the pages holding sequence b's ``lengths[b]`` keys are in the table and in the pool."""
-    table = block_table.cpu()
-    for b, n in enumerate(lengths):
-        used = -(-n // page_size)
-        if used > table.shape[1]:
-            raise ValueError(f"{where}: sequence {b} has {n} keys = {used} pages, but block_table has "
-                             f"{table.shape[1]} columns")
-        if used and (int(table[b, :used].min()) < 0 or int(table[b, :used].max()) >= num_pages):
-            raise ValueError(f"{where}: block_table row {b} points outside the {num_pages} pages: "
-                             f"{table[b, :used].tolist()}")
 
 
 def _check_rotary(rotary_cos, rotary_sin, k, head_dim, device, where):
@@ -230,7 +204,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         for name, value in (("cache_batch_idx", cache_batch_idx), ("cache_leftpad", cache_leftpad)):
             if value is not None:
                 raise ValueError(f"{where}: {name} cannot be combined with block_table (as in flash-attn)")
-        capacity = _check_block_table(block_table, k_cache, batch, where)
+        capacity = check_block_table(block_table, k_cache, batch, k_cache.device, where)
     else:
         capacity = k_cache.shape[1]
         if cache_batch_idx is None and k_cache.shape[0] != batch:
@@ -257,7 +231,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         _check_cache_values(lengths, seqlen_new, capacity, leftpad, cache_rows, k_cache.shape[0], rotary_len,
                             rotary_end, where)
         if paged:
-            _check_pages_used(block_table, [n + seqlen_new for n in lengths], *k_cache.shape[:2], where)
+            check_pages_used(block_table, [n + seqlen_new for n in lengths], *k_cache.shape[:2], where)
     # Everything is checked: from here on the cache is written.
 
     start = cache_seqlens.long()[:, None]
@@ -305,7 +279,7 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     total_q = q.shape[0]
     check_documents(cu_seqlens_q, cu_seqlens_k, total_q, None, max_seqlen_q, max_seqlen_k, q.device, where)
     batch = cu_seqlens_q.numel() - 1
-    _check_block_table(block_table, k, batch, where)
+    check_block_table(block_table, k, batch, k.device, where)
     softmax_scale = check_scale(softmax_scale, where)
     window_left, window_right = check_window(window_size, where)
     softcap = check_softcap(softcap, where)
@@ -313,7 +287,7 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _refuse_gradients(where, q, k, v, sinks)
     lens_q, lens_k = cu_seqlens_q.diff(), cu_seqlens_k.diff()
     if may_read_back(q.device):
-        _check_pages_used(block_table, lens_k.tolist(), *k.shape[:2], where)
+        check_pages_used(block_table, lens_k.tolist(), *k.shape[:2], where)
 
     token = torch.arange(total_q, device=q.device)
     doc = torch.searchsorted(cu_seqlens_q[1:], token, right=True)  # the document of each packed query
@@ -322,7 +296,7 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     padded[doc, row] = q
     rows = torch.arange(max_seqlen_q, device=q.device, dtype=torch.int32)
     positions = (lens_k - lens_q)[:, None] + rows  # bottom-right aligned per document, as flash-attn
-    right = 0 if causal else window_right
+    _, right = causal_window(causal, (window_left, window_right))
     if right >= 0:  # padding rows go where the right bound hides every key
         positions = torch.where(rows < lens_q[:, None], positions, -1 - right)
     dtype = _kernel_dtype(q)

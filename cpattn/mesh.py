@@ -1,5 +1,5 @@
 """Which rank does what: the nodes of the ranks, the Ulysses degree "auto" picks, the mesh order, and
-the communicators of one rank's place in the mesh.
+the communicators of one rank's place in the mesh (DESIGN.md, "Mesh order").
 
 A mesh of P = ring_degree x ulysses_degree ranks puts the group's ranks in a
 "mesh order"; mesh rank m = ring_index * ulysses_degree + ulysses_index. The

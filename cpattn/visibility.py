@@ -1,30 +1,11 @@
-"""The host half of the one rule of visibility (DESIGN.md), as cpattn's Python layer asks it.
+"""Where cpattn's Python layer used to find the host half of the visibility rule.
 
-The rule itself lives with the kernels (``cpattn.kernels.MaskSpec``: a window
-(left, right), -1 unbounded, causal being the right bound 0). Every host-side
-question the planners and the inference code ask of it goes through this
-module, so that the rule has one home on the host too.
+The rule has one home, both halves side by side: ``kernels/mask.py`` (``MaskSpec``,
+``causal_window``, ``window_sees``, ``visible_keys``; DESIGN.md). This module only
+re-exports them, because ``ring.py``, ``context_parallel.py`` and ``inference.py`` still
+import them from here and are being changed on other branches; new code imports
+``cpattn.kernels.mask``, and this module goes once those imports move.
 """
-import torch
+from cpattn.kernels.mask import MaskSpec, causal_window, visible_keys, window_sees
 
-from cpattn.kernels import MaskSpec
-
-
-def causal_window(causal, window_size):
-    """The (left, right) window a call attends with: ``window_size`` with causal as the right bound 0."""
-    return MaskSpec(bool(causal), window_size).window
-
-
-def window_sees(window, q_first, q_last, k_first, k_last):
-    """(whether some query in [q_first, q_last] sees some key in [k_first, k_last], whether every query
-    sees every key), by position under ``window``."""
-    return MaskSpec.window_sees(window, q_first, q_last, k_first, k_last)
-
-
-def visible_keys(window, q_first, q_last, num_keys):
-    """[lo, hi): the keys among positions [0, num_keys) that some query in [q_first, q_last] sees under
-    ``window`` (int64 tensors, one range per sequence); empty where lo >= hi."""
-    left, right = window
-    hi = num_keys if right < 0 else torch.minimum(q_last + right + 1, num_keys)
-    lo = torch.zeros_like(q_first) if left < 0 else (q_first - left).clamp(min=0)
-    return lo, hi
+__all__ = ["MaskSpec", "causal_window", "visible_keys", "window_sees"]

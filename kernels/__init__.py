@@ -1,7 +1,8 @@
 """cpattn's Triton kernels (installed as ``cpattn.kernels``).
 
 They know nothing of ranks: each works on the tensors it is given, with the
-global positions of the first query row and key column for causality.
+global positions of the first query row and key column for causality; and they
+import nothing from the rest of cpattn (DESIGN.md, "Layers").
 
 Why the branch below: this folder is the package ``cpattn.kernels`` (setup.py maps
 it), but whenever the repository root is on ``sys.path`` (``python -m ...`` or a
@@ -29,7 +30,8 @@ if __name__ == "kernels":
 else:
     from .decode import decode_attention, merge_splits
     from .flash_bwd import attention_backward, attention_backward_delta
-    from .flash_fwd import MaskSpec, attention_forward
+    from .flash_fwd import attention_forward
+    from .mask import MaskSpec
     from .merge import merge_attention
 
     __all__ = ["MaskSpec", "attention_forward", "attention_backward", "attention_backward_delta", "merge_attention",

@@ -8,14 +8,14 @@ trials; every other launch overwrites its outputs, so cloning them would only
 cost time inside the timed region.
 
 Configs depend on the GPU family and the head dim. Each list below holds the
-configs that the compile gate (kernels/aot.py: bench/aot_gate.py sweeps it,
+configs that the compile gate (bench/aot.py: bench/aot_gate.py sweeps it,
 tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
 dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to
 compile without spilling registers and within shared memory on every Triton release it ran on (3.4.0, the oldest supported,
 and 3.9.0: ptxas allocates registers differently between them, so a config
 clean on one can spill on the other); on sm_90 the forward and backward configs
 also keep every dot on wgmma (BLOCK_M of at least 64 rows; dk/dv at head dim
-tiles of 256 excepted, see aot.WGMMA_EXEMPT). ``keep_configs`` picks the list for the GPU at hand and
+tiles of 256 excepted, see WGMMA_EXEMPT in bench/aot.py). ``keep_configs`` picks the list for the GPU at hand and
 drops configs whose shared memory estimate exceeds what that GPU allows per
 block (e.g. 99 KB on sm_86/sm_89, 163 KB on sm_80, 227 KB on sm_90).
 """
@@ -91,7 +91,7 @@ _DKDV = {
     ("sm_90", 128): _configs([(32, 128, 8, 1), (32, 64, 8, 2), (16, 64, 4, 2), (16, 128, 8, 1), (16, 128, 8, 3),
                               (16, 64, 8, 2), (16, 128, 8, 2)]),
     ("sm_90", 256): _configs([(16, 32, 8, 2), (32, 32, 8, 2)]),
-    # 16 x 64: the 64 key rows wgmma needs, which the lists of 256 cannot hold (aot.WGMMA_EXEMPT).
+    # 16 x 64: the 64 key rows wgmma needs, which the lists of 256 cannot hold (WGMMA_EXEMPT in bench/aot.py).
     ("sm_90", (256, 128)): _configs([(16, 64, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)]),
     ("sm_80", 64): _configs([(16, 64, 4, 2), (16, 128, 8, 2)]),
     ("sm_80", 128): _configs([(64, 64, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2)]),
@@ -177,7 +177,7 @@ SPECS = {
     "_merge_splits_kernel": (_MERGE_SPLITS, ["num_splits", "num_heads", "HEAD_DIM"], {"BLOCK_M": 16}),
 }
 
-# Shared memory (kernels/aot.py checks the estimate against every compile): tiles a kernel keeps
+# Shared memory (bench/aot.py checks the estimate against every compile): tiles a kernel keeps
 # for the whole program ("resident": the block giving their rows, and the head-dim tile of each:
 # "D" for q and k's BLOCK_D, "DV" for v and out's BLOCK_DV, "W" the wider of the two) and tiles
 # its loop streams through num_stages buffers, plus fp32 row statistics streamed with them (dk/dv:

@@ -35,8 +35,7 @@ and reads nothing back to the host (CUDA graphs, torch.compile). Each split
 writes a partial (out, lse); ``merge_splits`` folds them with the one LSE merge
 of kernels/merge.py. Notation as in flash_fwd.py (m_i, l_i, acc, base 2).
 
-Both launches are torch custom operators, so torch.compile traces through them
-without entering Triton.
+Both launches are torch custom operators: torch.compile traces them without entering Triton.
 """
 import math
 from typing import List, Optional, Tuple
@@ -46,10 +45,11 @@ import triton
 import triton.language as tl
 
 from ._launch import launch
-from .mask import visible, visible_range
+from .checks import check_block_table, check_int_tensor, check_qkv, check_scale, check_sinks, check_softcap, check_window
+from .mask import causal_window, visible, visible_range
 from .merge import empty_as_minus_inf, finish_merge, merge_partials, partial_weight
 from .softmax import dot_precision, finish_softmax, online_softmax_step, scores
-from .tiles import block_d, grid_1d, is_power_of_two, needs_int64, offsets, program_tile, seq_base, tile_ptrs
+from .tiles import block_d, grid_1d, needs_int64, offsets, program_tile, seq_base, tile_ptrs
 
 
 @triton.jit
@@ -396,8 +396,6 @@ def is_leading_columns(v_cache, k_cache):
 
 def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,
               sinks):
-    # Imported here: cpattn.kernels is imported by cpattn itself, so cpattn._checks cannot be a top-level import.
-    from cpattn._checks import check_int_tensor, check_qkv, check_sinks
     where = "decode_attention"
     paged = block_table is not None
     if paged and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and k_cache.shape[0] == 0:
@@ -434,22 +432,7 @@ def _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_ta
         if lens.numel() and int(lens.max()) > k_cache.shape[1]:
             raise ValueError(f"{where}: cache_seqlens {lens.tolist()} exceed the cache capacity {k_cache.shape[1]}")
         return
-    num_pages, page_size = k_cache.shape[0], k_cache.shape[1]
-    if page_size < 16 or not is_power_of_two(page_size):
-        raise ValueError(f"{where}: page size must be a power of two >= 16, got {page_size}")
-    if not isinstance(block_table, torch.Tensor) or block_table.dim() != 2:
-        raise TypeError(f"{where}: block_table must be a 2-D int32 tensor (batch={batch}, max_pages), got "
-                        f"{getattr(block_table, 'shape', type(block_table).__name__)}")
-    check_int_tensor(block_table, "block_table", (batch, block_table.shape[1]), q.device, where)
-    table = block_table.cpu()
-    for b, n in enumerate(lens.tolist()):
-        used = -(-n // page_size)
-        if used > table.shape[1]:
-            raise ValueError(f"{where}: sequence {b} has {n} keys = {used} pages, but block_table has "
-                             f"{table.shape[1]} columns")
-        if used and (int(table[b, :used].min()) < 0 or int(table[b, :used].max()) >= num_pages):
-            raise ValueError(f"{where}: block_table row {b} points outside the {num_pages} pages: "
-                             f"{table[b, :used].tolist()}")
+    check_block_table(block_table, k_cache, batch, q.device, where, lengths=lens.tolist())
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_table=None, softmax_scale=None,
@@ -482,14 +465,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, q_start=None, block_tab
     decode loop launches the same grid every step.
     """
     if validate:
-        from cpattn._checks import check_scale, check_softcap, check_window
         softmax_scale = check_scale(softmax_scale, "decode_attention")
-        window_left, window_right = check_window(window_size, "decode_attention")
+        window_size = check_window(window_size, "decode_attention")
         softcap = check_softcap(softcap, "decode_attention")
-    else:
-        window_left, window_right = (int(w) for w in window_size)
-    if causal:
-        window_right = 0 if window_right < 0 else min(window_right, 0)
+    window_left, window_right = causal_window(causal, window_size)
     slot_positions = [int(x) for x in slot_positions]
     if validate:
         _validate(q, k_cache, v_cache, cache_seqlens, q_start, q_positions, block_table, max_seqlen, slot_positions,

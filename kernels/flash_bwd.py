@@ -28,8 +28,8 @@ import triton.language as tl
 
 from ._autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
 from ._launch import launch
-from .flash_fwd import MaskSpec
-from .mask import block_count, block_start, visible, visible_range
+from .mask import (MaskSpec, block_count, block_start, visible,
+                   visible_range)
 from .softmax import LOG2_E, dot_precision, scores
 from .tiles import (block_d, grid_1d, length_bucket, needs_int64, program_tile, seq_base, seqlen_info, tile_ptrs,
                     tile_width)

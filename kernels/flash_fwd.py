@@ -24,13 +24,13 @@ import triton.language as tl
 
 from ._autotune import FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
 from ._launch import launch
-from .mask import block_count, block_start, visible, visible_range
+from .mask import MaskSpec, block_count, block_start, visible, visible_range
 from .merge import merge_attention, merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)
 from .tiles import (block_d, grid_1d, length_bucket, needs_int64, program_tile, row_descriptor, seq_base, seqlen_info,
                     tile_ptrs, tile_width, tma_compatible)
 
-__all__ = ["attention_forward", "MaskSpec", "LOG2_E", "dot_precision", "finish_softmax", "online_softmax_step"]
+__all__ = ["attention_forward", "LOG2_E", "dot_precision", "finish_softmax", "online_softmax_step"]
 
 
 @triton.jit
@@ -208,64 +208,6 @@ def use_tma(device):
         major, minor = torch.cuda.get_device_capability(device)
         return tma_target(10 * major + minor)
     return device.type == "cpu" and forward_loads() == "tma"
-
-
-class MaskSpec:
-    """The one description of which keys a query sees (DESIGN.md), as the kernels take it.
-
-    q_start, k_start: global positions of the first query row and key column (ints), or,
-        with ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents, int32 (N + 1,)),
-        int32 tensors (N,) of each document's first query / key position.
-    causal: keys after the query are invisible (the window's right bound becomes 0).
-    window_size: (left, right) as flash-attn, -1 = unbounded on that side.
-    """
-
-    def __init__(self, causal=False, window_size=(-1, -1), q_start=0, k_start=0,
-                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
-        left, right = (int(w) for w in window_size)
-        if causal:
-            right = 0 if right < 0 else min(right, 0)
-        self.left, self.right = left, right
-        self.q_start, self.k_start = q_start, k_start
-        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
-        self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
-
-    @staticmethod
-    def window_sees(window, q_first, q_last, k_first, k_last):
-        """The rule of kernels/mask.py on position ranges, for planners on the host:
-        (whether some query in [q_first, q_last] sees some key in [k_first, k_last],
-        whether every query sees every key) under ``window`` = (left, right), -1 unbounded."""
-        left, right = window
-        some = (right < 0 or k_first <= q_last + right) and (left < 0 or k_last >= q_first - left)
-        every = (right < 0 or k_last <= q_first + right) and (left < 0 or k_first >= q_last - left)
-        return some, some and every
-
-    @property
-    def window(self):
-        return self.left, self.right
-
-    @property
-    def varlen(self):
-        return self.cu_seqlens_q is not None
-
-    def num_seqs(self, batch):
-        return self.cu_seqlens_q.numel() - 1 if self.varlen else batch
-
-    def lengths(self, seqlen_q, seqlen_k):
-        """(longest query sequence, longest key sequence)."""
-        if self.varlen:
-            return self.max_seqlen_q, self.max_seqlen_k
-        return seqlen_q, seqlen_k
-
-    def kernel_args(self, like):
-        """(CuSeqlensQ, CuSeqlensK, PosQ, PosK, q_start, k_start, window_left, window_right)."""
-        if self.varlen:
-            return (self.cu_seqlens_q, self.cu_seqlens_k, self.q_start, self.k_start, 0, 0,
-                    max(self.left, 0), max(self.right, 0))
-        return like, like, like, like, int(self.q_start), int(self.k_start), max(self.left, 0), max(self.right, 0)
-
-    def constants(self):
-        return {"VARLEN": self.varlen, "LEFT": self.left >= 0, "RIGHT": self.right >= 0}
 
 
 def attention_forward(q, k, v, softmax_scale=None, causal=False, q_start=0, k_start=0,

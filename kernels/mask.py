@@ -1,12 +1,11 @@
-"""The one rule of visibility (DESIGN.md), as a tile mask and as loop bounds.
-
-Every query row and key column has a global position. Key position k is visible
-to query position q when
-    q - window_left <= k <= q + window_right,
-each side only when it is bounded (``LEFT`` / ``RIGHT`` constexpr flags; the
-flash-attn window (-1, -1) bounds neither). Causal attention is the right bound
-0, so one description covers causal, sliding windows and both at once. Documents
-of packed input never meet: each is its own sequence (``tiles.seqlen_info``).
+"""The one rule of visibility (DESIGN.md), both halves: the jit half the kernels run
+(a tile mask and loop bounds) and, below it, the host half (``MaskSpec`` and the
+position-range questions planners ask). Key position k is visible to query
+position q when q - window_left <= k <= q + window_right, each side only when it is
+bounded (``LEFT`` / ``RIGHT`` constexpr flags; the flash-attn window (-1, -1)
+bounds neither). Causal attention is the right bound 0 (``causal_window``), so one
+description covers causal, sliding windows and both at once. Documents of packed
+input never meet: each is its own sequence (``tiles.seqlen_info``).
 
 ``visible`` masks a tile; ``visible_range`` turns the same rule into the block
 ranges a kernel loops over, so blocks no row can see are never loaded and only
@@ -14,6 +13,7 @@ blocks on the boundary pay for a mask. The backward's dk/dv loop asks the
 reverse question (which queries see a key block): q is visible to k when
 k - window_right <= q <= k + window_left, the same rule with the bounds swapped.
 """
+import torch
 import triton
 import triton.language as tl
 
@@ -59,7 +59,7 @@ def visible_range(first_pos, last_pos, other_pos0, other_len, before, after,
 
 # A kernel walks the blocks of ``visible_range`` in two loops: the unmasked blocks, then
 # the masked blocks of both edges as one range. Three loops (one per range) made ptxas
-# spill registers where two do not (measured by kernels/aot.py, e.g. the forward at head
+# spill registers where two do not (measured by bench/aot.py, e.g. the forward at head
 # dim 128 with a sliding window).
 @triton.jit
 def block_count(lo, full_lo, full_hi, hi, MASKED: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,3 +78,82 @@ def block_start(i, lo, full_lo, full_hi, MASKED: tl.constexpr, BLOCK: tl.constex
         return tl.where(i < before, lo + i * BLOCK, full_hi + (i - before) * BLOCK)
     else:
         return full_lo + i * BLOCK
+
+
+# ---------------------------------------------------------------- the host half
+# The same rule, asked on the host: by the public entry points (which build a MaskSpec),
+# the ring planner (which chunk pairs see each other) and the inference code (which cache
+# slots a chunk can see). It sits beside the jit half so that the two cannot drift apart.
+
+def causal_window(causal, window_size):
+    """The (left, right) window a call attends with: ``window_size`` (-1 unbounded) with
+    causal as the right bound 0 (a right bound already below 0 stays)."""
+    left, right = (int(w) for w in window_size)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def window_sees(window, q_first, q_last, k_first, k_last):
+    """The rule on position ranges: (whether some query in [q_first, q_last] sees some key
+    in [k_first, k_last], whether every query sees every key) under ``window`` = (left,
+    right), -1 unbounded."""
+    left, right = window
+    some = (right < 0 or k_first <= q_last + right) and (left < 0 or k_last >= q_first - left)
+    every = (right < 0 or k_last <= q_first + right) and (left < 0 or k_first >= q_last - left)
+    return some, some and every
+
+
+def visible_keys(window, q_first, q_last, num_keys):
+    """[lo, hi): the keys among positions [0, num_keys) that some query in [q_first, q_last]
+    sees under ``window`` (int64 tensors, one range per sequence); empty where lo >= hi."""
+    left, right = window
+    hi = num_keys if right < 0 else torch.minimum(q_last + right + 1, num_keys)
+    lo = torch.zeros_like(q_first) if left < 0 else (q_first - left).clamp(min=0)
+    return lo, hi
+
+
+class MaskSpec:
+    """The one description of which keys a query sees, as the kernels take it.
+
+    q_start, k_start: global positions of the first query row and key column (ints), or,
+        with ``cu_seqlens_q``/``cu_seqlens_k`` (packed documents, int32 (N + 1,)),
+        int32 tensors (N,) of each document's first query / key position.
+    causal: keys after the query are invisible (``causal_window``).
+    window_size: (left, right) as flash-attn, -1 = unbounded on that side.
+    """
+
+    def __init__(self, causal=False, window_size=(-1, -1), q_start=0, k_start=0,
+                 cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+        self.left, self.right = causal_window(causal, window_size)
+        self.q_start, self.k_start = q_start, k_start
+        self.cu_seqlens_q, self.cu_seqlens_k = cu_seqlens_q, cu_seqlens_k
+        self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
+
+    @property
+    def window(self):
+        return self.left, self.right
+
+    @property
+    def varlen(self):
+        return self.cu_seqlens_q is not None
+
+    def num_seqs(self, batch):
+        return self.cu_seqlens_q.numel() - 1 if self.varlen else batch
+
+    def lengths(self, seqlen_q, seqlen_k):
+        """(longest query sequence, longest key sequence)."""
+        if self.varlen:
+            return self.max_seqlen_q, self.max_seqlen_k
+        return seqlen_q, seqlen_k
+
+    def kernel_args(self, like):
+        """(CuSeqlensQ, CuSeqlensK, PosQ, PosK, q_start, k_start, window_left, window_right)."""
+        if self.varlen:
+            return (self.cu_seqlens_q, self.cu_seqlens_k, self.q_start, self.k_start, 0, 0,
+                    max(self.left, 0), max(self.right, 0))
+        return like, like, like, like, int(self.q_start), int(self.k_start), max(self.left, 0), max(self.right, 0)
+
+    def constants(self):
+        """The constexprs of the rule: packed documents, and which sides of the window are bounded."""
+        return {"VARLEN": self.varlen, "LEFT": self.left >= 0, "RIGHT": self.right >= 0}

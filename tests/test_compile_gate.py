@@ -1,7 +1,7 @@
 """The compile gate: every kernel with every autotune config it keeps compiles for sm_80 and sm_90,
 spills no register, fits in shared memory, and on sm_90 runs its forward and backward dots on wgmma.
 
-No GPU is needed (``kernels/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
+No GPU is needed (``bench/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
 grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 and the (q/k, v) pairs (192, 128) and
 (128, 64) x 7 kernels x 2 targets x each kept config, 1380 compiles) takes 20 to 30 minutes on two
 cores, so its rows are cached in ``bench/results/aot/triton-<version>.json`` by
@@ -12,16 +12,22 @@ compiled here, a few dozen at most; more than that fails and asks for the sweep.
 of a sample checks that the cached rows are what the compiler gives.
 """
 import functools
+import sys
 from pathlib import Path
 
 import pytest
 
-from cpattn.kernels import aot
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))  # the compile-gate tool lives beside its script, outside the installed package
+try:
+    import aot
+finally:
+    sys.path.remove(str(BENCH))
 
-CACHE = aot.cache_path(Path(__file__).resolve().parents[1] / "bench" / "results" / "aot")
+CACHE = aot.cache_path(BENCH / "results" / "aot")
 MAX_UNCACHED = 40  # compiles this test may do itself (about 2 s each)
 
-pytestmark = pytest.mark.skipif(not (aot._BIN / "ptxas").is_file(), reason="this triton wheel has no ptxas")
+pytestmark = pytest.mark.skipif(not (aot.BIN_DIR / "ptxas").is_file(), reason="this triton wheel has no ptxas")
 
 
 @functools.lru_cache(maxsize=None)

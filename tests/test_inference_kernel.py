@@ -3,36 +3,14 @@ import pytest
 import torch
 
 from cpattn.kernels import decode_attention, merge_splits
-from reference import reference_merge
+from reference import reference_decode, reference_merge
 
 
 def reference(q, k, v, lens, q_start, key_pos=None, causal=True, window_left=-1, softcap=0.0, sinks=None):
-    """float64 attention per sequence; k, v (B, capacity, Hkv, D) contiguous, key j at key_pos[j].
-
-    A key is visible when q_pos - window_left <= key_pos (<= q_pos when causal); ``softcap``
-    caps the scaled scores; ``sinks`` (H,) add a value-less logit per head."""
-    batch, seqlen_q, heads, head_dim = q.shape
-    group = heads // k.shape[2]
-    outs, lses = [], []
-    for b in range(batch):
-        n = int(lens[b])
-        kb = k[b, :n].double().repeat_interleave(group, 1)
-        vb = v[b, :n].double().repeat_interleave(group, 1)
-        s = torch.einsum("thd,khd->htk", q[b].double(), kb) / head_dim ** 0.5
-        if softcap:
-            s = softcap * torch.tanh(s / softcap)
-        qp = int(q_start[b]) + torch.arange(seqlen_q)
-        kp = torch.arange(n) if key_pos is None else key_pos[:n]
-        if causal:
-            s = s.masked_fill(kp[None, None, :] > qp[None, :, None], float("-inf"))
-        if window_left >= 0:
-            s = s.masked_fill(kp[None, None, :] < qp[None, :, None] - window_left, float("-inf"))
-        if sinks is not None:  # one more column: the sink's logit, with a zero value
-            s = torch.cat([s, sinks.double()[:, None, None].expand(heads, seqlen_q, 1)], dim=-1)
-            vb = torch.cat([vb, vb.new_zeros(1, heads, head_dim)])
-        lses.append(torch.logsumexp(s, -1))
-        outs.append(torch.einsum("htk,khd->thd", torch.softmax(s, -1).nan_to_num(0.0), vb))
-    return torch.stack(outs), torch.stack(lses)
+    """The float64 decode reference (``cpattn.kernels.reference``) with this file's arguments: key j
+    at key_pos[j], a window bounded on the left only."""
+    return reference_decode(q, k, v, lens, q_start=q_start, key_positions=key_pos, causal=causal,
+                            window_size=(window_left, -1), softcap=softcap, sinks=sinks)
 
 
 def to_paged(k, v, page_size, gen):

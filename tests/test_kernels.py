@@ -327,6 +327,7 @@ def test_tensor_descriptor_and_pointer_forwards_agree(device, monkeypatch):
     case per form: windows (masked edges), whole key blocks without a mask (the one-loop form,
     with its warp-specialized range) and an unaligned view (pointers)."""
     from cpattn.kernels import flash_fwd, tiles
+    from cpattn.kernels.mask import MaskSpec
     q, k, v = make_qkv(1, 70, 256, 2, 1, 64, device, seed=5)
     assert tiles.tma_compatible(q, k, v) and not tiles.tma_compatible(q[..., :48], k, v)
     assert tiles.tma_compatible(q, k, v[..., :32].contiguous())  # each tensor's head dim fills its own tile
@@ -339,7 +340,7 @@ def test_tensor_descriptor_and_pointer_forwards_agree(device, monkeypatch):
     # (causal, window, q, the forms the tma setting takes: (TMA, EDGES))
     for causal, window, qq, form in [(True, (30, 0), q, (True, True)), (False, (-1, -1), q, (True, False)),
                                      (True, (-1, -1), odd, (False, True))]:
-        mask = flash_fwd.MaskSpec(causal, window, q_start=186)
+        mask = MaskSpec(causal, window, q_start=186)
         ref_out, ref_lse = reference_attention(qq, k, v, causal=causal, q_start=186, window_size=window)
         monkeypatch.setenv("CPATTN_FORWARD", "tma")
         got = attention_forward(qq, k, v, mask=mask)

@@ -11,9 +11,11 @@ import cpattn
 from cpattn.kernels import decode as decode_module
 from cpattn.kernels import decode_attention, flash_fwd
 from cpattn.ring import simulate_ring_attention, simulate_ring_attention_backward
+from cpattn._cp_ops import compiled_attention
+from cpattn.cp_calls import AttentionArgs
 from cpattn.testing import run_ranks
 from fake_check import FakeMatchesReal
-from reference import reference_attention, reference_varlen, rel_err
+from reference import reference_attention, reference_decode, reference_varlen, rel_err
 
 FWD_TOL, GRAD_TOL = 1e-4, 1e-3
 GRAD_FLOOR = 1e-2  # gradients with RMS below this count as zero (see rel_err)
@@ -177,13 +179,6 @@ def _paged(cache, page_size, gen):
     return pool, order.to(torch.int32)
 
 
-def _decode_reference(q, k, v, lens, **kwargs):
-    """Per sequence: the cache's first lens[b] slots, the new tokens its last ones (float64)."""
-    outs, lses = zip(*(reference_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], causal=True,
-                                           q_start=n - q.shape[1], **kwargs) for b, n in enumerate(lens.tolist())))
-    return torch.cat(outs), torch.cat(lses)
-
-
 # (D, Dv, new tokens, paged, extras): the latent form and separate values of their own head dim.
 DECODE_CASES = [
     (40, 32, 1, False, {}),
@@ -211,7 +206,7 @@ def test_decode_separate_and_latent_values(case, monkeypatch):
     for v_of, latent in ((lambda keys: torch.randn(batch, capacity, heads_kv, value_dim, generator=gen), False),
                          (lambda keys: keys[..., :value_dim], True)):
         v = v_of(k)
-        ref_out, ref_lse = _decode_reference(q, k, v, lens, **extras)
+        ref_out, ref_lse = reference_decode(q, k, v, lens, **extras)
         if paged:
             k_pool, table = _paged(k, 16, gen)
             v_pool = k_pool[..., :value_dim] if latent else _paged(v, 16, torch.Generator().manual_seed(0))[0]
@@ -263,8 +258,9 @@ def _ranks_run(rank, world_size):
                 sdpa = [t.transpose(1, 2) for t in local]  # the SDPA layout: transposed views
                 if path == "op":
                     with FakeMatchesReal() as check:
-                        out, lse = cpattn._cp_ops.attention(cp._handle, *sdpa, True, None, True, True, True, (-1, -1),
-                                                            0.0, None, SEQ_LEN, None)
+                        args = AttentionArgs(*sdpa, True, None, True, (-1, -1), 0.0, None, SEQ_LEN, None,
+                                             sdpa_layout=True, enable_gqa=True)
+                        out, lse = compiled_attention(cp._handle, args, cp.layout, "test_mla")
                         out.backward(cp.shard(dout))
                     layouts += check.mismatches
                 elif i % 2:

@@ -1,4 +1,5 @@
-"""Ahead-of-time compile of every kernel for a GPU that need not be present.
+"""Ahead-of-time compile of every kernel for a GPU that need not be present: the compile gate's
+tool (``bench/aot_gate.py``, ``tests/test_compile_gate.py``), kept out of the installed package.
 
 ``triton.compile`` lowers a kernel to PTX and runs the ``ptxas`` shipped in the
 triton wheel for any target, so a machine without a GPU can see what a GPU
@@ -40,8 +41,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
 
-from . import _autotune, decode, flash_bwd, flash_fwd, merge
-from .tiles import tile_width
+from cpattn.kernels import _autotune, decode, flash_bwd, flash_fwd, merge
+from cpattn.kernels.mask import MaskSpec
+from cpattn.kernels.tiles import tile_width
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +75,7 @@ TMA_VARIANTS = ("causal", "ring", "local", "full")
 PAIR_VARIANTS = ("latent",)
 
 _KERNEL_MODULES = (flash_fwd, flash_bwd, merge, decode)
-_BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+BIN_DIR = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 
 
 # ---------------------------------------------------------------- capture
@@ -125,8 +127,8 @@ def _local_mask():
     """Two packed documents (100 and 156 tokens) under a causal sliding window of 64."""
     cu = torch.tensor([0, 100, 256], dtype=torch.int32)
     starts = torch.zeros(2, dtype=torch.int32)
-    return flash_fwd.MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
-                              cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
+    return MaskSpec(causal=True, window_size=(64, 0), q_start=starts, k_start=starts,
+                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=156, max_seqlen_k=156)
 
 
 def _local_calls(dtype, head_dim, value_dim):
@@ -360,7 +362,7 @@ def _cubin_facts(cubin):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "kernel.cubin")
         Path(path).write_bytes(cubin)
-        cuobjdump = str(_BIN / "cuobjdump")
+        cuobjdump = str(BIN_DIR / "cuobjdump")
         usage = subprocess.run([cuobjdump, "-res-usage", path], check=True, capture_output=True, text=True).stdout
         sass = subprocess.run([cuobjdump, "-sass", path], check=True, capture_output=True, text=True).stdout
     fields = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}

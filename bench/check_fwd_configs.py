@@ -32,11 +32,6 @@ def _forced_limit(configs, limit):
     return configs[index:index + 1] if index < len(configs) else []
 
 
-def _reset_tuning():
-    for _, wrapper in _autotune._TUNED:
-        wrapper.cache.clear()
-
-
 def _case(dtype, head_dim, causal, seqlen, batch=2, heads=8):
     gen = torch.Generator(device="cuda").manual_seed(seqlen + head_dim)
     q, k, v = (torch.randn((batch, seqlen, heads, head_dim), generator=gen, device="cuda", dtype=dtype)
@@ -69,7 +64,7 @@ def main(argv=None):
                     index = 0
                     while True:
                         _forced["index"], _forced["seen"] = index, None
-                        _reset_tuning()
+                        _autotune.forget_tuning()
                         start = time.time()
                         try:
                             out = cpattn.flash_attn_func(q, k, v, causal=causal)

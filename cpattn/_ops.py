@@ -22,7 +22,7 @@ from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delt
 from .partials import sinks_grad
 
 
-def _kernel_dtype(t):
+def kernel_dtype(t):
     # Triton's CPU interpreter computes with numpy, which has no bfloat16 matmul:
     # on CPU, bf16 inputs run the same kernels in float32 and are rounded back.
     if t.device.type == "cpu" and t.dtype == torch.bfloat16:
@@ -53,7 +53,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, window_
     ``atomic_dq`` only chooses the backward (the 5-GEMM one, see attention_backward)."""
     mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
                  max_seqlen_q, max_seqlen_k)
-    dtype = _kernel_dtype(q)
+    dtype = kernel_dtype(q)
     out, lse = attention_forward(q.to(dtype), k.to(dtype), v.to(dtype), softmax_scale, mask=mask, softcap=softcap,
                                  sinks=sinks)
     return out.to(q.dtype), lse
@@ -80,7 +80,7 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, de
     ``lse_log2``: the lse as the kernels read it, from ``attention_row_stats`` (else converted here)."""
     mask = _mask(window_left, window_right, q_start, k_start, cu_seqlens_q, cu_seqlens_k, pos_q, pos_k,
                  max_seqlen_q, max_seqlen_k)
-    dtype = _kernel_dtype(q)
+    dtype = kernel_dtype(q)
     qc, kc, vc, oc, dc = (t.to(dtype) for t in (q, k, v, out, dout))
     # Fresh contiguous gradients, whatever the inputs' strides: the layout the fake implementation can
     # promise (one like q's would copy odd strides of size-1 dimensions, which fake tensors normalise).
@@ -106,7 +106,7 @@ def _(dout, q, k, v, out, delta, lse, softmax_scale, window_left, window_right, 
 @torch.library.custom_op("cpattn::attention_row_stats", mutates_args=())
 def attention_row_stats(out: Tensor, dout: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
     """(delta, lse in base 2 as the backward kernels read it), both (B, H, Sq) float32, from one pass."""
-    dtype = _kernel_dtype(out)
+    dtype = kernel_dtype(out)
     return attention_backward_delta(out.to(dtype), dout.to(dtype), lse)
 
 

@@ -160,6 +160,12 @@ class ContextParallel:
         order = self.layout.order(call.shape[call.seq_dim], self._mesh.mesh_ranks, call.cu_seqlens)
         return torch.empty_like(stacked).index_copy_(call.seq_dim, order.to(x.device), stacked)
 
+    @property
+    def compiled_handle(self):
+        """The int that names this object's forward and backward operators in compiled graphs
+        (``cpattn._cp_ops``): what ``compiled_attention`` takes."""
+        return self._handle
+
     # ------------------------------------------------------------------ attention
 
     def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1),

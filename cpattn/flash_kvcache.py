@@ -23,7 +23,7 @@ from cpattn.kernels.mask import causal_window
 
 from ._checks import (SUPPORTED_DTYPES, check_documents, check_int_tensor, check_qkv, check_scale, check_sinks,
                       check_softcap, check_window, may_read_back, refuse_unsupported)
-from ._ops import _kernel_dtype
+from ._ops import kernel_dtype
 
 MAX_SPLITS = 128  # flash-attn's bound on num_splits
 _POOL_DIMS = "(num_blocks, page_block_size, heads_k, headdim)"
@@ -251,7 +251,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         keys, values = _gather_rows(k_cache, rows, first), _gather_rows(v_cache, rows, first)
         lengths = lengths - first  # positions now count from each sequence's first key: windows are unchanged
     q_positions = lengths[:, None] - seqlen_q + torch.arange(seqlen_q, device=q.device, dtype=torch.int32)
-    dtype = _kernel_dtype(q)  # bf16 on CPU runs in fp32 (the interpreter has no bf16 matmul)
+    dtype = kernel_dtype(q)  # bf16 on CPU runs in fp32 (the interpreter has no bf16 matmul)
     out, lse = decode_attention(q.to(dtype), keys.to(dtype), values.to(dtype), lengths, block_table=block_table,
                                 softmax_scale=softmax_scale, causal=bool(causal), num_splits=num_splits or None,
                                 validate=False, window_size=window_size, softcap=softcap, q_positions=q_positions)
@@ -299,7 +299,7 @@ def paged_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     _, right = causal_window(causal, (window_left, window_right))
     if right >= 0:  # padding rows go where the right bound hides every key
         positions = torch.where(rows < lens_q[:, None], positions, -1 - right)
-    dtype = _kernel_dtype(q)
+    dtype = kernel_dtype(q)
     out, lse = decode_attention(padded.to(dtype), k.to(dtype), v.to(dtype), lens_k, block_table=block_table,
                                 softmax_scale=softmax_scale, causal=bool(causal), validate=False,
                                 window_size=(window_left, window_right), softcap=softcap, sinks=sinks,

@@ -63,7 +63,7 @@ from cpattn.kernels import decode_attention, merge_splits
 
 from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window, positive_int
 from .agreement import agree
-from ._ops import _kernel_dtype
+from ._ops import kernel_dtype
 from .comm import gather_rows
 from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache, packed_tokens
@@ -155,7 +155,7 @@ def _sees_nothing(layout, rank, lens, first_pos, last_pos, window):
 
 def _attend(q, k, v, lens, q_positions, block_table, slot_positions, options, sinks):
     """Partial attention (out fp32, lse) of q at ``q_positions`` over one shard of keys (device tensors)."""
-    dtype = _kernel_dtype(q)  # bf16 on CPU runs in fp32 (the interpreter has no bf16 matmul)
+    dtype = kernel_dtype(q)  # bf16 on CPU runs in fp32 (the interpreter has no bf16 matmul)
     return decode_attention(
         q.to(dtype), k.to(dtype), v.to(dtype), lens.to(torch.int32), q_positions=q_positions.to(torch.int32),
         block_table=block_table, softmax_scale=options.scale, causal=True, slot_positions=slot_positions,

@@ -36,7 +36,7 @@ import torch
 from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
 from ._checks import check_cu_seqlens, check_qkv
-from ._ops import _kernel_dtype
+from ._ops import kernel_dtype
 from .faults import fault_point
 from .partials import empty_partial, merge_sinks, sinks_grad
 from .visibility import causal_window, window_sees
@@ -425,7 +425,7 @@ def simulate_ring_attention(q, k, v, ring_degree, ring_impl="zigzag", causal=Fal
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
                                              window_size, cu_seqlens, "simulate_ring_attention")
-    result_dtype, dtype = q.dtype, _kernel_dtype(q)
+    result_dtype, dtype = q.dtype, kernel_dtype(q)
     q, k, v = (t.to(dtype) for t in (q, k, v))
     out_full, lse_full = empty_partial(q, v.shape[-1])
     for ring_index, steps in enumerate(schedule):
@@ -454,7 +454,7 @@ def simulate_ring_attention_backward(dout, q, k, v, out, lse, ring_degree, ring_
     """
     schedule, positions = _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, position_offset,
                                              window_size, cu_seqlens, "simulate_ring_attention_backward")
-    result_dtype, dtype = q.dtype, _kernel_dtype(q)
+    result_dtype, dtype = q.dtype, kernel_dtype(q)
     q, k, v, out, dout = (t.to(dtype) for t in (q, k, v, out, dout))
     dq_full = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     dk_owned, dv_owned = ([torch.zeros((t.shape[0], len(p), *t.shape[2:]), dtype=torch.float32, device=t.device)

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._ops import _kernel_dtype
+from ._ops import kernel_dtype
 from .faults import fault_path, fault_point
 from .mesh import Mesh
 from .ring import ring_backward, ring_forward
@@ -64,7 +64,7 @@ class _Call(NamedTuple):
 def _ring_inputs(q, k, v, mesh):
     """q, k, v as the ring takes them: in the kernels' dtype, and k, v contiguous when they travel (made
     so once, here, and saved so)."""
-    dtype = _kernel_dtype(q)
+    dtype = kernel_dtype(q)
     if dtype != q.dtype:
         q, k, v = (t.to(dtype) for t in (q, k, v))
     if mesh.ring is not None:

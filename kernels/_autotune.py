@@ -329,6 +329,12 @@ def tuned(kernel, in_place):
 _TUNED = []  # (name, autotuned wrapper) of every wrapper ``tuned`` made, for chosen_configs
 
 
+def forget_tuning():
+    """Drop every autotuned choice of this process, so the next launch of each kernel tunes (prunes) again."""
+    for _, wrapper in _TUNED:
+        wrapper.cache.clear()
+
+
 def chosen_configs():
     """What autotuning chose so far in this process: {kernel name: {autotune key: config}},
     as text, for benchmarks to report next to their times."""

@@ -260,7 +260,7 @@ def _ranks_run(rank, world_size):
                     with FakeMatchesReal() as check:
                         args = AttentionArgs(*sdpa, True, None, True, (-1, -1), 0.0, None, SEQ_LEN, None,
                                              sdpa_layout=True, enable_gqa=True)
-                        out, lse = compiled_attention(cp._handle, args, cp.layout, "test_mla")
+                        out, lse = compiled_attention(cp.compiled_handle, args, cp.layout, "test_mla")
                         out.backward(cp.shard(dout))
                     layouts += check.mismatches
                 elif i % 2:

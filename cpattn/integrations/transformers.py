@@ -108,7 +108,7 @@ class context_parallel:
         _active.pop()
 
 
-def _layer_name(module):
+def layer_name(module):
     index = getattr(module, "layer_idx", None)
     return type(module).__name__ + ("" if index is None else f" (layer {index})")
 
@@ -116,7 +116,7 @@ def _layer_name(module):
 SDPA_HINT = "; use attn_implementation='sdpa' for this input"
 
 
-def _cpattn_arguments(module, dropout, seq_len, kwargs, where):
+def cpattn_arguments(module, dropout, seq_len, kwargs, where):
     """(causal, extra cpattn keyword arguments) of one attention call; refuses what cpattn does not compute.
 
     ``seq_len``: the length of the whole key sequence (all ranks' shards together).
@@ -133,7 +133,7 @@ def _cpattn_arguments(module, dropout, seq_len, kwargs, where):
     window = kwargs.get("sliding_window")
     if window is not None and seq_len > window:  # a window as long as the sequence masks nothing
         if not causal:
-            raise NotImplementedError(f"{where}: {_layer_name(module)} asks for a bidirectional sliding window, "
+            raise NotImplementedError(f"{where}: {layer_name(module)} asks for a bidirectional sliding window, "
                                       f"which cpattn does not support{sdpa_hint}")
         extras["window_size"] = (window - 1, 0)  # transformers: key visible iff query_pos - key_pos < window
     if kwargs.get("softcap"):  # None or 0.0: no softcapping
@@ -144,7 +144,7 @@ def _cpattn_arguments(module, dropout, seq_len, kwargs, where):
         extras["dropout_p"] = float(dropout)
     refused = [NOT_SUPPORTED[name] for name in extras if name in NOT_SUPPORTED]
     if refused:
-        raise NotImplementedError(f"{where}: {_layer_name(module)} needs {' and '.join(refused)}, which cpattn "
+        raise NotImplementedError(f"{where}: {layer_name(module)} needs {' and '.join(refused)}, which cpattn "
                                   f"does not compute yet{sdpa_hint}")
     return causal, extras
 
@@ -238,7 +238,7 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
     only, as transformers' flash-attention layers do; outputs at padded query positions are 0.
     """
     where = "cpattn attention"
-    causal, extras = _cpattn_arguments(module, dropout, key.shape[2], kwargs, where)
+    causal, extras = cpattn_arguments(module, dropout, key.shape[2], kwargs, where)
     # (B, H, L, D) -> (B, L, H, D) is a view; cpattn reads any strides and k/v keep their fewer heads (GQA).
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     q_len, kv_len = q.shape[1], k.shape[1]
@@ -308,7 +308,7 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                       "ContextParallel.attention's cu_seqlens by this integration yet"
                                       f"{SDPA_HINT}")
         seq_len = query.shape[2] * cp.world_size
-        causal, extras = _cpattn_arguments(module, dropout, seq_len, kwargs, where)
+        causal, extras = cpattn_arguments(module, dropout, seq_len, kwargs, where)
         position_ids = kwargs.get("position_ids")
         if position_ids is not None:
             expected = cp.positions(seq_len).to(position_ids.device)

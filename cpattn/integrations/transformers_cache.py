@@ -35,7 +35,7 @@ from cpattn.agreement import agree
 from cpattn.comm import gather_rows
 from cpattn.inference import gather_chunk
 
-from .transformers import PACKED_KWARGS, _cpattn_arguments, _layer_name
+from .transformers import PACKED_KWARGS, cpattn_arguments, layer_name
 
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 SPLIT = "zigzag"  # how a prompt's tokens are split over the ranks: balanced causal work for pass-KV
@@ -147,7 +147,7 @@ class ShardedLayer(CacheLayerMixin):
 
     def attend(self, module, query, key, value, attention_mask, dropout, scaling, kwargs):
         """This step's attention over the sharded cache, (B, L, H, D), the same on every rank; stores k, v."""
-        where = f"ShardedCache ({_layer_name(module)})"
+        where = f"ShardedCache ({layer_name(module)})"
         self.awaiting_attention = False
         batch, _, q_len, _ = query.shape
 
@@ -158,9 +158,9 @@ class ShardedLayer(CacheLayerMixin):
             if packed:
                 raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) over a ShardedCache")
             counts, rows = self._new_tokens(attention_mask, batch, q_len, where)
-            causal, extras = _cpattn_arguments(module, dropout, int((self.kv.seqlens + counts).max()), kwargs, where)
+            causal, extras = cpattn_arguments(module, dropout, int((self.kv.seqlens + counts).max()), kwargs, where)
             if not causal:
-                raise NotImplementedError(f"{where}: {_layer_name(module)} is not causal; a KV cache serves causal "
+                raise NotImplementedError(f"{where}: {layer_name(module)} is not causal; a KV cache serves causal "
                                           "decoders")
             state.update(counts=counts, rows=rows, extras=extras)
             return StepCall(self.index, self.columns, q_len, tuple(counts.tolist()))

@@ -340,13 +340,8 @@ def main_generate(args, s, device):
     """--generate: the generate() table."""
     env = C.environment(device, args.quick)
     skipped = []
-    rows = serve_generate(0, 0, s, device.type)
-    for i, world in enumerate(s["cp_sizes"], 1):
-        C.progress(i, len(s["cp_sizes"]), f"generate(): CP size {world}")
-        rows += run_group(serve_generate, world, s, device, skipped) or []
-    reference = {r["prompt"]: r["tokens"] for r in rows if r["cp"] == "hf-sdpa"}
-    for r in rows:
-        r["same_tokens"] = r["tokens"] == reference[r["prompt"]]
+    rows = rows_over_cp_sizes(serve_generate(0, 0, s, device.type), serve_generate, s, device, skipped,
+                              "generate()", "hf-sdpa")
     paths = C.save_results(C.output_dir(args, device), "serving_generate", env,
                            [{k: v for k, v in r.items() if k != "tokens"} for r in rows],
                            extra={"settings": s, "skipped": skipped})
@@ -358,6 +353,18 @@ def main_generate(args, s, device):
     for line in skipped:
         print("skipped", line)
     C.print_saved(paths, args.quick)
+
+
+def rows_over_cp_sizes(rows, fn, s, device, skipped, what, reference):
+    """``rows`` (the single-device reference's) and rank 0's rows of ``fn`` at every CP size, each marked
+    with whether its greedy tokens equal those of the rows whose "cp" is ``reference``."""
+    for i, world in enumerate(s["cp_sizes"], 1):
+        C.progress(i, len(s["cp_sizes"]), f"{what}: CP size {world}")
+        rows += run_group(fn, world, s, device, skipped) or []
+    tokens = {r["prompt"]: r["tokens"] for r in rows if r["cp"] == reference}
+    for r in rows:
+        r["same_tokens"] = r["tokens"] == tokens[r["prompt"]]
+    return rows
 
 
 def run_group(fn, world, s, device, skipped):
@@ -381,13 +388,7 @@ def main(argv=None):
         raise SystemExit(f"prompts, --chunk and --prefix-cached must be multiples of every CP size {s['cp_sizes']}")
     env = C.environment(device, args.quick)
     skipped = []
-    rows = serve_sdpa(s, device)
-    for i, world in enumerate(s["cp_sizes"], 1):
-        C.progress(i, len(s["cp_sizes"]), f"serving: CP size {world}")
-        rows += run_group(serve_cp, world, s, device, skipped) or []
-    reference = {r["prompt"]: r["tokens"] for r in rows if r["cp"] == "sdpa"}
-    for r in rows:
-        r["same_tokens"] = r["tokens"] == reference[r["prompt"]]
+    rows = rows_over_cp_sizes(serve_sdpa(s, device), serve_cp, s, device, skipped, "serving", "sdpa")
     prefix_world = max([w for w in s["cp_sizes"] if w > 1 and not any(x.startswith(f"cp{w}:") for x in skipped)],
                        default=1)
     prefix = run_group(prefix_hit, prefix_world, s, device, []) if prefix_world > 1 else []

@@ -1,5 +1,5 @@
 """Ahead-of-time compile of every kernel for a GPU that need not be present: the compile gate's
-tool (``bench/aot_gate.py``, ``tests/test_compile_gate.py``), kept out of the installed package.
+tool (``bench/aot_gate.py``, ``tests/kernels/test_kernels_compile_gate.py``), kept out of the installed package.
 
 ``triton.compile`` lowers a kernel to PTX and runs the ``ptxas`` shipped in the
 triton wheel for any target, so a machine without a GPU can see what a GPU

@@ -4,7 +4,7 @@ No GPU is needed: ``aot.py`` (beside this script) runs Triton's compiler and the
 triton wheel, then reads registers, spills, shared memory and the tensor-core
 instructions from the cubin. This script compiles the whole grid (about a
 thousand cases, 1 to 3 s each on one core), prints the table and writes the
-results cache that ``tests/test_compile_gate.py`` checks in CI:
+results cache that ``tests/kernels/test_kernels_compile_gate.py`` checks in CI:
 ``bench/results/aot/triton-<version>.json``. Rerun it after changing a kernel,
 a jit helper or a config list; cases whose key (kernel source, specialization,
 config, target, Triton version) is already in the cache are not recompiled.

@@ -132,7 +132,7 @@ cp_stage() {
     run 25 python3 bench/bench_merge.py --seqlens 4096,32768,131072 --out "$results"
     run 30 python3 bench/bench_decode.py --seqlens 8192,32768,131072 --out "$results"
     run 20 python3 -m pytest -q -p no:cacheprovider \
-        tests/test_inference_serving.py::test_decode_step_cuda_graph_replays_exactly
+        tests/inference/test_inference_serving.py::test_decode_step_cuda_graph_replays_exactly
     unset CPATTN_AUTOTUNE
 }
 
@@ -152,7 +152,7 @@ case "$mode" in
         nccl_stage; save_to_out ;;
     tests)
         stage tests
-        run 3600 python3 -m pytest -q tests/test_kernels.py tests/test_api.py tests/test_inference_kernel.py ;;
+        run 3600 python3 -m pytest -q tests/kernels/test_kernels.py tests/api/test_api.py tests/kernels/test_kernels_decode.py ;;
     env) env_stage ;;
     smoke) smoke_stage ;;
     headline) headline_stage ;;

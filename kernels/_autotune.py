@@ -9,7 +9,7 @@ cost time inside the timed region.
 
 Configs depend on the GPU family and the head dim. Each list below holds the
 configs that the compile gate (bench/aot.py: bench/aot_gate.py sweeps it,
-tests/test_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
+tests/kernels/test_kernels_compile_gate.py checks it, for sm_80 and sm_90, fp16 and bf16, head
 dims 64, 128 and 256 and the (q/k, v) pairs (192, 128) and (128, 64)) found to
 compile without spilling registers and within shared memory on every Triton release it ran on (3.4.0, the oldest supported,
 and 3.9.0: ptxas allocates registers differently between them, so a config

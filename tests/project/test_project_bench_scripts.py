@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 ENV_KEYS = {"device", "date_utc", "torch", "triton", "cpattn", "quick", "timing", "note"}
 
 

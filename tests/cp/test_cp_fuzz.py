@@ -9,7 +9,7 @@ beyond a million), compared with float64 attention at those positions.
 
 The default run checks a fixed-seed subset (``derandomize``, ring degrees up
 to 4, to keep it short); the full run draws 500 examples and is marked slow:
-``python -m pytest -m slow tests/test_cp_fuzz.py``.
+``python -m pytest -m slow tests/cp/test_cp_fuzz.py``.
 """
 import pytest
 import torch

@@ -75,6 +75,6 @@ def test_varlen_refuses_mismatched_documents_and_packed_keys_with_block_table():
     q, k, v, cu, _ = _packed([5, 5], [5, 5])
     with pytest.raises(ValueError, match="2 documents but cu_seqlens_k 1"):
         cpattn.flash_attn_varlen_func(q, k, v, cu, torch.tensor([0, 10], dtype=torch.int32), 5, 10)
-    # With a block table k and v are a page pool (tests/test_flash_kvcache.py), not packed keys.
+    # With a block table k and v are a page pool (tests/api/test_api_flash_kvcache.py), not packed keys.
     with pytest.raises(ValueError, match=r"k must be 4-D \(num_blocks, page_block_size"):
         cpattn.flash_attn_varlen_func(q, k, v, cu, cu, 5, 5, block_table=torch.zeros(2, 1, dtype=torch.int32))

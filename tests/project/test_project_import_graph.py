@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = {"cpattn": ROOT / "cpattn", "cpattn.kernels": ROOT / "kernels"}  # setup.py's package_dir
 # Modules found only because a test or a script puts its own folder on sys.path.
-REPOSITORY_ONLY = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("*.py")} | {"tests", "bench"}
+REPOSITORY_ONLY = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).rglob("*.py")} | {"tests", "bench"}
 COMPILE_TOOLING = ("triton.compiler", "triton.backends")
 
 

@@ -100,7 +100,7 @@ def test_simulated_ring_matches_sdpa(ring_degree, ring_impl, causal, heads, kv_h
 
 
 def test_simulator_rejects_bad_length():
-    q = torch.randn(1, 0, 2, 16)  # any positive length lays out (tests/test_cp_varlen.py), none does not
+    q = torch.randn(1, 0, 2, 16)  # any positive length lays out (tests/cp/test_cp_varlen.py), none does not
     with pytest.raises(ValueError, match="positive int"):
         simulate_ring_attention(q, q, q, 4, "zigzag")
 

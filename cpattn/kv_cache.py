@@ -109,7 +109,6 @@ class ShardedKVCache:
         (self.batch, self.capacity, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.page_size,
          self.stripe, self.num_pages) = _checked_arguments(batch, capacity, num_kv_heads, head_dim, dtype, device,
                                                            page_size, stripe, num_pages, where)
-        # Separate values (of head_dim or v_head_dim) or latent: the values are the keys' first columns.
         self.values = ValueLayout.checked(self.num_kv_heads, self.head_dim, v_head_dim, latent, where)
         self.v_head_dim, self.latent = self.values.value_dim, self.values.latent
         self.paged = page_size is not None

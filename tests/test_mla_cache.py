@@ -227,3 +227,16 @@ def four_ranks(rank, world):
 
 def test_four_ranks():
     run_ranks(four_ranks, 4, timeout=300)
+
+
+def test_prefill_bytes_count_the_layout():
+    """pass-KV moves a latent cache's vectors alone (D per token, not D + Dv), pass-Q outputs of Dv + 1."""
+    from cpattn.inference import prefill_bytes
+    from cpattn.latent import ValueLayout
+    args = (2, 10, 30, 16, 1, 576, 2)  # world, new, cached, heads, kv heads, D, bf16
+    latent, separate = ValueLayout(576, 512, True), ValueLayout(576, 512, False)
+    assert prefill_bytes("pass-kv", *args, latent) == 0.5 * (10 + 10 + 30) * 576 * 2
+    assert prefill_bytes("pass-kv", *args, separate) == 0.5 * (10 + 10 + 30) * (576 + 512) * 2
+    assert prefill_bytes("pass-q", *args, latent) == 0.5 * 10 * 576 * 2 + 0.5 * 10 * 16 * (576 * 2 + 513 * 4)
+    # Without a layout: values of head_dim, the formula of caches before v_head_dim.
+    assert prefill_bytes("pass-q", *args) == 0.5 * 10 * 2 * 576 * 2 + 0.5 * 10 * 16 * (576 * 2 + 577 * 4)

@@ -40,6 +40,9 @@ D = 576 per token whose first Dv = 512 entries are the value, the non-absorbed h
             latent vector stored as a key of D and a value of Dv: (D + Dv) / D = 1.89x the bytes) and for the
             model's expanded multi-head cache (H heads of 192 + 128: H * 320 / 576 = 71x); and the decode
             merge bytes per rank and step (``decode_merge_bytes``: batch x H rows of Dv + 1 fp32 values).
+  decode_mla_modelled.json  a step over P = 1, 2, 4, 8 ranks at 32k to 1M tokens of context, MODELLED from
+            one device: the latent kernel timed over the slots one rank holds (rank 0, the most), next to
+            the merge bytes that step sends per rank; the merge's time is not included (it needs P GPUs).
 """
 import math
 
@@ -68,16 +71,19 @@ def parse_args():
     parser.add_argument("--mla-heads", type=int, default=None, help="MLA query heads (default 128; 16 with --quick)")
     parser.add_argument("--mla-dims", type=C.int_list, default=None,
                         help="MLA latent D,Dv (default 576,512; 72,64 with --quick)")
+    parser.add_argument("--mla-seqlens", type=C.int_list, default=None,
+                        help="context lengths of the modelled MLA table (default 32768..1048576)")
     return parser.parse_args()
 
 
 def settings(args):
     if args.quick:
         defaults = dict(seqlens=[48, 100], batch=2, heads=4, kv_heads=2, head_dim=32, page_size=16, dtype="fp32",
-                        mla_heads=16, mla_dims=[72, 64])
+                        mla_heads=16, mla_dims=[72, 64], mla_seqlens=[40, 70])
     else:
         defaults = dict(seqlens=[4096 * 2 ** i for i in range(6)], batch=4, heads=32, kv_heads=8, head_dim=128,
-                        page_size=64, dtype="bf16", mla_heads=128, mla_dims=[576, 512])
+                        page_size=64, dtype="bf16", mla_heads=128, mla_dims=[576, 512],
+                        mla_seqlens=[32768 * 2 ** i for i in range(6)])
     return {key: getattr(args, key) if getattr(args, key) is not None else value for key, value in defaults.items()}
 
 
@@ -267,6 +273,35 @@ def mla_bytes_rows(s, ranks):
     return rows
 
 
+def latent_kernel_us(s, num_tokens, device):
+    """Microseconds of the latent decode kernel over ``num_tokens`` cached tokens per sequence (one device)."""
+    dtype = C.DTYPES[s["dtype"]]
+    (latent_dim, value_dim), batch = s["mla_dims"], s["batch"]
+    gen = torch.Generator(device=device).manual_seed(num_tokens)
+    q = torch.randn((batch, 1, s["mla_heads"], latent_dim), generator=gen, device=device, dtype=dtype)
+    cache = cpattn.ShardedKVCache(batch, num_tokens, 1, latent_dim, dtype=dtype, device=device,
+                                  page_size=s["page_size"], v_head_dim=value_dim, latent=True)
+    cache.append(torch.randn((batch, num_tokens, 1, latent_dim), generator=gen, device=device, dtype=dtype), None)
+    lens = torch.full((batch,), num_tokens, dtype=torch.int32, device=device)
+    return 1e3 * C.time_ms(lambda: decode_attention(q, cache.k, cache.v, lens, block_table=cache.block_table,
+                                                    max_seqlen=num_tokens, validate=False), device)
+
+
+def mla_modelled_rows(s, ranks, device):
+    """A decode step over P ranks modelled from one device: the kernel over what one rank holds."""
+    timed, rows = {}, []
+    for seqlen in s["mla_seqlens"]:
+        for p in ranks:
+            slots = int(StripeLayout(s["page_size"], p).local_lengths(torch.tensor([seqlen]), 0)[0])
+            if slots not in timed:
+                timed[slots] = latent_kernel_us(s, slots, device)
+            rows.append({"seqlen": seqlen, "ranks": p, "slots_per_rank": slots, "kernel_us": timed[slots],
+                         "merge_bytes_per_step": decode_merge_bytes(p, s["batch"] * s["mla_heads"],
+                                                                    s["mla_dims"][1]),
+                         "modelled": "one device: the kernel over rank 0's slots; merge time not included"})
+    return rows
+
+
 def main():
     args = parse_args()
     device = C.pick_device(args.quick)
@@ -279,11 +314,13 @@ def main():
     mem = memory_rows(s, args.ranks)
     mla = [mla_latency_row(s, seqlen, device) for seqlen in s["seqlens"]]
     mla_bytes = mla_bytes_rows(s, args.ranks)
+    mla_modelled = mla_modelled_rows(s, args.ranks, device)
     out_dir = C.output_dir(args, device)
     paths = C.save_results(out_dir, "decode", env, rows, extra={"settings": s})
     paths += C.save_results(out_dir, "decode_memory", env, mem, extra={"settings": s})
     paths += C.save_results(out_dir, "decode_mla", env, mla, extra={"settings": s})
     paths += C.save_results(out_dir, "decode_mla_bytes", env, mla_bytes, extra={"settings": s})
+    paths += C.save_results(out_dir, "decode_mla_modelled", env, mla_modelled, extra={"settings": s})
     C.print_table(rows, [("seqlen", "cache"), ("kernel_us", "kernel us"), ("kernel_graph_us", "kernel graph us"),
                          ("step_us", "step us"),
                          ("graph_us", "graph us"), ("sdpa_us", "sdpa us"), ("x_sdpa", "x_sdpa"), ("kernel_GBps", "GB/s"),
@@ -302,6 +339,10 @@ def main():
                               ("expanded_mha_bytes_per_token_per_rank", "expanded MHA B"),
                               ("merge_bytes_per_step", "merge B/step")],
                   title="MLA: cache bytes read per decoded token per rank, and merge bytes per step (calculated)")
+    C.print_table(mla_modelled, [("seqlen", "context"), ("ranks", "P"), ("slots_per_rank", "slots/rank"),
+                                 ("kernel_us", "kernel us"), ("merge_bytes_per_step", "merge B/step")],
+                  title="MLA decode step over P ranks, MODELLED from one device (kernel over one rank's slots; "
+                        "merge not timed)" + (" [--quick: NOT timing]" if args.quick else ""))
     C.print_saved(paths, args.quick)
 
 

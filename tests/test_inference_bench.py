@@ -43,6 +43,12 @@ def test_bench_decode_quick(tmp_path):
         assert r["gqa_bytes_per_token_per_rank"] * 72 == r["latent_bytes_per_token_per_rank"] * (72 + 64)
         assert r["merge_bytes_per_step"] == decode_merge_bytes(ranks, 2 * 16, 64)
     assert mla_bytes[(70, 1)]["slots_per_rank"] == 70 and mla_bytes[(70, 2)]["slots_per_rank"] == 38
+    # The modelled step over P ranks (--quick: contexts of 40 and 70): the kernel over one rank's slots.
+    modelled = json.loads((tmp_path / "decode_mla_modelled.json").read_text())["rows"]
+    assert [(r["seqlen"], r["ranks"]) for r in modelled] == [(n, p) for n in (40, 70) for p in (1, 2, 4, 8)]
+    for r in modelled:
+        assert r["slots_per_rank"] == mla_bytes[(r["seqlen"], r["ranks"])]["slots_per_rank"] and r["kernel_us"] > 0
+        assert r["merge_bytes_per_step"] == mla_bytes[(r["seqlen"], r["ranks"])]["merge_bytes_per_step"]
 
 
 def test_bench_serving_quick(tmp_path):

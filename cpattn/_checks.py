@@ -89,9 +89,15 @@ def check_documents(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, 
                          f"{cu_seqlens_k.numel() - 1}")
 
 
-def check_kv(k, v, batch, num_kv_heads, head_dim, dtype, device, where):
-    """New keys and values for a KV cache: (batch, tokens, num_kv_heads, head_dim) of ``dtype`` on ``device``."""
-    for name, t in (("k", k), ("v", v)):
+def check_kv(k, v, batch, num_kv_heads, head_dim, dtype, device, where, value_dim=None, latent=False):
+    """New keys and values for a KV cache: (batch, tokens, num_kv_heads, head_dim) of ``dtype`` on ``device``;
+    v of ``value_dim`` (default head_dim). A ``latent`` cache (cpattn/latent.py) takes v=None: its values are
+    the first columns of k."""
+    if latent and v is not None:
+        raise ValueError(f"{where}: a latent cache takes v=None (the values are the first {value_dim} entries "
+                         f"of each latent vector k), got a tensor")
+    value_dim = head_dim if value_dim is None else value_dim
+    for name, t, dim in (("k", k, head_dim), ("v", v, value_dim))[:1 if latent else 2]:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
@@ -101,10 +107,11 @@ def check_kv(k, v, batch, num_kv_heads, head_dim, dtype, device, where):
             raise TypeError(f"{where}: {name} has dtype {t.dtype}, the cache holds {dtype}")
         if t.device != device:
             raise ValueError(f"{where}: {name} is on {t.device}, the cache on {device}")
-        want = (batch, k.shape[1], num_kv_heads, head_dim)
+        want = (batch, k.shape[1], num_kv_heads, dim)
         if tuple(t.shape) != want:
             raise ValueError(f"{where}: {name} must have shape (batch={batch}, tokens, "
-                             f"kv_heads={num_kv_heads}, head_dim={head_dim}), got {tuple(t.shape)}")
+                             f"kv_heads={num_kv_heads}, {'v_' if name == 'v' else ''}head_dim={dim}), "
+                             f"got {tuple(t.shape)}")
 
 
 def sequence_ids(batch_index, batch, where):

@@ -67,6 +67,7 @@ from ._ops import kernel_dtype
 from .comm import gather_rows
 from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache, packed_tokens
+from .latent import ValueLayout
 from .layout import Layout
 from .partials import empty_partial, stack_partial, unstack_partial
 from .visibility import causal_window, visible_keys
@@ -90,7 +91,8 @@ def _check_q(cache, q, k, v, batch, where, allow_empty=False):
     if q.shape[2] % cache.num_kv_heads != 0:
         raise ValueError(f"{where}: query heads ({q.shape[2]}) must be a multiple of the cache's kv heads "
                          f"({cache.num_kv_heads})")
-    check_kv(k, v, batch, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device, where)
+    check_kv(k, v, batch, cache.num_kv_heads, cache.head_dim, cache.dtype, cache.device, where, cache.v_head_dim,
+             cache.latent)
     if k.shape[1] != q.shape[1]:
         raise ValueError(f"{where}: q has {q.shape[1]} tokens but k, v have {k.shape[1]}")
     if q.shape[1] == 0 and not allow_empty:
@@ -222,7 +224,7 @@ def _decode_local(cache, dev_ids, q, k, v, options, attend=True):
     if attend:
         return _attend_local(cache, dev_ids, lens + q.shape[1], q, positions, options,
                              options.sinks if cache.rank == 0 else None)
-    return empty_partial(q)
+    return empty_partial(q, cache.v_head_dim)
 
 
 def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None, return_lse=False,
@@ -371,6 +373,9 @@ def _gather_chunk(cache, tensors, every_index, n):
     counts = [len(index) for index in every_index]
     fulls = []
     for t in tensors:
+        if t is None:  # a latent cache's v: its values are the keys' first columns
+            fulls.append(None)
+            continue
         pieces = t
         if cache.world_size > 1:
             padded = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, max(counts) - t.shape[1])).contiguous()
@@ -385,25 +390,27 @@ def _gather_chunk(cache, tensors, every_index, n):
 
 
 # ---- prefill ----------------------------------------------------------------------------------------------
-def prefill_bytes(strategy, world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size):
+def prefill_bytes(strategy, world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size, values=None):
     """Bytes each rank receives in one prefill of ``new_tokens`` (summed over the sequences) after
     ``cached_tokens`` already in the cache, by ``strategy`` ("pass-q" or "pass-kv"); an estimate that
-    ignores the token indices and the padding of uneven shards.
+    ignores the token indices and the padding of uneven shards. ``values``: the cache's
+    ``latent.ValueLayout`` (default: values of ``head_dim``), which sets the key/value and output widths.
 
     Both all-gather the chunk's keys and values (each rank stores the ones it owns). pass-Q also
     all-gathers the queries and all-to-alls the fp32 partials back; pass-KV sends every rank's shard
     of keys and values (history and chunk) round the ring."""
     share = (world - 1) / world
-    kv = 2 * kv_heads * head_dim * elem_size  # bytes of one token's keys and values
+    values = values or ValueLayout(head_dim, head_dim, False)
+    kv = values.bytes_per_token(kv_heads, elem_size)  # bytes of one token's keys and values
     moved = share * new_tokens * kv
     if strategy == "pass-q":
-        return moved + share * new_tokens * heads * (head_dim * elem_size + (head_dim + 1) * 4)
+        return moved + share * new_tokens * heads * (head_dim * elem_size + (values.value_dim + 1) * 4)
     if strategy == "pass-kv":
         return moved + share * (new_tokens + cached_tokens) * kv
     raise ValueError(f"prefill_bytes: strategy must be 'pass-q' or 'pass-kv', got {strategy!r}")
 
 
-def choose_prefill_strategy(world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size):
+def choose_prefill_strategy(world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size, values=None):
     """"pass-kv" when it moves fewer bytes than "pass-q" (``prefill_bytes``), else "pass-q".
 
     With the shared term removed: pass-KV wins when
@@ -412,7 +419,7 @@ def choose_prefill_strategy(world, new_tokens, cached_tokens, heads, kv_heads, h
     2/3 Hkv / H for 16-bit caches. A single rank moves nothing: pass-q (one kernel call)."""
     if world == 1:
         return "pass-q"
-    args = (world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size)
+    args = (world, new_tokens, cached_tokens, heads, kv_heads, head_dim, elem_size, values)
     return "pass-kv" if prefill_bytes("pass-kv", *args) < prefill_bytes("pass-q", *args) else "pass-q"
 
 
@@ -478,7 +485,7 @@ def _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options):
     rows = QueryRows(chunk, torch.arange(chunk.size), cache.device)
     sinks = options.sinks if cache.rank == 0 else None
     if sinks is None and rows.sees_nothing(cache.layout, cache.rank, cache.seqlens_of(ids), options.window):
-        out, lse = empty_partial(q_full)
+        out, lse = empty_partial(q_full, cache.v_head_dim)
         partials = stack_partial(out, lse)[0]
     else:
         out, lse = _attend_local(cache, dev_ids, cache.seqlens_device[dev_ids], rows.pad(q_full[0]),
@@ -518,7 +525,8 @@ def _prefill_pass_kv(cache, ids, dev_ids, q, mine, chunk, options):
     q_rows, q_positions = rows.pad(q[0]), rows.positions.to(cache.device)
     # Each rank's shard, padded to the largest share (rank 0 holds the most), so buffers match in size.
     num_slots = int(cache.layout.local_lengths(lens.max(), 0))
-    shard = torch.stack(cache.read(dev_ids, torch.arange(num_slots, device=cache.device)))
+    # Keys and values travel as one tensor (a latent cache's keys alone: its values are their first columns).
+    shard = cache.values.pack(*cache.read(dev_ids, torch.arange(num_slots, device=cache.device)))
     partials = []
     for step in range(world):
         src = (rank - step) % world
@@ -529,14 +537,14 @@ def _prefill_pass_kv(cache, ids, dev_ids, q, mine, chunk, options):
         sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
         if len(mine) and (sinks is not None or not rows.sees_nothing(cache.layout, src, lens, options.window)):
             src_lens = cache.layout.local_lengths(lens, src).to(cache.device)
-            partials.append(_attend(q_rows, shard[0], shard[1], src_lens, q_positions, None,
+            partials.append(_attend(q_rows, *cache.values.unpack(shard), src_lens, q_positions, None,
                                     cache.layout.slot_positions(src), options, sinks))
         if step + 1 < world:
             with collective("prefill ring exchange"):
                 cache.comm.wait(pending, shard.is_cpu)
             shard = incoming
     if not partials:
-        return empty_partial(q)[0]
+        return empty_partial(q, cache.v_head_dim)[0]
     out, _ = merge_splits(torch.stack([p[0] for p in partials]), torch.stack([p[1] for p in partials]))
     return rows.unpad(out)[None]
 
@@ -647,7 +655,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     chunk = PackedChunk(cu, cache.seqlens_of(ids))
     if strategy == "auto":
         strategy = choose_prefill_strategy(world, chunk.size, int(chunk.start.sum()), q.shape[2], cache.num_kv_heads,
-                                           cache.head_dim, q.element_size())
+                                           cache.head_dim, q.element_size(), cache.values)
     with fault_path(cache.comm if world > 1 else None, where):
         k_full, v_full = _gather_chunk(cache, [k, v], every_index, chunk.size)
         cache.make_room(ids, cu.diff(), where)

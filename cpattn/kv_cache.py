@@ -42,13 +42,14 @@ import torch.distributed as dist
 
 from cpattn.kernels.tiles import is_power_of_two
 
-from ._checks import MAX_HEAD_DIM, SUPPORTED_DTYPES, check_kv, check_timeout, positive_int, sequence_ids
+from ._checks import SUPPORTED_DTYPES, check_kv, check_timeout, positive_int, sequence_ids
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, Communicator
 from .faults import collective, fault_path
 from .layout import StripeLayout
 from .kv_bookkeeping import Bookkeeping
 from .kv_storage import KVStorage
+from .latent import ValueLayout
 
 DEFAULT_STRIPE = 16
 
@@ -57,7 +58,9 @@ class ShardedKVCache:
     """Keys and values of one attention layer, sharded along the sequence over ``group``.
 
     batch sequences of up to ``capacity`` tokens, ``num_kv_heads`` heads of
-    ``head_dim``. ``page_size`` (a power of two >= 16) selects paged storage
+    ``head_dim``, values of ``v_head_dim`` (default ``head_dim``), or with ``latent``
+    one vector per token whose first ``v_head_dim`` entries are the value (MLA;
+    latent.py). ``page_size`` (a power of two >= 16) selects paged storage
     (a pool of pages per rank and a block table, pages taken on demand; the
     pool holds ``num_pages`` pages, by default enough for every sequence at
     full capacity); without it each rank stores a contiguous
@@ -76,7 +79,8 @@ class ShardedKVCache:
     """
 
     def __init__(self, batch, capacity, num_kv_heads, head_dim, dtype=torch.float32, device=None, group=None,
-                 page_size=None, stripe=None, num_pages=None, check_across_ranks=True, timeout=DEFAULT_TIMEOUT):
+                 page_size=None, stripe=None, num_pages=None, check_across_ranks=True, timeout=DEFAULT_TIMEOUT,
+                 v_head_dim=None, latent=False):
         where = "ShardedKVCache"
         self.group = group
         if dist.is_available() and dist.is_initialized():
@@ -87,7 +91,8 @@ class ShardedKVCache:
             self.world_size, self.rank = 1, 0
 
         def check():
-            self._build(batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where)
+            self._build(batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where,
+                        v_head_dim, latent)
             self.check_across_ranks = bool(check_across_ranks)
             return check_timeout(timeout, where)
         # Collective: the ranks learn whether all of them accepted their arguments (so that none waits below
@@ -98,11 +103,14 @@ class ShardedKVCache:
         timeout = agree(where, check, group=parent)
         self._comm = None if parent is None else Communicator(parent, timeout, owner=where)
 
-    def _build(self, batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where):
+    def _build(self, batch, capacity, num_kv_heads, head_dim, dtype, device, page_size, stripe, num_pages, where,
+               v_head_dim=None, latent=False):
         """Check the arguments and allocate the storage (local)."""
         (self.batch, self.capacity, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.page_size,
          self.stripe, self.num_pages) = _checked_arguments(batch, capacity, num_kv_heads, head_dim, dtype, device,
                                                            page_size, stripe, num_pages, where)
+        self.values = ValueLayout.checked(self.num_kv_heads, self.head_dim, v_head_dim, latent, where)
+        self.v_head_dim, self.latent = self.values.value_dim, self.values.latent
         self.paged = page_size is not None
         self.layout = StripeLayout(self.stripe, self.world_size)
         # Slots per rank and sequence: the stripes this rank owns below capacity (rounded up).
@@ -114,7 +122,8 @@ class ShardedKVCache:
             shape = (self.num_pages, self.page_size)
         self._book = Bookkeeping(self.batch, self.capacity, self.layout, self.rank, self.device, self.page_size,
                                  self.max_pages, self.num_pages)
-        self._storage = KVStorage(shape, self.num_kv_heads, self.head_dim, dtype, self.device, self.block_table)
+        self._storage = KVStorage(shape, self.num_kv_heads, self.head_dim, dtype, self.device, self.block_table,
+                                  self.values)
         self.k, self.v = self._storage.k, self._storage.v
         self._all_ids = torch.arange(self.batch, device=self.device)
 
@@ -222,8 +231,8 @@ class ShardedKVCache:
 
     # ---- writing -------------------------------------------------------------------------------------
     def store(self, dev_ids, positions, k, v):
-        """Write k, v (R, n, Hkv, D) at global positions (R, n) of sequences ``dev_ids`` (R,), all device
-        tensors; the lengths do not change (``advance``).
+        """Write k, v (R, n, Hkv, D or Dv; latent: v None) at global positions (R, n) of sequences ``dev_ids``
+        (R,), all device tensors; the lengths do not change (``advance``).
 
         Each rank keeps the tokens it owns below the limit; the rest go to the spare row.
         Fixed shapes and no host read: the same ops every decode step."""
@@ -241,10 +250,11 @@ class ShardedKVCache:
         self._book.advance_on_device(num_new)
 
     def append(self, k, v, batch_index=None):
-        """Append new tokens k, v (len(batch), n, Hkv, D), the same on every rank, to sequences
+        """Append new tokens k, v (len(batch), n, Hkv, D or Dv; latent: v None), the same on every rank, to sequences
         ``batch_index`` (default all): each rank keeps the tokens it owns. No communication."""
         ids = self.sequence_ids(batch_index)
-        check_kv(k, v, len(ids), self.num_kv_heads, self.head_dim, self.dtype, self.device, "ShardedKVCache.append")
+        check_kv(k, v, len(ids), self.num_kv_heads, self.head_dim, self.dtype, self.device, "ShardedKVCache.append",
+                 self.v_head_dim, self.latent)
         self.make_room(ids, k.shape[1], "ShardedKVCache.append")
         dev_ids = self.device_ids(ids)
         self.store(dev_ids, self.seqlens_device[dev_ids][:, None] + torch.arange(k.shape[1], device=self.device),
@@ -317,8 +327,6 @@ def _checked_arguments(batch, capacity, num_kv_heads, head_dim, dtype, device, p
     positive_int(head_dim, "head_dim", where)
     if dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{where}: dtype must be float16, bfloat16 or float32, got {dtype}")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"{where}: head_dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
     # "cuda" names the current GPU: resolve it to "cuda:<index>", the device its tensors report.
     device = torch.empty(0, device=device if device is not None else "cpu").device
     if page_size is not None:

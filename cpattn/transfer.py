@@ -33,7 +33,8 @@ from .pages import check_pages
 def _describe(cache, ids, role):
     """What the other ranks need to know about this rank's cache (plain Python values)."""
     info = {"rank": cache.rank, "world": cache.world_size, "batch": cache.batch, "heads": cache.num_kv_heads,
-            "head_dim": cache.head_dim, "dtype": str(cache.dtype), "stripe": cache.stripe,
+            "head_dim": cache.head_dim, "v_head_dim": cache.v_head_dim, "latent": cache.latent,
+            "dtype": str(cache.dtype), "stripe": cache.stripe,
             "capacity": cache.capacity, "ids": ids.tolist(), "seqlens": cache.seqlens.tolist()}
     if role == "dst":
         info.update(paged=cache.paged, page_size=cache.page_size, num_pages=cache.num_pages,
@@ -47,7 +48,8 @@ def _one_side(records, role):
     if not sides:
         raise ValueError(f"transfer_cache: no rank passed a {'source' if role == 'src' else 'destination'} cache")
     world = sides[0]["world"]
-    same = [k for k in ("world", "batch", "heads", "head_dim", "dtype", "stripe", "capacity", "ids", "seqlens")
+    same = [k for k in ("world", "batch", "heads", "head_dim", "v_head_dim", "latent", "dtype", "stripe", "capacity",
+                        "ids", "seqlens")
             if any(s[k] != sides[0][k] for s in sides)]
     if same or sorted(s["rank"] for s in sides) != list(range(world)):
         raise ValueError(f"transfer_cache: the {role} caches must be one cache per rank of one group, the same "
@@ -59,7 +61,8 @@ def _one_side(records, role):
 def _check_plan(src, dst):
     """The checks every rank runs on the same descriptions (so all reach the same verdict)."""
     where = "transfer_cache"
-    for key, name in (("heads", "kv heads"), ("head_dim", "head dim"), ("dtype", "dtype")):
+    for key, name in (("heads", "kv heads"), ("head_dim", "head dim"), ("v_head_dim", "value head dim"),
+                      ("latent", "latent layout"), ("dtype", "dtype")):
         if src[key] != dst[key]:
             raise ValueError(f"{where}: the caches differ in {name}: source {src[key]}, destination {dst[key]}")
     if len(src["ids"]) != len(dst["ids"]):
@@ -90,12 +93,13 @@ class CacheTransfer:
         self._done = set()
 
     def sending(self, b, kv, work):
-        """``kv`` (2, n, Hkv, D) for destination sequence ``b`` is being sent (``work``)."""
+        """``kv`` (n, Hkv, stored width: ``ValueLayout.pack``) for destination sequence ``b`` is being sent
+        (``work``)."""
         self._works[b].append(work)
         self._sent[b].append(kv)
 
     def receiving(self, b, positions, kv, work=None):
-        """``kv`` (2, n, Hkv, D) holds, or once ``work`` completes will hold, the keys and values at
+        """``kv`` (n, Hkv, stored width) holds, or once ``work`` completes will hold, the keys and values at
         ``positions`` of destination sequence ``b``, to store on this rank."""
         if work is not None:
             self._works[b].append(work)
@@ -121,7 +125,8 @@ class CacheTransfer:
             if self.dst is not None:
                 dev_id = torch.tensor([b], device=self.dst.device)
                 for positions, kv in self._pieces[b]:
-                    self.dst.store(dev_id, positions.to(self.dst.device)[None], kv[0][None], kv[1][None])
+                    k, v = self.dst.values.unpack(kv[None])
+                    self.dst.store(dev_id, positions.to(self.dst.device)[None], k, v)
                 self.dst.advance(torch.tensor([b]), self.lengths[b])
             self._done.add(b)
 
@@ -179,11 +184,12 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
                 me_recv = dst is not None and dst.rank == d_rank
                 if me_send:
                     slots = src_layout.local_slot(mine).to(src.device)
-                    kv = torch.stack(src.read(torch.tensor([sb], device=src.device), slots))[:, 0].contiguous()
+                    # One message per piece: keys and values packed (a latent cache's keys alone).
+                    kv = src.values.pack(*src.read(torch.tensor([sb], device=src.device), slots))[0].contiguous()
                 if me_recv and me_send:
                     transfer.receiving(db, mine, kv)  # a rank in both groups keeps its own part: no message
                 elif me_recv:
-                    buffer = torch.empty((2, mine.numel(), dst.num_kv_heads, dst.head_dim), dtype=dst.dtype,
+                    buffer = torch.empty((mine.numel(), dst.num_kv_heads, dst.values.stored_dim), dtype=dst.dtype,
                                          device=dst.device)
                     transfer.receiving(db, mine, buffer, dist.irecv(buffer, src=sender, group=group, tag=i))
                 elif me_send:

@@ -142,13 +142,18 @@ def test_every_entry_point_compiles_with_inductor():
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_decode_step_compiles_with_inductor():
-    """decode_step (one process: no collective) over a paged cache, compiled once for three steps."""
+@pytest.mark.parametrize("latent", [False, True], ids=["gqa", "latent"])
+def test_decode_step_compiles_with_inductor(latent):
+    """decode_step (one process: no collective) over a paged cache, compiled once for three steps; also
+    over an MLA latent cache (one kv head of 40 whose first 32 entries are the value, v=None)."""
     gen = torch.Generator().manual_seed(2)
-    batch, heads, heads_kv, head_dim, prompt = 2, 4, 2, 40, 21
-    caches = [cpattn.ShardedKVCache(batch, 64, heads_kv, head_dim, page_size=16) for _ in range(2)]
+    batch, heads, heads_kv, head_dim, prompt = 2, 4, 1 if latent else 2, 40, 21
+    layout = dict(v_head_dim=32, latent=True) if latent else {}
+    caches = [cpattn.ShardedKVCache(batch, 64, heads_kv, head_dim, page_size=16, **layout) for _ in range(2)]
     prompt_q = torch.randn(batch, prompt, heads, head_dim, generator=gen)
     prompt_kv = [torch.randn(batch, prompt, heads_kv, head_dim, generator=gen) for _ in range(2)]
+    if latent:
+        prompt_kv[1] = None
     for cache in caches:
         cpattn.prefill(cache, prompt_q, *prompt_kv)
         cache.reserve(3)
@@ -157,8 +162,10 @@ def test_decode_step_compiles_with_inductor():
     for step in range(3):
         q = torch.randn(batch, 1, heads, head_dim, generator=gen)
         k, v = (torch.randn(batch, 1, heads_kv, head_dim, generator=gen) for _ in range(2))
+        v = None if latent else v
         want = cpattn.decode_step(caches[0], q, k, v, **options)
         with torch.compiler.set_stance("fail_on_recompile" if step else "default"):
             got = compiled(caches[1], q, k, v, **options)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert caches[1].seqlens.tolist() == [prompt + 3] * batch
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cpattn.inference import decode_merge_bytes
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,6 +31,24 @@ def test_bench_decode_quick(tmp_path):
     page_bytes = 2 * 2 * 16 * 2 * 32 * 4
     assert per_rank[(70, 1)] == 5 * page_bytes and per_rank[(70, 2)] == 3 * page_bytes
     assert per_rank[(70, 4)] == 2 * page_bytes and per_rank[(70, 8)] == page_bytes
+    # MLA (--quick: a latent cache of 72 with values of 64, 16 heads): the latent kernel read the one buffer
+    # and agreed with separate keys and values; bytes read differ by the layout's (D + Dv) / D.
+    mla = json.loads((tmp_path / "decode_mla.json").read_text())["rows"]
+    assert [r["seqlen"] for r in mla] == [40, 70]
+    assert all(r["one_buffer"] and r["max_abs_diff_latent_vs_separate"] < 1e-5 for r in mla)
+    mla_bytes = json.loads((tmp_path / "decode_mla_bytes.json").read_text())["rows"]
+    mla_bytes = {(r["seqlen"], r["ranks"]): r for r in mla_bytes}
+    for (seqlen, ranks), r in mla_bytes.items():
+        assert r["latent_bytes_per_token_per_rank"] == r["slots_per_rank"] * 72 * 4
+        assert r["gqa_bytes_per_token_per_rank"] * 72 == r["latent_bytes_per_token_per_rank"] * (72 + 64)
+        assert r["merge_bytes_per_step"] == decode_merge_bytes(ranks, 2 * 16, 64)
+    assert mla_bytes[(70, 1)]["slots_per_rank"] == 70 and mla_bytes[(70, 2)]["slots_per_rank"] == 38
+    # The modelled step over P ranks (--quick: contexts of 40 and 70): the kernel over one rank's slots.
+    modelled = json.loads((tmp_path / "decode_mla_modelled.json").read_text())["rows"]
+    assert [(r["seqlen"], r["ranks"]) for r in modelled] == [(n, p) for n in (40, 70) for p in (1, 2, 4, 8)]
+    for r in modelled:
+        assert r["slots_per_rank"] == mla_bytes[(r["seqlen"], r["ranks"])]["slots_per_rank"] and r["kernel_us"] > 0
+        assert r["merge_bytes_per_step"] == mla_bytes[(r["seqlen"], r["ranks"])]["merge_bytes_per_step"]
 
 
 def test_bench_serving_quick(tmp_path):

@@ -168,7 +168,7 @@ def _attend_local(cache, dev_ids, lens, q, q_positions, options, sinks):
     """Partial attention over this rank's own shard of sequences ``dev_ids`` of global lengths ``lens``
     (device tensors)."""
     k, v, table = cache.local_view(dev_ids)
-    return _attend(q, k, v, cache.layout.local_lengths(lens, cache.rank), q_positions, table, cache.slot_positions,
+    return _attend(q, k, v, cache.layout.local_lengths(lens, cache.rank), q_positions, table, cache.layout.slot_positions(cache.rank),
                    options, sinks)
 
 

@@ -89,6 +89,13 @@ class Bookkeeping:
         self.host()[ids] += num_new
         self.device_copy[dev_ids] += num_new.to(self.device) if isinstance(num_new, torch.Tensor) else num_new
 
+    def rewind(self, ids, dev_ids, num_tokens, where):
+        """Sequences ``ids`` lose their last ``num_tokens`` tokens (their pages stay reserved)."""
+        lens = self.host()[ids]
+        if num_tokens < 0 or int(lens.min()) < num_tokens:
+            raise ValueError(f"{where}: cannot remove {num_tokens} tokens from sequences of lengths {lens.tolist()}")
+        self.advance(ids, dev_ids, -num_tokens)
+
     def advance_on_device(self, num_new):
         """Every sequence grew by ``num_new`` tokens, on the device only (no host work a graph could not
         hold); the host copy is read back on its next use."""

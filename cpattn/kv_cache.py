@@ -55,27 +55,14 @@ DEFAULT_STRIPE = 16
 
 
 class ShardedKVCache:
-    """Keys and values of one attention layer, sharded along the sequence over ``group``.
+    """Keys and values of one attention layer, sharded along the sequence over ``group`` (one cache per layer;
+    ``cpattn.inference`` runs attention on it). Arguments, storage (contiguous stripes or pages), the value
+    layouts (``v_head_dim``, MLA's ``latent``) and the failure rules: docs/inference.md and DESIGN.md.
 
-    batch sequences of up to ``capacity`` tokens, ``num_kv_heads`` heads of
-    ``head_dim``, values of ``v_head_dim`` (default ``head_dim``), or with ``latent``
-    one vector per token whose first ``v_head_dim`` entries are the value (MLA;
-    latent.py). ``page_size`` (a power of two >= 16) selects paged storage
-    (a pool of pages per rank and a block table, pages taken on demand; the
-    pool holds ``num_pages`` pages, by default enough for every sequence at
-    full capacity); without it each rank stores a contiguous
-    (batch, local_capacity, kv heads, head dim) shard with ownership stripes of
-    ``stripe`` tokens (default 16). ``group=None`` is the default group, or a
-    single process when torch.distributed is not initialised. With
-    ``check_across_ranks`` (default) every prefill/decode call first
-    all-gathers a few ints so that bad input on one rank raises on all of them
-    instead of hanging the others; False saves that collective.
-    Use one cache per attention layer; ``cpattn.inference`` runs attention on it.
-    Collective over ``group`` (every rank constructs it with the same arguments):
-    the caches share cpattn's own process group over its ranks, whose ``timeout``
-    (seconds) bounds how long a rank waits for a failed or missing peer; ``close()``
-    (or ``with``) gives it back. After a failure in a call, the cache raises
-    ``PeerFailure`` at its next collective call (its contents stay readable locally).
+    Collective over ``group`` (every rank constructs it with the same arguments): the caches share cpattn's
+    own process group over its ranks, whose ``timeout`` bounds how long a rank waits for a failed or missing
+    peer; ``close()`` (or ``with``) gives it back. ``check_across_ranks`` (default True): every prefill/decode
+    call first all-gathers a few ints, so bad input on one rank raises on all of them.
     """
 
     def __init__(self, batch, capacity, num_kv_heads, head_dim, dtype=torch.float32, device=None, group=None,
@@ -164,20 +151,10 @@ class ShardedKVCache:
         """Rank that holds each global position (int or tensor)."""
         return self.layout.owner(positions)
 
-    def local_slot(self, positions):
-        """Slot of each global position in its owner's shard."""
-        return self.layout.local_slot(positions)
-
     def local_lengths(self, seqlens=None, rank=None):
         """Number of slots ``rank`` (default: this rank) holds for global lengths ``seqlens`` (int64 tensor)."""
         return self.layout.local_lengths(self.seqlens if seqlens is None else seqlens,
                                          self.rank if rank is None else rank)
-
-    @property
-    def slot_positions(self):
-        """(stripe, stride, offset) for the decode kernel: slot j holds the key at
-        offset + (j // stripe) * stride + j % stripe."""
-        return self.layout.slot_positions(self.rank)
 
     # ---- the host copy of the lengths -----------------------------------------------------------------
     @property
@@ -237,7 +214,7 @@ class ShardedKVCache:
         Each rank keeps the tokens it owns below the limit; the rest go to the spare row.
         Fixed shapes and no host read: the same ops every decode step."""
         keep = (self.owner(positions) == self.rank) & (positions < self.limit_device[dev_ids][:, None])
-        slots = self.local_slot(positions).clamp(max=self.local_capacity - 1)
+        slots = self.layout.local_slot(positions).clamp(max=self.local_capacity - 1)
         self._storage.write(dev_ids, slots, keep, k, v)
 
     def advance(self, ids, num_new):
@@ -270,12 +247,7 @@ class ShardedKVCache:
         """Forget the last ``num_tokens`` tokens of sequences ``batch_index`` (default all), e.g. the
         rejected draft tokens of speculative decoding. Their pages stay reserved."""
         ids = self.sequence_ids(batch_index)
-        num_tokens = int(num_tokens)
-        lens = self.seqlens_of(ids)
-        if num_tokens < 0 or int(lens.min()) < num_tokens:
-            raise ValueError(f"ShardedKVCache.rewind: cannot remove {num_tokens} tokens from sequences of lengths "
-                             f"{lens.tolist()}")
-        self.advance(ids, -num_tokens)
+        self._book.rewind(ids, self.device_ids(ids), int(num_tokens), "ShardedKVCache.rewind")
 
     # ---- reading -------------------------------------------------------------------------------------
     def local_view(self, dev_ids):
@@ -361,7 +333,7 @@ def _gather_everything(cache):
                        dist.all_gather(vs, v_local, group=comm.group, async_op=True)], k_local.is_cpu)
     seqlens = cache.seqlens
     pos = torch.arange(int(seqlens.max()) if cache.batch else 0)
-    owner, slot = cache.owner(pos).to(cache.device), cache.local_slot(pos).to(cache.device)
+    owner, slot = cache.owner(pos).to(cache.device), cache.layout.local_slot(pos).to(cache.device)
     k_full = torch.stack(ks)[owner, :, slot].transpose(0, 1)
     v_full = torch.stack(vs)[owner, :, slot].transpose(0, 1)
     return k_full.contiguous(), v_full.contiguous()

@@ -630,7 +630,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     _agree(cache, where, check, q, {"tokens": "every rank must pass the same number of the chunk's tokens, or "
                                               "token_index on every rank (split_chunk gives both)"})
     ids, options, packing = state["ids"], state["options"], state["packing"]
-    out_shape, out_dtype = q.shape, q.dtype
+    out_shape, out_dtype = (*q.shape[:-1], cache.v_head_dim), q.dtype  # out has the values' head dim
     if token_index is None:  # every rank the same count: no exchange needed
         n_local = q.shape[1]
         every_index = [torch.arange(r * n_local, (r + 1) * n_local, device=cache.device) for r in range(world)]
@@ -649,7 +649,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         packing = tuple(range(0, (batch + 1) * n, n))
         offsets = torch.arange(batch, device=cache.device)[:, None] * n
         every_index = [(offsets + index[None]).reshape(-1) for index in every_index]
-        q, k, v = (t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))
+        q, k, v = (None if t is None else t.reshape(1, -1, *t.shape[2:]) for t in (q, k, v))  # latent: v None
     cu = torch.tensor(packing)
     cache.check_room(ids, cu.diff(), where)
     chunk = PackedChunk(cu, cache.seqlens_of(ids))
@@ -662,7 +662,7 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
         dev_ids = cache.device_ids(ids)
         seq, positions = chunk.positions(torch.arange(chunk.size))
         cache.store(dev_ids[seq.to(cache.device)], positions[:, None].to(cache.device), k_full[0, :, None],
-                    v_full[0, :, None])
+                    None if v_full is None else v_full[0, :, None])
         cache.advance(ids, cu.diff())
         if strategy == "pass-q":
             out = _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options)

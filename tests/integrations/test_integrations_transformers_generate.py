@@ -169,7 +169,7 @@ def test_generate_four_ranks_every_family_32_tokens():
 def test_gemma2_and_chunked_prefill_one_process():
     """Gemma 2 (softcap, a window of 8 on layer 0, query_pre_attn_scalar) and generate()'s chunked prefill
     (prefill_chunk_size=5: a chunk of padding only, a chunk starting with padding, then real tokens)."""
-    from test_transformers import gemma2_config
+    from test_integrations_transformers import gemma2_config
     ids, mask = prompts()
     torch.manual_seed(0)
     reference = build_model(gemma2_config(0.05), "eager")

@@ -109,8 +109,7 @@ def _shared_documents(packing, q_start, q_len, k_start, k_len):
 
 def _document_calls(q_chunk, kv_chunk, window, packing):
     """The calls of one chunk pair under ``packing``: one per shared document segment with a
-    visible pair, merged into one varlen call when the segments tile contiguous rows (a chunk
-    against itself: every document in it)."""
+    visible pair (``_merge_diagonal`` joins those that tile contiguous rows into varlen calls)."""
     (q_start, q_len, q_off), (k_start, k_len, k_off) = q_chunk, kv_chunk
     segments = []
     for doc, qa, qb, ka, kb in _shared_documents(packing, q_start, q_len, k_start, k_len):
@@ -118,13 +117,59 @@ def _document_calls(q_chunk, kv_chunk, window, packing):
         if some:
             segments.append(KernelCall(q_off + qa - q_start, q_off + qb - q_start, k_off + ka - k_start,
                                        k_off + kb - k_start, qa - doc, ka - doc, (-1, -1) if every else window))
-    contiguous = all(a.q_hi == b.q_lo and a.k_hi == b.k_lo for a, b in zip(segments, segments[1:]))
-    if len(segments) < 2 or not contiguous:
-        return segments
-    return [KernelCall(segments[0].q_lo, segments[-1].q_hi, segments[0].k_lo, segments[-1].k_hi,
-                       tuple(c.q_start for c in segments), tuple(c.k_start for c in segments), tuple(window),
-                       (0, *(c.q_hi - segments[0].q_lo for c in segments)),
-                       (0, *(c.k_hi - segments[0].k_lo for c in segments)))]
+    return segments
+
+
+def _merge_diagonal(calls, window):
+    """Calls whose rows follow one another in q and in kv alike (every document held whole, against
+    itself: the whole first step) as one varlen call each run; a segment that saw every key under no
+    mask sees the same keys under ``window``, so one mask serves the run."""
+    merged, run = [], []
+
+    def close_run():
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            segments = [seg for call in run for seg in _segments(call)]
+            q_lo, k_lo = segments[0][0], segments[0][2]
+            merged.append(KernelCall(q_lo, segments[-1][1], k_lo, segments[-1][3],
+                                     tuple(seg[4] for seg in segments), tuple(seg[5] for seg in segments),
+                                     tuple(window), (0, *(seg[1] - q_lo for seg in segments)),
+                                     (0, *(seg[3] - k_lo for seg in segments))))
+        run.clear()
+    for call in sorted(calls, key=lambda c: (c.q_lo, c.k_lo)):
+        if run and not (run[-1].q_hi == call.q_lo and run[-1].k_hi == call.k_lo):
+            close_run()
+        run.append(call)
+    close_run()
+    return merged
+
+
+def _segments(call):
+    """[(q_lo, q_hi, k_lo, k_hi, q_start, k_start)] of a call, one per document segment."""
+    if call.cu_q is None:
+        return [(call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.q_start, call.k_start)]
+    return [(call.q_lo + qa, call.q_lo + qb, call.k_lo + ka, call.k_lo + kb, qs, ks)
+            for qa, qb, ka, kb, qs, ks in zip(call.cu_q, call.cu_q[1:], call.cu_k, call.cu_k[1:],
+                                               call.q_start, call.k_start)]
+
+
+def _packed_calls(q_chunks, kv_chunks, window, packing):
+    """``plan_step`` under packed documents: each query chunk meets only the kv chunks that share one of
+    its documents (found through an index by document, so many chunks cost no quadratic scan)."""
+    def documents(start, length):
+        return range(bisect.bisect_right(packing, start) - 1, bisect.bisect_right(packing, start + length - 1))
+    by_document = {}
+    for index, (start, length, _) in enumerate(kv_chunks):
+        if length:
+            for doc in documents(start, length):
+                by_document.setdefault(doc, []).append(index)
+    calls = []
+    for q_chunk in q_chunks:
+        if q_chunk[1]:
+            met = sorted({index for doc in documents(*q_chunk[:2]) for index in by_document.get(doc, ())})
+            calls += [call for index in met for call in _document_calls(q_chunk, kv_chunks[index], window, packing)]
+    return _merge_diagonal(calls, window)
 
 
 def plan_step(q_chunks, kv_chunks, window, packing=None):
@@ -134,12 +179,12 @@ def plan_step(q_chunks, kv_chunks, window, packing=None):
     ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
     pairs of chunks with no visible (query, key) pair make no call. ``packing``
     (packed documents, a cu_seqlens tuple): only tokens of one document meet,
-    at their positions inside it; pairs that share no document make no call.
+    at their positions inside it; pairs that share no document make no call, and calls that
+    tile contiguous rows (documents held whole, at the first step) are one varlen call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
     if packing is not None:
-        return [call for q_chunk in q_chunks if q_chunk[1] for k_chunk in kv_chunks if k_chunk[1]
-                for call in _document_calls(q_chunk, k_chunk, window, packing)]
+        return _packed_calls(q_chunks, kv_chunks, window, packing)
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
@@ -176,10 +221,11 @@ def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     ``offset`` shifts every global position (the sequence starts there). The
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
-    transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``).
+    transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``), whose shards
+    were cut for the attention's own window (``window[0]``, ``Layout.ring_chunks``).
     """
     def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing)]
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, window[0])]
 
     def steps_of(rank):
         return [((rank - step) % layout.ring_degree,
@@ -249,8 +295,8 @@ def _padded(t, length):
     return padded
 
 
-def _longest_piece(layout, seq_len, packing):
-    return max(layout.piece_length(r, seq_len, packing) for r in range(layout.ring_degree))
+def _longest_piece(layout, seq_len, packing, window):
+    return max(layout.piece_length(r, seq_len, packing, window[0]) for r in range(layout.ring_degree))
 
 
 def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
@@ -305,7 +351,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     out, lse = empty_partial(q, v.shape[-1])
     kv = None
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing)
+        longest = _longest_piece(layout, seq_len, packing, window)
         kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
     for step, (_, calls) in enumerate(plan):
@@ -337,7 +383,7 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     longest, kv = k.shape[1], None
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing)
+        longest = _longest_piece(layout, seq_len, packing, window)
         kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
     # fp32 dk and dv of the visiting kv, each at its tensor's own head dim, back to back in one buffer.
     shapes = [(k.shape[0], longest, *t.shape[2:]) for t in (k, v)]
@@ -405,7 +451,8 @@ def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_s
         if batch != 1 or offset:
             raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1 and position_offset 0")
         packing = tuple(cu_seqlens.tolist())
-    positions = [layout.positions(seqlen_q, r, packing).to(q.device) for r in range(ring_degree)]
+    # packed shards are cut for the window the attention uses (its left side, as ContextParallel.shard)
+    positions = [layout.positions(seqlen_q, r, packing, window_size[0]).to(q.device) for r in range(ring_degree)]
     return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size, packing), positions
 
 

@@ -28,3 +28,17 @@ def visible_keys(window, q_first, q_last, num_keys):
     hi = num_keys if right < 0 else torch.minimum(q_last + right + 1, num_keys)
     lo = torch.zeros_like(q_first) if left < 0 else (q_first - left).clamp(min=0)
     return lo, hi
+
+
+def prefix_work(n, left=-1):
+    """Visible (query, key) pairs among the first ``n`` tokens of a document under a causal mask with a
+    window of ``left`` tokens back (-1: unbounded): each query sees at most left + 1 keys. The work
+    model of the packed-document dispatch (dispatch.py) and its report."""
+    if left < 0 or n <= left + 1:
+        return n * (n + 1) // 2
+    return (left + 1) * (left + 2) // 2 + (n - left - 1) * (left + 1)
+
+
+def span_work(a, b, left=-1):
+    """Visible pairs of the queries at document positions [a, b) (``prefix_work``)."""
+    return prefix_work(b, left) - prefix_work(a, left)

@@ -24,16 +24,19 @@ for one packing, ring degree and window, which tokens each ring rank holds:
    two neighbouring ranks, their earlier part on the lower rank: one hop.
 3. **Escalation.** If work is still out of bounds (max/mean above
    ``WORK_BOUND``), the heaviest whole documents are spread as well (1, 2, 4, ...
-   of them, then the smallest such count found by bisection), and windowed
-   documents cut consecutively go zigzag. Where no count reaches the bound
-   (shares of a few tokens, where whole tokens cannot balance), the most
-   balanced attempt is kept.
+   of them, then the smallest such count found by bisection; every count in
+   turn for packings of few documents, where balance is not monotonic in the
+   count), and windowed documents cut consecutively go zigzag. Where no count
+   reaches the bound (shares of a few tokens, where whole tokens cannot
+   balance), the most balanced attempt is kept.
 
 Tokens per ring rank are exactly ``split_lengths(S, R)`` (within one token);
 work per ring rank is within ``WORK_BOUND`` of the mean whenever that can be
 met. The result is a pure function of its arguments (the same on every rank,
-no communication), cached; ``layout.py`` turns it into shard order and the ring
-planner (``ring.py``) finds the rows that must travel.
+no communication), cached; ``layout.py`` turns it into shard order. Each rank's
+ranges that other ranks need come last in its local order (``_local_order``), so
+that a ring sending only those rows could send one contiguous tail; today's
+ring (``ring.py``) still sends the whole piece at every step it needs.
 
 MagiAttention also balances by a solver (equal-size chunks dispatched to
 ranks); TransformerEngine splits every document zigzag-wise over all ranks.
@@ -47,6 +50,7 @@ from .layout import split_lengths
 from .visibility import prefix_work, span_work
 
 WORK_BOUND = 1.05  # max/mean of work per ring rank the dispatch aims within
+SCAN_CANDIDATES = 64  # packings with at most this many whole-document candidates try every spread count
 
 
 # ----------------------------------------------------------------------------- spread documents
@@ -133,9 +137,10 @@ class _Filler:
             self._add(max(ranks, key=pull), doc)
         self._repair()
 
-    def _repair(self, rounds=64, good_enough=0.002):
+    def _repair(self, rounds=64, good_enough=0.002, least_gain=0.001):
         """Moves and swaps between the worst rank and another while they lower the larger deviation of the
-        two. A document's work grows with its length alone, so for a swap only the other rank's documents
+        two by at least ``least_gain`` of a mean share (smaller gains cost host time the cut does not repay:
+        it makes the token counts exact anyway). A document's work grows with its length alone, so for a swap only the other rank's documents
         whose lengths are nearest the few that would cancel a deviation are tried (bisection)."""
         ranks = range(len(self.capacities))
         for r in ranks:
@@ -157,7 +162,7 @@ class _Filler:
                     dw = (take[2] if take else 0) - (give[2] if give else 0)
                     after = max(self._deviation(worst, dt, dw), self._deviation(other, -dt, -dw))
                     nonlocal best
-                    if after < min(pair, best[0]) - 1e-12:
+                    if after < min(pair, best[0]) - least_gain:
                         best = (after, (other, give, take))
                 for doc in self.sets[worst]:
                     consider(doc, None)
@@ -305,11 +310,16 @@ def dispatch(packing, ring_degree, window_left=-1):
                     break
         return tried[extra_count][0] <= WORK_BOUND
 
-    # 0, 1, 2, 4, ... extra spread documents until one count is balanced, then the least such count
+    # Balance is not monotonic in the count when documents are few and short (a cut through a short
+    # document moves much of a rank's work): there every small count is tried in turn. Otherwise
+    # 0, 1, 2, 4, ... until one count is balanced, then the least such count by bisection.
     count, previous = 0, -1
+    if candidates <= SCAN_CANDIDATES:
+        while not good(count) and count < candidates:
+            count += 1
     while not good(count) and count < candidates:
         previous, count = count, min(candidates, max(1, 2 * count))
-    if good(count):
+    if good(count) and previous >= 0:
         lo, hi = previous + 1, count
         while lo < hi:
             mid = (lo + hi) // 2
@@ -318,7 +328,7 @@ def dispatch(packing, ring_degree, window_left=-1):
             else:
                 lo = mid + 1
         count = hi
-    else:  # nothing reaches the bound (tiny shares): the most balanced tried
+    if not good(count):  # nothing reaches the bound (tiny shares): the most balanced tried
         count = min(tried, key=lambda c: (tried[c][0], c))
     return _local_order(tried[count][1], packing, left)
 

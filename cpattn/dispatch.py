@@ -173,8 +173,13 @@ class _Filler:
                         at = bisect.bisect_left(lengths, length)
                         for j in range(max(0, at - 1), min(len(lengths), at + 1)):
                             consider(doc, self.sets[other][j])
-                for doc in self.sets[other]:
-                    consider(None, doc)
+                # moves to the worst rank: the other's documents nearest what it lacks, in tokens or in work
+                works = [d[2] for d in self.sets[other]]
+                for values, lacking in ((lengths, self.capacities[worst] - self.tokens[worst]),
+                                        (works, self.targets[worst] - self.work[worst])):
+                    at = bisect.bisect_left(values, lacking)
+                    for j in range(max(0, at - 1), min(len(values), at + 1)):
+                        consider(None, self.sets[other][j])
             if best[1] is None:
                 return
             other, give, take = best[1]
@@ -293,10 +298,11 @@ def dispatch(packing, ring_degree, window_left=-1):
         return left >= 0 and docs[i][1] // ring_degree >= left
 
     def attempt(extra_count, consecutive=True):
+        """(work max/mean, pieces, whether some spread document was cut consecutively)."""
         spread = must | set([i for i in order if i not in must][:extra_count])
         zigzag = {i for i in spread if not (consecutive and windowed_fits(i))}
         pieces = _attempt(docs, spread, zigzag, ring_degree, targets, left)
-        return _imbalance(_work_per_rank(pieces, packing, left)), pieces
+        return _imbalance(_work_per_rank(pieces, packing, left)), pieces, zigzag != spread
 
     candidates = len(docs) - len(must)
     tried = {}
@@ -304,8 +310,8 @@ def dispatch(packing, ring_degree, window_left=-1):
     def good(extra_count):
         if extra_count not in tried:
             for consecutive in (True, False):
-                balance, pieces = attempt(extra_count, consecutive)
-                if balance <= WORK_BOUND or not consecutive:
+                balance, pieces, some_consecutive = attempt(extra_count, consecutive)
+                if balance <= WORK_BOUND or not some_consecutive:  # or the retry would be the same attempt
                     tried[extra_count] = (balance, pieces)
                     break
         return tried[extra_count][0] <= WORK_BOUND

@@ -155,12 +155,16 @@ class ContextParallel:
         left = check_window(window_size, where)[0]
         if packing is None:
             return -1
-        cut = cut_window(packing, left)
+        cut = self._cut_window(packing, left)
         self._cuts[packing] = cut
         self._cuts.move_to_end(packing)
         while len(self._cuts) > _CUTS_KEPT:
             self._cuts.popitem(last=False)
         return cut
+
+    def _cut_window(self, packing, window_left):
+        """``dispatch.cut_window``; -1 with one ring rank, where no cut depends on a window."""
+        return -1 if self.ring_degree == 1 else cut_window(packing, window_left)
 
     def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None, window_size=(-1, -1)):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable).
@@ -174,7 +178,7 @@ class ContextParallel:
             dim = _seq_dim(x, seq_dim, where)
             check_backend(self.group, x.device, where)
             packing, full = read_packing(cu_seqlens, seq_len, where)
-            cut = -1 if packing is None else cut_window(packing, check_window(window_size, where)[0])
+            cut = -1 if packing is None else self._cut_window(packing, check_window(window_size, where)[0])
             full = self.layout.full_length(x.shape[dim], full, self.mesh_rank, where, packing, cut)
             shape = tuple(full if d == dim else size for d, size in enumerate(x.shape))
             return GatherSignature(str(x.dtype), dim, shape, packing, cut)
@@ -278,7 +282,7 @@ class ContextParallel:
         if packing is not None:
             if args.q.shape[0] != 1:
                 raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {args.q.shape[0]}")
-            window_left = cut_window(packing, window_size[0])
+            window_left = self._cut_window(packing, window_size[0])
             if cut is not None and cut != window_left:
                 raise ValueError(f"{where}: the shards of these cu_seqlens were cut for a window of left side {cut} "
                                  f"(-1: none) but attention has window_size={window_size}; pass the same "

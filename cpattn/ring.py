@@ -19,6 +19,8 @@ rank (ring_index - s) mod R. Computation and communication are separate:
   fp32 buffers (fused LSE merge in the forward kernel).
 * ``ring_forward`` / ``ring_backward``: the loops with P2P double buffering:
   the transfer for step s+1 is posted before step s's kernels, waited after.
+  A message carries only the rows of a piece later steps read
+  (``travelling_rows``, from the plans of every rank).
   The backward uses the final out and lse; dk/dv accumulate in fp32 buffers
   that travel with their kv and arrive back at the owner after R hops; dq
   stays local. Each step passes a ``fault_point`` (see faults.py).
@@ -213,7 +215,21 @@ def plan_step(q_chunks, kv_chunks, window, packing=None):
     return calls
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
+def _ring_steps(layout, seq_len, window, offset=0, packing=None):
+    """Every ring rank's steps (``ring_plan``), computed together: the plan's length and the rows that
+    travel (``travelling_rows``) depend on every rank's calls."""
+    def chunks(index):
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, window[0])]
+    ring_degree = layout.ring_degree
+    steps = [[((rank - step) % ring_degree,
+               tuple(plan_step(chunks(rank), chunks((rank - step) % ring_degree), window, packing)))
+              for step in range(ring_degree)] for rank in range(ring_degree)]
+    needed = max(max((step for step, (_, calls) in enumerate(rank_steps) if calls), default=0)
+                 for rank_steps in steps) + 1
+    return tuple(tuple(rank_steps[:needed]) for rank_steps in steps)
+
+
 def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
@@ -222,18 +238,30 @@ def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
     transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``), whose shards
-    were cut for the attention's own window (``window[0]``, ``Layout.ring_chunks``).
+    were cut for the attention's own window (``window[0]``, ``Layout.ring_chunks``). The calls' kv rows
+    are rows of the visiting rank's whole piece (``travelling_rows`` says which of them travel).
     """
-    def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, window[0])]
+    return _ring_steps(layout, seq_len, window, offset, packing)[ring_index]
 
-    def steps_of(rank):
-        return [((rank - step) % layout.ring_degree,
-                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window, packing)))
-                for step in range(layout.ring_degree)]
-    needed = max(max((step for step, (_, calls) in enumerate(steps_of(r)) if calls), default=0)
-                 for r in range(layout.ring_degree)) + 1
-    return tuple(steps_of(ring_index)[:needed])
+
+@functools.lru_cache(maxsize=256)
+def travelling_rows(layout, seq_len, window, offset=0, packing=None):
+    """Per ring rank, (lo, hi): the rows of its piece that some rank's call reads after the first step, so
+    the only ones its kv messages need carry ((0, 0): none). A window, or packed documents held whole
+    (the dispatch puts the rows other ranks need last), leave the rest at home."""
+    spans = [[None, None] for _ in range(layout.ring_degree)]
+    for rank_steps in _ring_steps(layout, seq_len, window, offset, packing):
+        for kv_index, calls in rank_steps[1:]:
+            for call in calls:
+                lo, hi = spans[kv_index]
+                spans[kv_index] = [call.k_lo if lo is None else min(lo, call.k_lo),
+                                   call.k_hi if hi is None else max(hi, call.k_hi)]
+    spans = [(0, 0) if lo is None else (lo, hi) for lo, hi in spans]
+    longest = max(hi - lo for lo, hi in spans)
+    pieces = [layout.piece_length(r, seq_len, packing, window[0]) for r in range(layout.ring_degree)]
+    # A piece no longer than the longest message travels whole: the same bytes, no copy to pad, and its
+    # first step's dk/dv can start in the buffer that travels.
+    return tuple((0, piece) if piece <= longest else span for span, piece in zip(spans, pieces))
 
 
 def _row_range(t, lo, hi, dim=1):
@@ -255,25 +283,28 @@ def _cached_row_ranges():
     return row_range
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row_range):
-    """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
+def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row_range, kv_offset=0):
+    """Merge this step's partials into the running ``out`` (fp32) and ``lse``. ``kv_offset``: the row of
+    the visiting piece that ``k``/``v``'s first row is (a message carries only ``travelling_rows``)."""
     for c in calls:
-        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
+        k_lo, k_hi = c.k_lo - kv_offset, c.k_hi - kv_offset
+        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, k_lo, k_hi), rows(v, k_lo, k_hi),
                           softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
                           out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
 def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap=0.0,
-                  compute_dq=True, compute_dkdv=True, rows=_row_range, lse_log2=None):
+                  compute_dq=True, compute_dkdv=True, rows=_row_range, lse_log2=None, kv_offset=0):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta, lse_log2`` are ``attention_backward_delta(out, dout, lse)`` of the local queries,
     computed once (without ``lse_log2`` every call converts its rows of ``lse``).
     ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
     ``rows(t, lo, hi, dim=1)``: rows [lo, hi) of ``t`` (``_row_range``, or a cached one).
+    ``kv_offset``: as ``forward_step``'s, for k, v, dk and dv alike.
     """
     for c in calls:
-        q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
+        q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo - kv_offset, c.k_hi - kv_offset
         attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
                            rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
                            softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
@@ -295,8 +326,9 @@ def _padded(t, length):
     return padded
 
 
-def _longest_piece(layout, seq_len, packing, window):
-    return max(layout.piece_length(r, seq_len, packing, window[0]) for r in range(layout.ring_degree))
+def _longest_span(travelling):
+    """The rows of the longest ring message: every message has one shape (the ring's pieces may differ)."""
+    return max(hi - lo for lo, hi in travelling)
 
 
 def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
@@ -311,19 +343,26 @@ def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
 class _KVRotation:
     """The kv chunks a ring call visits, and what it sends at each step.
 
-    Step 0 sends the caller's k and v as two messages (no stacked copy; they
-    are never written) into the two parts of one receive buffer (``_pair_buffer``);
-    later steps send that buffer as one message. Two receive buffers take turns.
+    Step 0 sends this rank's travelling k and v rows (``travelling_rows``, padded to the longest
+    rank's) as two messages (no stacked copy when they are the caller's whole k and v: those are never
+    written) into the two parts of one receive buffer (``_pair_buffer``); later steps send that buffer
+    as one message. Two receive buffers take turns.
     """
 
     def __init__(self, k, v, comm):
         self.comm, self.kv, self._message = comm, (k, v), (k, v)
         self._buffers, self._halves = [], []
 
+    @classmethod
+    def of_rows(cls, k, v, rows, length, comm):
+        """The rotation of rows [lo, hi) of ``k`` and ``v``, padded to ``length`` rows."""
+        lo, hi = rows
+        return cls(*(_padded(_row_range(t, lo, hi), length).contiguous() for t in (k, v)), comm)
+
     def post(self, step, tag):
         """Post the transfer that brings the next step's kv; returns what to wait for."""
         if len(self._buffers) < 2:
-            k, v = self.kv
+            k, v = self._message if step == 0 else self.kv
             buffer, halves = _pair_buffer(k.shape, v.shape, k.dtype, k.device)
             self._buffers.append(buffer)
             self._halves.append(halves)
@@ -349,15 +388,15 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
     out, lse = empty_partial(q, v.shape[-1])
-    kv = None
+    kv, travelling = None, travelling_rows(layout, seq_len, window, 0, packing)
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing, window)
-        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
+        kv = _KVRotation.of_rows(k, v, travelling[ring_index], _longest_span(travelling), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
-    for step, (_, calls) in enumerate(plan):
+    for step, (kv_index, calls) in enumerate(plan):
         pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring forward", step)
-        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, softcap, rows)
+        visiting, kv_offset = ((k, v), 0) if step == 0 else (kv.kv, travelling[kv_index][0])
+        forward_step(q, *visiting, calls, out, lse, softmax_scale, softcap, rows, kv_offset)
         if pending is not None:
             kv.advance(pending, on_cpu)
     if sinks is not None:
@@ -377,33 +416,40 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     need nothing from upstream, so they run first, while it arrives; the kv
     transfer for the next step overlaps the whole step. When a window ends the
     plan early, the dk/dv still travel the rest of the ring (without kv) home.
+    Only the rows that travel (``travelling_rows``) have travelling gradients; when
+    that is not this rank's whole piece, its first step's dk/dv go to buffers of
+    their own and the travelled rows are added to them on return.
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
     delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    longest, kv = k.shape[1], None
+    travelling, longest, kv, own = travelling_rows(layout, seq_len, window, 0, packing), k.shape[1], None, None
+    lo, hi = travelling[ring_index]
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing, window)
-        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
+        longest = _longest_span(travelling)
+        kv = _KVRotation.of_rows(k, v, (lo, hi), longest, comm)
+        if (lo, hi) != (0, k.shape[1]):
+            own = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     # fp32 dk and dv of the visiting kv, each at its tensor's own head dim, back to back in one buffer.
     shapes = [(k.shape[0], longest, *t.shape[2:]) for t in (k, v)]
     # The second, which only ever receives whole messages, needs no zeros.
     buffers = [_pair_buffer(*shapes, torch.float32, k.device, zero=i == 0) for i in range(1 if comm is None else 2)]
     dkv, halves = [buffer for buffer, _ in buffers], [parts for _, parts in buffers]
     on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_row_ranges(), 0, None
-    for step, (_, calls) in enumerate(plan):
+    for step, (kv_index, calls) in enumerate(plan):
         kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring backward", step)
-        visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
         if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows,
+            dk, dv = halves[current] if own is None else own
+            backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows,
                           lse_log2=lse_log2)
         else:
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
-                          compute_dkdv=False, rows=rows, lse_log2=lse_log2)
+            (dk, dv), kv_offset = halves[current], travelling[kv_index][0]
+            backward_step(dout, q, *kv.kv, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
+                          compute_dkdv=False, rows=rows, lse_log2=lse_log2, kv_offset=kv_offset)
             comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
-            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
-                          compute_dq=False, rows=rows, lse_log2=lse_log2)
+            backward_step(dout, q, *kv.kv, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
+                          compute_dq=False, rows=rows, lse_log2=lse_log2, kv_offset=kv_offset)
         if kv_pending is not None:
             kv.advance(kv_pending, on_cpu)
         if comm is not None:
@@ -416,7 +462,12 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
     dsinks = sinks_grad(sinks, lse, delta) if sinks is not None else None
-    dk, dv = (_row_range(t, 0, k.shape[1]) for t in halves[current])
+    if own is None:
+        dk, dv = (_row_range(t, 0, k.shape[1]) for t in halves[current])
+    else:  # the travelled rows are home: add them to the first step's
+        for mine, travelled in zip(own, halves[current]):
+            mine[:, lo:hi] += travelled[:, :hi - lo]
+        dk, dv = own
     return dq, dk, dv, dsinks
 
 

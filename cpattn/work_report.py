@@ -6,10 +6,12 @@ equal-token chunks, contiguous ("contiguous", ring rank r the r-th of R) or zigz
 ("zigzag", chunks r and 2R-1-r of 2R), and the cut cpattn used before the dispatch
 ("work": 2R zigzag chunks of equal causal work, whatever their token counts). The
 transfers are those of ``ring_forward``: at every step but the last each rank sends
-the k and v rows of the longest piece on the ring (messages have one shape), and
-the plan stops after the last step any rank needs (``ring.ring_plan``).
+the k and v rows of its piece that later steps read (``ring.travelling_rows``),
+padded to the longest such span (messages have one shape), and the plan stops
+after the last step any rank needs (``ring.ring_plan``).
 """
 import bisect
+import itertools
 from typing import NamedTuple
 
 from .dispatch import cut_window
@@ -87,8 +89,14 @@ def context_parallel_work(cu_seqlens, ring_degree, window_size=(-1, -1), scheme=
     window = causal_window(True, window_size)
     left = cut_window(packing, window[0])
     pieces = _pieces(packing, ring_degree, left, scheme)
-    steps = 1 + max((step for r in range(ring_degree) for step in range(1, ring_degree)
-                     if plan_step(pieces[r], pieces[(r - step) % ring_degree], window, packing)), default=0)
+    steps, travelling = 1, [None] * ring_degree  # the rows of each piece some later step reads (ring.travelling_rows)
+    for r, step in itertools.product(range(ring_degree), range(1, ring_degree)):
+        source = (r - step) % ring_degree
+        calls = plan_step(pieces[r], pieces[source], window, packing)
+        if calls:
+            steps = max(steps, step + 1)
+            rows = [(c.k_lo, c.k_hi) for c in calls] + ([travelling[source]] if travelling[source] else [])
+            travelling[source] = (min(lo for lo, _ in rows), max(hi for _, hi in rows))
     tokens = [sum(length for _, length in ranges) for ranges in pieces]
-    sent = (steps - 1) * max(tokens) * kv_bytes_per_token
+    sent = (steps - 1) * max((hi - lo for lo, hi in filter(None, travelling)), default=0) * kv_bytes_per_token
     return RankLoads(tokens, [_work(ranges, packing, left) for ranges in pieces], [sent] * ring_degree, steps)

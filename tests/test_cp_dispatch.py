@@ -3,7 +3,7 @@
 Pure-Python properties over random packings (every token on exactly one rank,
 tokens per rank <= 1.02 x mean + 1, work per ring rank <= 1.05 x mean when the
 mean share is at least 64 tokens, documents that fit kept whole, positions right,
-the same answer every time), the planner's calls for such layouts, and the
+the same answer every time), the planner's calls and the rows that travel for such layouts, and the
 ring simulator on up to 8 ranks against float64 per-document attention.
 Multi-rank runs with windows are in test_cp_varlen.py.
 """
@@ -15,7 +15,7 @@ import torch
 
 from cpattn.dispatch import cut_window, dispatch
 from cpattn.layout import Layout, context_parallel_work, doc_positions
-from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward
+from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward, travelling_rows
 from reference import reference_varlen, rel_err
 
 TOKEN_SLACK, WORK_BOUND, WORK_BOUND_FROM = 1.02, 1.05, 64
@@ -125,3 +125,15 @@ def test_report_checks_its_arguments():
         context_parallel_work([0, 5], 2, scheme="balanced")
     with pytest.raises(ValueError, match="cu_seqlens"):
         context_parallel_work([1, 5], 2)
+
+
+def test_only_rows_other_ranks_read_travel():
+    # 8 whole documents and one spread over 4 ranks: each rank's message carries the spread document's
+    # rows only (the dispatch puts them last), far fewer than its piece.
+    cu = tuple(itertools.accumulate([0, 400] + [50] * 8))
+    layout, window = Layout(4, 1, "zigzag"), (-1, 0)
+    travelling = travelling_rows(layout, cu[-1], window, 0, cu)
+    pieces = [layout.piece_length(r, cu[-1], cu) for r in range(4)]
+    assert all(0 <= lo < hi == piece for (lo, hi), piece in zip(travelling, pieces))
+    assert max(hi - lo for lo, hi in travelling) <= 100 < min(pieces) == 200
+    assert context_parallel_work(cu, 4).bytes_sent == [3 * max(hi - lo for lo, hi in travelling)] * 4

@@ -140,8 +140,9 @@ class _Filler:
     def _repair(self, rounds=64, good_enough=0.002, least_gain=0.001):
         """Moves and swaps between the worst rank and another while they lower the larger deviation of the
         two by at least ``least_gain`` of a mean share (smaller gains cost host time the cut does not repay:
-        it makes the token counts exact anyway). A document's work grows with its length alone, so for a swap only the other rank's documents
-        whose lengths are nearest the few that would cancel a deviation are tried (bisection)."""
+        it makes the token counts exact anyway). A document's work grows with its length alone, so only the
+        other rank's documents whose lengths (or works) are nearest the few that would cancel a deviation are
+        tried (bisection)."""
         ranks = range(len(self.capacities))
         for r in ranks:
             self.sets[r].sort(key=lambda d: (d[1], d[0]))

@@ -37,12 +37,13 @@ kernel calls and the bytes this rank sends per call (what ``RingComm`` and
 ``UlyssesComm`` are given), and divides by the same measure for one
 single-device ``flash_attn_func`` call. Target: forward below 100 us for 8 ranks.
 
-Packed documents (``packed_work``; counts, no timing, any machine): for a few
-packings (one long document among many short ones, long-tailed lengths, a
-long document last) the causal work, (query, key) pairs, of every ring rank
-under equal-token contiguous and zigzag cuts and under the work-balanced cut
-``ContextParallel.shard(..., cu_seqlens=)`` uses (``cpattn.context_parallel_work``),
-with max/mean per scheme (target: balanced within 1.10) and tokens per rank.
+Packed documents (``packed_work``; counts, no timing, any machine): for one
+128k document, 16 x 8k, one 64k among 60 short, 500 and 1000 long-tailed
+(Pareto 1.1), 200 short with a 50k last, with no window and a 4k window, the
+tokens, causal work and kv bytes sent per ring rank (``cpattn.context_parallel_work``)
+under equal-token contiguous and zigzag cuts, the equal-work cut cpattn used
+before, and the dispatch ``ContextParallel.shard(..., cu_seqlens=)`` uses now,
+with max/mean per scheme and the dispatch's plan time (host).
 Results: bench/results/<device>/cp_decomposition.{json,csv} (summary), cp_comm.{json,csv} (per step),
 cp_host.{json,csv} (host overhead) and cp_packed_work.{json,csv} (packed documents).
 """
@@ -386,29 +387,42 @@ def window_work(args):
     return rows
 
 
-def packed_work(ring_degrees):
-    """Per ring rank causal work and tokens of a few packings under each scheme (see the module docstring)."""
-    rng = random.Random(0)
+def packings(rng=None):
+    """The packings of the packed-documents table (document lengths), seeded: one 128k document, 16 of 8k,
+    the three of the earlier table, and 1000 long-tailed lengths (Pareto, shape 1.1, scale 100 tokens,
+    capped at 128k)."""
+    rng = rng or random.Random(0)
     one_long = [65536] + [rng.randint(64, 4096) for _ in range(60)]
     rng.shuffle(one_long)
-    packings = {"one long + 60 short": one_long,
-                "long-tailed": [max(1, int(rng.paretovariate(1.1) * 100)) for _ in range(500)],
-                "long last": [rng.randint(16, 1024) for _ in range(200)] + [50000]}
+    return {"one 128k": [131072], "16 x 8k": [8192] * 16, "one 64k + 60 short": one_long,
+            "500 long-tailed": [max(1, int(rng.paretovariate(1.1) * 100)) for _ in range(500)],
+            "200 short, 50k last": [rng.randint(16, 1024) for _ in range(200)] + [50000],
+            "1000 long-tailed": [min(131072, max(1, int(rng.paretovariate(1.1) * 100))) for _ in range(1000)]}
+
+
+def packed_work(ring_degrees, windows=(-1, 4096), kv_bytes_per_token=2 * 8 * 128 * 2):
+    """Per ring rank tokens, causal work and kv bytes sent per forward call under each scheme
+    (``cpattn.context_parallel_work``), for every packing, ring degree and window; the dispatch's plan time
+    (host, uncached ``dispatch``). Bytes: k and v of bf16, 8 kv heads of dim 128."""
+    from cpattn.dispatch import cut_window, dispatch
     rows = []
-    for (name, lengths), degree in itertools.product(packings.items(), ring_degrees):
+    for (name, lengths), degree, window in itertools.product(packings().items(), ring_degrees, windows):
         cu = [0, *itertools.accumulate(lengths)]
-        for scheme in ("contiguous", "zigzag", "balanced"):
-            work = cpattn.context_parallel_work(cu, degree, scheme)
-            layout = Layout(degree, 1, "ring" if scheme == "contiguous" else "zigzag")
-            tokens = [layout.piece_length(r, cu[-1], tuple(cu) if scheme == "balanced" else None)
-                      for r in range(degree)]
-            mean = sum(work) / degree
+        for scheme in ("contiguous", "zigzag", "work", "dispatch"):
+            loads = cpattn.context_parallel_work(cu, degree, (window, -1), scheme, kv_bytes_per_token)
+            plan_ms = ""
+            if scheme == "dispatch":
+                start = time.perf_counter()
+                dispatch.__wrapped__(tuple(cu), degree, cut_window(tuple(cu), window))
+                plan_ms = round(1e3 * (time.perf_counter() - start), 2)
+            mean_work, mean_tokens = sum(loads.work) / degree, cu[-1] / degree
             rows.append({"packing": name, "documents": len(lengths), "tokens": cu[-1], "ranks": degree,
-                         "scheme": scheme, "work_max_over_mean": round(max(work) / mean, 4),
-                         "work_min_over_mean": round(min(work) / mean, 4),
-                         "tokens_max_over_mean": round(max(tokens) * degree / cu[-1], 4),
-                         "work_per_rank": " ".join(str(w) for w in work),
-                         "tokens_per_rank": " ".join(str(t) for t in tokens)})
+                         "window": "none" if window < 0 else window, "scheme": scheme,
+                         "tokens_max_over_mean": round(max(loads.tokens) / mean_tokens, 3),
+                         "work_max_over_mean": round(max(loads.work) / mean_work, 3),
+                         "steps": loads.steps, "kv_mb_sent_per_rank": round(max(loads.bytes_sent) / 2**20, 1),
+                         "plan_ms": plan_ms, "tokens_per_rank": " ".join(map(str, loads.tokens)),
+                         "work_per_rank": " ".join(map(str, loads.work))})
     return rows
 
 
@@ -461,10 +475,13 @@ def main(argv=None):
 
 
 def print_packed(rows):
-    C.print_table(rows, [("packing", "packing"), ("documents", "docs"), ("tokens", "tokens"), ("ranks", "R"),
-                         ("scheme", "scheme"), ("work_max_over_mean", "work max/mean"),
-                         ("work_min_over_mean", "work min/mean"), ("tokens_max_over_mean", "tokens max/mean")],
-                  title="packed documents: causal work per ring rank (counts, not timings; target balanced <= 1.10)")
+    C.print_table(rows, [("packing", "packing"), ("documents", "docs"), ("ranks", "R"), ("window", "window"),
+                         ("scheme", "scheme"), ("tokens_max_over_mean", "tokens max/mean"),
+                         ("work_max_over_mean", "work max/mean"), ("steps", "steps"),
+                         ("kv_mb_sent_per_rank", "kv MiB sent"), ("plan_ms", "plan ms")],
+                  title="packed documents per ring rank (counts, not timings; the dispatch's bounds: tokens <= "
+                        "1.02 x mean + 1, work <= 1.05 x mean); kv MiB each rank sends per forward call "
+                        "(bf16, 8 kv heads x 128)")
 
 
 def print_host(rows, args):

@@ -6,7 +6,7 @@ Context parallelism:  ContextParallel (ring, zigzag ring, Ulysses, USP), add_con
 Inference:            ShardedKVCache, prefill, decode, decode_step, split_chunk, transfer_cache
 Kernels:              cpattn.kernels
 Test harnesses and reports stay in their modules: cpattn.ring.simulate_ring_attention (one process playing every
-rank of a ring), cpattn.layout.context_parallel_work (the causal work of each ring rank).
+rank of a ring), cpattn.layout.context_parallel_work (tokens, work and bytes sent of each ring rank).
 """
 from .attention import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func, flash_attn_varlen_func,
                         flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func, scaled_dot_product_attention)

@@ -13,6 +13,8 @@ attention itself. A failure inside a call makes every rank raise within
 ``timeout`` (faults.py). The MindSpeed-style configuration (``from_config``,
 ``from_args``) lives in mindspeed.py.
 """
+import collections
+
 import torch
 import torch.distributed as dist
 
@@ -21,11 +23,14 @@ from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, check_backend
 from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, GatherSignature, check_attention_arguments, \
     check_construction, gather_key, read_packing, seq_len_fix
+from ._checks import check_window
+from .dispatch import cut_window
 from .layout import doc_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
-from .visibility import causal_window
+from cpattn.kernels.mask import causal_window
 
+_CUTS_KEPT = 64  # packings whose cut window an object remembers (training makes a new packing every step)
 _METHODS = {False: "ContextParallel.attention", True: "ContextParallel.scaled_dot_product_attention"}  # by layout
 
 
@@ -78,6 +83,7 @@ class ContextParallel:
         self._mesh = Mesh(self.group, checked.ulysses_degree, ring_impl, checked.node, checked.num_heads,
                           checked.num_kv_heads, self.timeout)
         self._calls = AgreedCalls(self._mesh.comm, check_across_ranks)
+        self._cuts = collections.OrderedDict()  # packing -> the window left its shards were cut for
         self._closed = False
         self._handle = _cp_ops.register(self._forward_op, self._backward_op)  # how compiled code names it
 
@@ -118,30 +124,53 @@ class ContextParallel:
 
     # ------------------------------------------------------------------ sharding
 
-    def positions(self, seq_len, cu_seqlens=None):
+    def positions(self, seq_len, cu_seqlens=None, window_size=(-1, -1)):
         """Positions (CPU LongTensor) of this rank's tokens of a ``seq_len`` sequence, in local order:
         global, or with ``cu_seqlens`` (packed documents) each token's position inside its document
-        (for RoPE). Any length: without documents ranks hold token counts differing by at most two."""
-        packing, seq_len = read_packing(cu_seqlens, seq_len, "ContextParallel.positions")
-        tokens = self.layout.positions(seq_len, self.mesh_rank, packing)
+        (for RoPE). Any length: without documents ranks hold token counts differing by at most two.
+        ``window_size``: as ``shard``'s."""
+        where = "ContextParallel.positions"
+        packing, seq_len = read_packing(cu_seqlens, seq_len, where)
+        tokens = self.layout.positions(seq_len, self.mesh_rank, packing, self._cut_for(packing, window_size, where))
         return tokens if packing is None else doc_positions(packing)[tokens]
 
-    def shard(self, x, seq_dim=1, cu_seqlens=None):
+    def shard(self, x, seq_dim=1, cu_seqlens=None, window_size=(-1, -1)):
         """This rank's tokens of the full tensor ``x`` (a copy), in the order the mesh needs.
 
         ``cu_seqlens``: the packing of ``x``'s documents (global, int32, the same on every rank); the
-        shards then balance causal work (``Layout``) and must be used with the same ``cu_seqlens``."""
+        shards then hold equal tokens and equal causal work per ring rank (dispatch.py) and must be used
+        with the same ``cu_seqlens``. ``window_size``: the window ``attention`` will use, so the work is
+        balanced for it (packed documents; without them the shards do not depend on it); ``attention``
+        with another window raises on every rank."""
         where = "ContextParallel.shard"
         seq_dim = _seq_dim(x, seq_dim, where)
         self.layout.check_seq_len(x.shape[seq_dim], where)
         packing, seq_len = read_packing(cu_seqlens, x.shape[seq_dim], where)
-        return x.index_select(seq_dim, self.layout.positions(seq_len, self.mesh_rank, packing).to(x.device))
+        positions = self.layout.positions(seq_len, self.mesh_rank, packing, self._cut_for(packing, window_size, where))
+        return x.index_select(seq_dim, positions.to(x.device))
 
-    def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None):
+    def _cut_for(self, packing, window_size, where):
+        """The window left side the shards of ``packing`` are cut for (``dispatch.cut_window``), remembered
+        so that attention with another window raises (the last ``_CUTS_KEPT`` packings)."""
+        left = check_window(window_size, where)[0]
+        if packing is None:
+            return -1
+        cut = self._cut_window(packing, left)
+        self._cuts[packing] = cut
+        self._cuts.move_to_end(packing)
+        while len(self._cuts) > _CUTS_KEPT:
+            self._cuts.popitem(last=False)
+        return cut
+
+    def _cut_window(self, packing, window_left):
+        """``dispatch.cut_window``; -1 with one ring rank, where no cut depends on a window."""
+        return -1 if self.ring_degree == 1 else cut_window(packing, window_left)
+
+    def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None, window_size=(-1, -1)):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable).
 
         ``seq_len``: the full length; needed when it is not P x the local length (uneven lengths).
-        ``cu_seqlens``: the packing ``shard`` was given (it implies the length)."""
+        ``cu_seqlens`` and ``window_size``: those ``shard`` was given (``cu_seqlens`` implies the length)."""
         where = "ContextParallel.gather"
         self._check_open(where)
 
@@ -149,15 +178,17 @@ class ContextParallel:
             dim = _seq_dim(x, seq_dim, where)
             check_backend(self.group, x.device, where)
             packing, full = read_packing(cu_seqlens, seq_len, where)
-            full = self.layout.full_length(x.shape[dim], full, self.mesh_rank, where, packing)
+            cut = -1 if packing is None else self._cut_window(packing, check_window(window_size, where)[0])
+            full = self.layout.full_length(x.shape[dim], full, self.mesh_rank, where, packing, cut)
             shape = tuple(full if d == dim else size for d, size in enumerate(x.shape))
-            return GatherSignature(str(x.dtype), dim, shape, packing)
-        call = self._calls.agree(gather_key(x, seq_dim, seq_len, cu_seqlens), where, check, hint=x)
-        lengths = [self.layout.local_lengths(call.shape[call.seq_dim], call.cu_seqlens)[m]
+            return GatherSignature(str(x.dtype), dim, shape, packing, cut)
+        call = self._calls.agree(gather_key(x, seq_dim, seq_len, cu_seqlens, window_size), where, check, hint=x)
+        cut_args = (call.cu_seqlens, call.cut_window)
+        lengths = [self.layout.local_lengths(call.shape[call.seq_dim], *cut_args)[m]
                    for m in self._mesh.mesh_ranks]  # of each group rank
         pieces = self._mesh.all_gather_shards(x, call.seq_dim, lengths, where)
         stacked = torch.cat([p.narrow(call.seq_dim, 0, n) for p, n in zip(pieces, lengths)], dim=call.seq_dim)
-        order = self.layout.order(call.shape[call.seq_dim], self._mesh.mesh_ranks, call.cu_seqlens)
+        order = self.layout.order(call.shape[call.seq_dim], self._mesh.mesh_ranks, *cut_args)
         return torch.empty_like(stacked).index_copy_(call.seq_dim, order.to(x.device), stacked)
 
     @property
@@ -198,7 +229,9 @@ class ContextParallel:
         same on every rank, as given to ``shard``; it implies ``seq_len``). Every
         document is attended separately, causal and windows by the position inside
         it (as ``flash_attn_varlen_func``); chunks that share no document make no
-        kernel call. Read to the host every call (a device sync on CUDA).
+        kernel call. Read to the host every call (a device sync on CUDA). The shards must have been cut
+        for this call's ``window_size`` (``shard(..., window_size=)``): when this object made them for
+        another window, every rank raises.
         """
         return self._attend(AttentionArgs(q, k, v, causal, softmax_scale, return_lse, window_size, softcap, sinks,
                                           seq_len, cu_seqlens, sdpa_layout=False, enable_gqa=True))
@@ -233,24 +266,34 @@ class ContextParallel:
             needs_grad = args.needs_grad() if needs_grad is None else needs_grad
         except AttributeError:  # not tensors: the checks name the culprit
             pass
+        cut = None if packing is None else self._cuts.get(packing)  # the window its shards were cut for
         key = args.key(needs_grad, seq_len, packing, compiled)
+        key = None if key is None else (key, cut)
         softmax_scale = args.softmax_scale
         if packing_error is not None or not self._calls.known(key):
             def check():
                 if packing_error is not None:
                     raise packing_error
-                return self._check_attention(args, where, seq_len, packing, needs_grad, compiled)
+                return self._check_attention(args, where, seq_len, packing, needs_grad, compiled, cut)
             fixes = {"seq_len": lambda signatures: seq_len_fix(signatures, self.layout, self._mesh.mesh_ranks)}
             softmax_scale = self._calls.agree(key, where, check, hint=args.q, fixes=fixes).softmax_scale
         return softmax_scale, seq_len or args.q.shape[2 if args.sdpa_layout else 1] * self.world_size, packing
 
-    def _check_attention(self, args, where, seq_len, packing, needs_grad, compiled):
-        """This rank's checks of an attention call; returns what the ranks must agree on."""
+    def _check_attention(self, args, where, seq_len, packing, needs_grad, compiled, cut=None):
+        """This rank's checks of an attention call; returns what the ranks must agree on. ``cut``: the
+        window left side this object cut the packing's shards for, or None."""
         softmax_scale, window_size, softcap, local_len = check_attention_arguments(args, self.ulysses_degree, where)
         check_backend(self.group, args.q.device, where)
-        if packing is not None and args.q.shape[0] != 1:
-            raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {args.q.shape[0]}")
-        seq_len = self.layout.full_length(local_len, seq_len, self.mesh_rank, where, packing)
+        window_left = -1
+        if packing is not None:
+            if args.q.shape[0] != 1:
+                raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {args.q.shape[0]}")
+            window_left = self._cut_window(packing, window_size[0])
+            if cut is not None and cut != window_left:
+                raise ValueError(f"{where}: the shards of these cu_seqlens were cut for a window of left side {cut} "
+                                 f"(-1: none) but attention has window_size={window_size}; pass the same "
+                                 "window_size to shard, positions, gather and attention")
+        seq_len = self.layout.full_length(local_len, seq_len, self.mesh_rank, where, packing, window_left)
         return AttentionSignature.of(args, softmax_scale, window_size, softcap, seq_len, packing, needs_grad,
                                      compiled, local_len)
 

@@ -185,16 +185,18 @@ class GatherSignature(NamedTuple):
     seq_dim: int
     shape: tuple  # the full tensor's: the sequence dimension is the full length
     cu_seqlens: Optional[tuple]
+    cut_window: int  # the window left side the packed shards were cut for (dispatch.cut_window), -1 without
 
     FIXES = {"shape": "gather every rank's shard of one tensor (with uneven lengths pass seq_len= on every rank)",
-             "cu_seqlens": "pass the same global cu_seqlens on every rank"}
+             "cu_seqlens": "pass the same global cu_seqlens on every rank",
+             "cut_window": "pass the same window_size on every rank (the one given to shard)"}
 
 
-def gather_key(x, seq_dim, seq_len, cu_seqlens):
+def gather_key(x, seq_dim, seq_len, cu_seqlens, window_size=(-1, -1)):
     """What ``gather``'s checks depend on, as a dict key; None when an argument is not hashable."""
     def key():
         packing = None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.device, tuple(cu_seqlens.tolist()))
-        return "gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing
+        return "gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing, tuple(window_size)
     return _key_or_none(key)
 
 

@@ -70,7 +70,7 @@ from .kv_cache import ShardedKVCache, packed_tokens
 from .latent import ValueLayout
 from .layout import Layout
 from .partials import empty_partial, stack_partial, unstack_partial
-from .visibility import causal_window, visible_keys
+from cpattn.kernels.mask import causal_window, visible_keys
 
 STRATEGIES = ("auto", "pass-q", "pass-kv")
 

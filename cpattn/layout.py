@@ -16,13 +16,12 @@ mesh order; ``mesh.py`` maps group ranks to mesh ranks).
   gives every rank of the ring rank exactly its piece back.
 
 * Packed documents (``packing``: the global cu_seqlens as a tuple, 0 first, the
-  sequence length last): the cut points are chosen instead so that every
-  chunk holds the same causal work, sum over its tokens of (position inside
-  the token's document + 1), the number of (query, key) pairs a causal mask
-  leaves (``chunk_bounds``). With zigzag every ring rank then holds 2 of 2R
-  equal shares, within one token's work, whatever the document lengths (no
-  length needs to divide by anything). Attention inside each document is still
-  exact: the ring planner only pairs tokens of one document.
+  sequence length last): ``dispatch.py`` chooses which token ranges each ring
+  rank holds, the same for ring and zigzag, so that every ring rank holds its
+  share of the tokens (within one) and of the attention work (causal, within the
+  window the shards are cut for, ``window_left``): documents that fit stay whole
+  on one rank, long ones are split zigzag-wise over all. Attention inside each
+  document is still exact: the ring planner only pairs tokens of one document.
 
 Ranks may therefore hold different token counts (``local_lengths``).
 Everything else (shard, gather, RoPE positions, the global positions the ring
@@ -51,12 +50,6 @@ def doc_positions(packing):
     cu = torch.tensor(packing, dtype=torch.int64)
     lengths = cu[1:] - cu[:-1]
     return torch.arange(packing[-1]) - torch.repeat_interleave(cu[:-1], lengths)
-
-
-def causal_work(packing, positions=None):
-    """Causal (query, key) pairs of the tokens at ``positions`` (default all) of ``packing``."""
-    in_doc = doc_positions(packing)
-    return int((in_doc if positions is None else in_doc[positions]).add(1).sum())
 
 
 @dataclass(frozen=True)
@@ -94,64 +87,61 @@ class Layout:
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"{where}: sequence length must be a positive int, got {seq_len!r}")
 
-    def full_length(self, local_len, seq_len, rank, where, packing=None):
+    def full_length(self, local_len, seq_len, rank, where, packing=None, window_left=-1):
         """The full sequence length (``seq_len``, or local_len x P when None), checked against the
         ``local_len`` tokens mesh rank ``rank`` holds; raises ValueError."""
         if seq_len is None:
             seq_len = local_len * self.world_size
         self.check_seq_len(seq_len, where)
-        expected = self.local_lengths(seq_len, packing)[rank]
+        expected = self.local_lengths(seq_len, packing, window_left)[rank]
         if local_len != expected:
             raise ValueError(f"{where}: this rank holds {local_len} tokens, but its shard of a {seq_len}-token "
                              f"sequence has {expected} (with uneven lengths pass the full length as seq_len=)")
         return seq_len
 
     @functools.lru_cache(maxsize=256)
-    def chunk_bounds(self, seq_len, packing=None):
-        """The num_chunks + 1 cut points of the sequence: equal token counts (differing by at most one),
-        or with ``packing`` equal causal work (see the module docstring)."""
-        if packing is None:
-            lengths = split_lengths(seq_len, self.num_chunks)
-            return tuple(sum(lengths[:c]) for c in range(self.num_chunks + 1))
-        prefix = torch.cat([torch.zeros(1, dtype=torch.int64), doc_positions(packing).add(1).cumsum(0)])
-        total = int(prefix[-1])
-        # cut c: the first token boundary at which the work before it reaches c/num_chunks of the total
-        targets = torch.tensor([(c * total + self.num_chunks - 1) // self.num_chunks
-                                for c in range(1, self.num_chunks)], dtype=torch.int64)
-        cuts = torch.searchsorted(prefix, targets).tolist()
-        return (0, *cuts, seq_len)
+    def chunk_bounds(self, seq_len):
+        """The num_chunks + 1 cut points of a sequence without documents: equal token counts (differing by
+        at most one)."""
+        lengths = split_lengths(seq_len, self.num_chunks)
+        return tuple(sum(lengths[:c]) for c in range(self.num_chunks + 1))
 
-    def ring_chunks(self, ring_index, seq_len, packing=None):
-        """[(global start, length)] of the chunks in ring rank ``ring_index``'s piece of a ``seq_len``
-        sequence, in local order (a chunk may be empty when the sequence is shorter than 2R)."""
-        bounds = self.chunk_bounds(seq_len, packing)
+    def ring_chunks(self, ring_index, seq_len, packing=None, window_left=-1):
+        """[(global start, length)] of the token ranges in ring rank ``ring_index``'s piece of a ``seq_len``
+        sequence, in local order: its chunks (one may be empty when the sequence is shorter than 2R), or
+        with ``packing`` the ranges the dispatch gives it for shards cut for ``window_left``."""
+        if packing is not None:
+            from .dispatch import cut_window, dispatch  # dispatch.py builds on this module
+            return list(dispatch(packing, self.ring_degree, cut_window(packing, window_left))[ring_index])
+        bounds = self.chunk_bounds(seq_len)
         return [(bounds[c], bounds[c + 1] - bounds[c]) for c in self.ring_chunk_ids(ring_index)]
 
-    def piece_length(self, ring_index, seq_len, packing=None):
-        return sum(length for _, length in self.ring_chunks(ring_index, seq_len, packing))
+    def piece_length(self, ring_index, seq_len, packing=None, window_left=-1):
+        return sum(length for _, length in self.ring_chunks(ring_index, seq_len, packing, window_left))
 
-    def ulysses_parts(self, ring_index, seq_len, packing=None):
+    def ulysses_parts(self, ring_index, seq_len, packing=None, window_left=-1):
         """Lengths of the Ulysses ranks' parts of ring rank ``ring_index``'s piece, in Ulysses order."""
-        return split_lengths(self.piece_length(ring_index, seq_len, packing), self.ulysses_degree)
+        return split_lengths(self.piece_length(ring_index, seq_len, packing, window_left), self.ulysses_degree)
 
-    def local_lengths(self, seq_len, packing=None):
+    def local_lengths(self, seq_len, packing=None, window_left=-1):
         """Tokens each mesh rank holds, in mesh order."""
-        return [n for r in range(self.ring_degree) for n in self.ulysses_parts(r, seq_len, packing)]
+        return [n for r in range(self.ring_degree) for n in self.ulysses_parts(r, seq_len, packing, window_left)]
 
-    def positions(self, seq_len, rank, packing=None):
+    def positions(self, seq_len, rank, packing=None, window_left=-1):
         """Global positions (LongTensor) of the tokens mesh rank ``rank`` holds, in local order."""
         self.check_seq_len(seq_len, "positions")
         ring_index, ulysses_index = divmod(rank, self.ulysses_degree)
-        piece = torch.cat([torch.arange(start, start + length)
-                           for start, length in self.ring_chunks(ring_index, seq_len, packing)])
-        parts = self.ulysses_parts(ring_index, seq_len, packing)
+        piece = torch.cat([torch.arange(start, start + length, dtype=torch.int64)
+                           for start, length in self.ring_chunks(ring_index, seq_len, packing, window_left)]
+                          or [torch.empty(0, dtype=torch.int64)])
+        parts = self.ulysses_parts(ring_index, seq_len, packing, window_left)
         first = sum(parts[:ulysses_index])
         return piece[first:first + parts[ulysses_index]]
 
-    def order(self, seq_len, ranks=None, packing=None):
+    def order(self, seq_len, ranks=None, packing=None, window_left=-1):
         """Global positions of the tokens of mesh ranks ``ranks`` (default all, in mesh order), rank after rank."""
         ranks = range(self.world_size) if ranks is None else ranks
-        return torch.cat([self.positions(seq_len, rank, packing) for rank in ranks])
+        return torch.cat([self.positions(seq_len, rank, packing, window_left) for rank in ranks])
 
 
 class StripeLayout:
@@ -187,24 +177,5 @@ class StripeLayout:
         return offset + (j // stripe) * stride + j % stripe
 
 
-WORK_SCHEMES = ("contiguous", "zigzag", "balanced")
-
-
-def context_parallel_work(cu_seqlens, ring_degree, scheme="balanced"):
-    """Causal work of each ring rank, [(query, key) pairs], for packed documents ``cu_seqlens``
-    (int32 tensor or ints, from 0, non-decreasing) over ``ring_degree`` ring ranks.
-
-    ``scheme``: "contiguous" (equal token counts, rank r holds the r-th), "zigzag"
-    (equal token counts, ranks r and 2R-1-r of 2R chunks), "balanced" (what
-    ``ContextParallel.shard(..., cu_seqlens=)`` does with ring_impl "zigzag":
-    2R chunks of equal causal work). Ulysses ranks of a ring rank share its work.
-    """
-    packing = tuple(int(n) for n in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else cu_seqlens))
-    if len(packing) < 2 or packing[0] != 0 or any(b < a for a, b in zip(packing, packing[1:])) or packing[-1] < 1:
-        raise ValueError(f"context_parallel_work: cu_seqlens must start at 0, not decrease and end past 0, "
-                         f"got {packing}")
-    if scheme not in WORK_SCHEMES:
-        raise ValueError(f"context_parallel_work: scheme must be one of {WORK_SCHEMES}, got {scheme!r}")
-    layout = Layout(ring_degree, 1, "ring" if scheme == "contiguous" else "zigzag")
-    shards_by_work = packing if scheme == "balanced" else None
-    return [causal_work(packing, layout.positions(packing[-1], r, shards_by_work)) for r in range(ring_degree)]
+# The report lived here first; it builds on this module and the ring planner, so it is imported last.
+from .work_report import context_parallel_work  # noqa: E402,F401

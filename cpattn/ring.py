@@ -19,6 +19,8 @@ rank (ring_index - s) mod R. Computation and communication are separate:
   fp32 buffers (fused LSE merge in the forward kernel).
 * ``ring_forward`` / ``ring_backward``: the loops with P2P double buffering:
   the transfer for step s+1 is posted before step s's kernels, waited after.
+  A message carries only the rows of a piece later steps read
+  (``travelling_rows``, from the plans of every rank).
   The backward uses the final out and lse; dk/dv accumulate in fp32 buffers
   that travel with their kv and arrive back at the owner after R hops; dq
   stays local. Each step passes a ``fault_point`` (see faults.py).
@@ -39,7 +41,7 @@ from ._checks import check_cu_seqlens, check_qkv
 from ._ops import kernel_dtype
 from .faults import fault_point
 from .partials import empty_partial, merge_sinks, sinks_grad
-from .visibility import causal_window, window_sees
+from cpattn.kernels.mask import causal_window, window_sees
 from .layout import Layout
 
 KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart on gloo
@@ -109,8 +111,7 @@ def _shared_documents(packing, q_start, q_len, k_start, k_len):
 
 def _document_calls(q_chunk, kv_chunk, window, packing):
     """The calls of one chunk pair under ``packing``: one per shared document segment with a
-    visible pair, merged into one varlen call when the segments tile contiguous rows (a chunk
-    against itself: every document in it)."""
+    visible pair (``_merge_diagonal`` joins those that tile contiguous rows into varlen calls)."""
     (q_start, q_len, q_off), (k_start, k_len, k_off) = q_chunk, kv_chunk
     segments = []
     for doc, qa, qb, ka, kb in _shared_documents(packing, q_start, q_len, k_start, k_len):
@@ -118,13 +119,59 @@ def _document_calls(q_chunk, kv_chunk, window, packing):
         if some:
             segments.append(KernelCall(q_off + qa - q_start, q_off + qb - q_start, k_off + ka - k_start,
                                        k_off + kb - k_start, qa - doc, ka - doc, (-1, -1) if every else window))
-    contiguous = all(a.q_hi == b.q_lo and a.k_hi == b.k_lo for a, b in zip(segments, segments[1:]))
-    if len(segments) < 2 or not contiguous:
-        return segments
-    return [KernelCall(segments[0].q_lo, segments[-1].q_hi, segments[0].k_lo, segments[-1].k_hi,
-                       tuple(c.q_start for c in segments), tuple(c.k_start for c in segments), tuple(window),
-                       (0, *(c.q_hi - segments[0].q_lo for c in segments)),
-                       (0, *(c.k_hi - segments[0].k_lo for c in segments)))]
+    return segments
+
+
+def _merge_diagonal(calls, window):
+    """Calls whose rows follow one another in q and in kv alike (every document held whole, against
+    itself: the whole first step) as one varlen call each run; a segment that saw every key under no
+    mask sees the same keys under ``window``, so one mask serves the run."""
+    merged, run = [], []
+
+    def close_run():
+        if len(run) == 1:
+            merged.append(run[0])
+        elif run:
+            segments = [seg for call in run for seg in _segments(call)]
+            q_lo, k_lo = segments[0][0], segments[0][2]
+            merged.append(KernelCall(q_lo, segments[-1][1], k_lo, segments[-1][3],
+                                     tuple(seg[4] for seg in segments), tuple(seg[5] for seg in segments),
+                                     tuple(window), (0, *(seg[1] - q_lo for seg in segments)),
+                                     (0, *(seg[3] - k_lo for seg in segments))))
+        run.clear()
+    for call in sorted(calls, key=lambda c: (c.q_lo, c.k_lo)):
+        if run and not (run[-1].q_hi == call.q_lo and run[-1].k_hi == call.k_lo):
+            close_run()
+        run.append(call)
+    close_run()
+    return merged
+
+
+def _segments(call):
+    """[(q_lo, q_hi, k_lo, k_hi, q_start, k_start)] of a call, one per document segment."""
+    if call.cu_q is None:
+        return [(call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.q_start, call.k_start)]
+    return [(call.q_lo + qa, call.q_lo + qb, call.k_lo + ka, call.k_lo + kb, qs, ks)
+            for qa, qb, ka, kb, qs, ks in zip(call.cu_q, call.cu_q[1:], call.cu_k, call.cu_k[1:],
+                                               call.q_start, call.k_start)]
+
+
+def _packed_calls(q_chunks, kv_chunks, window, packing):
+    """``plan_step`` under packed documents: each query chunk meets only the kv chunks that share one of
+    its documents (found through an index by document, so many chunks cost no quadratic scan)."""
+    def documents(start, length):
+        return range(bisect.bisect_right(packing, start) - 1, bisect.bisect_right(packing, start + length - 1))
+    by_document = {}
+    for index, (start, length, _) in enumerate(kv_chunks):
+        if length:
+            for doc in documents(start, length):
+                by_document.setdefault(doc, []).append(index)
+    calls = []
+    for q_chunk in q_chunks:
+        if q_chunk[1]:
+            met = sorted({index for doc in documents(*q_chunk[:2]) for index in by_document.get(doc, ())})
+            calls += [call for index in met for call in _document_calls(q_chunk, kv_chunks[index], window, packing)]
+    return _merge_diagonal(calls, window)
 
 
 def plan_step(q_chunks, kv_chunks, window, packing=None):
@@ -134,12 +181,12 @@ def plan_step(q_chunks, kv_chunks, window, packing=None):
     ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
     pairs of chunks with no visible (query, key) pair make no call. ``packing``
     (packed documents, a cu_seqlens tuple): only tokens of one document meet,
-    at their positions inside it; pairs that share no document make no call.
+    at their positions inside it; pairs that share no document make no call, and calls that
+    tile contiguous rows (documents held whole, at the first step) are one varlen call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
     if packing is not None:
-        return [call for q_chunk in q_chunks if q_chunk[1] for k_chunk in kv_chunks if k_chunk[1]
-                for call in _document_calls(q_chunk, k_chunk, window, packing)]
+        return _packed_calls(q_chunks, kv_chunks, window, packing)
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
@@ -168,7 +215,21 @@ def plan_step(q_chunks, kv_chunks, window, packing=None):
     return calls
 
 
-@functools.lru_cache(maxsize=512)
+@functools.lru_cache(maxsize=256)
+def _ring_steps(layout, seq_len, window, offset=0, packing=None):
+    """Every ring rank's steps (``ring_plan``), computed together: the plan's length and the rows that
+    travel (``travelling_rows``) depend on every rank's calls."""
+    def chunks(index):
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, window[0])]
+    ring_degree = layout.ring_degree
+    steps = [[((rank - step) % ring_degree,
+               tuple(plan_step(chunks(rank), chunks((rank - step) % ring_degree), window, packing)))
+              for step in range(ring_degree)] for rank in range(ring_degree)]
+    needed = max(max((step for step, (_, calls) in enumerate(rank_steps) if calls), default=0)
+                 for rank_steps in steps) + 1
+    return tuple(tuple(rank_steps[:needed]) for rank_steps in steps)
+
+
 def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
@@ -176,18 +237,31 @@ def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
     ``offset`` shifts every global position (the sequence starts there). The
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
-    transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``).
+    transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``), whose shards
+    were cut for the attention's own window (``window[0]``, ``Layout.ring_chunks``). The calls' kv rows
+    are rows of the visiting rank's whole piece (``travelling_rows`` says which of them travel).
     """
-    def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing)]
+    return _ring_steps(layout, seq_len, window, offset, packing)[ring_index]
 
-    def steps_of(rank):
-        return [((rank - step) % layout.ring_degree,
-                 tuple(plan_step(chunks(rank), chunks((rank - step) % layout.ring_degree), window, packing)))
-                for step in range(layout.ring_degree)]
-    needed = max(max((step for step, (_, calls) in enumerate(steps_of(r)) if calls), default=0)
-                 for r in range(layout.ring_degree)) + 1
-    return tuple(steps_of(ring_index)[:needed])
+
+@functools.lru_cache(maxsize=256)
+def travelling_rows(layout, seq_len, window, offset=0, packing=None):
+    """Per ring rank, (lo, hi): the rows of its piece that some rank's call reads after the first step, so
+    the only ones its kv messages need carry ((0, 0): none). A window, or packed documents held whole
+    (the dispatch puts the rows other ranks need last), leave the rest at home."""
+    spans = [[None, None] for _ in range(layout.ring_degree)]
+    for rank_steps in _ring_steps(layout, seq_len, window, offset, packing):
+        for kv_index, calls in rank_steps[1:]:
+            for call in calls:
+                lo, hi = spans[kv_index]
+                spans[kv_index] = [call.k_lo if lo is None else min(lo, call.k_lo),
+                                   call.k_hi if hi is None else max(hi, call.k_hi)]
+    spans = [(0, 0) if lo is None else (lo, hi) for lo, hi in spans]
+    longest = max(hi - lo for lo, hi in spans)
+    pieces = [layout.piece_length(r, seq_len, packing, window[0]) for r in range(layout.ring_degree)]
+    # A piece no longer than the longest message travels whole: the same bytes, no copy to pad, and its
+    # first step's dk/dv can start in the buffer that travels.
+    return tuple((0, piece) if piece <= longest else span for span, piece in zip(spans, pieces))
 
 
 def _row_range(t, lo, hi, dim=1):
@@ -209,25 +283,28 @@ def _cached_row_ranges():
     return row_range
 
 
-def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row_range):
-    """Merge this step's partials into the running ``out`` (fp32) and ``lse``."""
+def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row_range, kv_offset=0):
+    """Merge this step's partials into the running ``out`` (fp32) and ``lse``. ``kv_offset``: the row of
+    the visiting piece that ``k``/``v``'s first row is (a message carries only ``travelling_rows``)."""
     for c in calls:
-        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, c.k_lo, c.k_hi), rows(v, c.k_lo, c.k_hi),
+        k_lo, k_hi = c.k_lo - kv_offset, c.k_hi - kv_offset
+        attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, k_lo, k_hi), rows(v, k_lo, k_hi),
                           softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
                           out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
 def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap=0.0,
-                  compute_dq=True, compute_dkdv=True, rows=_row_range, lse_log2=None):
+                  compute_dq=True, compute_dkdv=True, rows=_row_range, lse_log2=None, kv_offset=0):
     """Add this step's gradients into ``dq`` (local queries) and ``dk``/``dv`` (visiting kv).
 
     ``delta, lse_log2`` are ``attention_backward_delta(out, dout, lse)`` of the local queries,
     computed once (without ``lse_log2`` every call converts its rows of ``lse``).
     ``compute_dq``/``compute_dkdv=False`` skip that kernel (its buffers may then be None).
     ``rows(t, lo, hi, dim=1)``: rows [lo, hi) of ``t`` (``_row_range``, or a cached one).
+    ``kv_offset``: as ``forward_step``'s, for k, v, dk and dv alike.
     """
     for c in calls:
-        q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo, c.k_hi
+        q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo - kv_offset, c.k_hi - kv_offset
         attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
                            rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
                            softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
@@ -249,8 +326,9 @@ def _padded(t, length):
     return padded
 
 
-def _longest_piece(layout, seq_len, packing):
-    return max(layout.piece_length(r, seq_len, packing) for r in range(layout.ring_degree))
+def _longest_span(travelling):
+    """The rows of the longest ring message: every message has one shape (the ring's pieces may differ)."""
+    return max(hi - lo for lo, hi in travelling)
 
 
 def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
@@ -265,19 +343,26 @@ def _pair_buffer(shape_a, shape_b, dtype, device, zero=False):
 class _KVRotation:
     """The kv chunks a ring call visits, and what it sends at each step.
 
-    Step 0 sends the caller's k and v as two messages (no stacked copy; they
-    are never written) into the two parts of one receive buffer (``_pair_buffer``);
-    later steps send that buffer as one message. Two receive buffers take turns.
+    Step 0 sends this rank's travelling k and v rows (``travelling_rows``, padded to the longest
+    rank's) as two messages (no stacked copy when they are the caller's whole k and v: those are never
+    written) into the two parts of one receive buffer (``_pair_buffer``); later steps send that buffer
+    as one message. Two receive buffers take turns.
     """
 
     def __init__(self, k, v, comm):
         self.comm, self.kv, self._message = comm, (k, v), (k, v)
         self._buffers, self._halves = [], []
 
+    @classmethod
+    def of_rows(cls, k, v, rows, length, comm):
+        """The rotation of rows [lo, hi) of ``k`` and ``v``, padded to ``length`` rows."""
+        lo, hi = rows
+        return cls(*(_padded(_row_range(t, lo, hi), length).contiguous() for t in (k, v)), comm)
+
     def post(self, step, tag):
         """Post the transfer that brings the next step's kv; returns what to wait for."""
         if len(self._buffers) < 2:
-            k, v = self.kv
+            k, v = self._message if step == 0 else self.kv
             buffer, halves = _pair_buffer(k.shape, v.shape, k.dtype, k.device)
             self._buffers.append(buffer)
             self._halves.append(halves)
@@ -303,15 +388,15 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
     out, lse = empty_partial(q, v.shape[-1])
-    kv = None
+    kv, travelling = None, travelling_rows(layout, seq_len, window, 0, packing)
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing)
-        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
+        kv = _KVRotation.of_rows(k, v, travelling[ring_index], _longest_span(travelling), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
-    for step, (_, calls) in enumerate(plan):
+    for step, (kv_index, calls) in enumerate(plan):
         pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring forward", step)
-        forward_step(q, *(kv.kv if kv else (k, v)), calls, out, lse, softmax_scale, softcap, rows)
+        visiting, kv_offset = ((k, v), 0) if step == 0 else (kv.kv, travelling[kv_index][0])
+        forward_step(q, *visiting, calls, out, lse, softmax_scale, softcap, rows, kv_offset)
         if pending is not None:
             kv.advance(pending, on_cpu)
     if sinks is not None:
@@ -331,33 +416,40 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     need nothing from upstream, so they run first, while it arrives; the kv
     transfer for the next step overlaps the whole step. When a window ends the
     plan early, the dk/dv still travel the rest of the ring (without kv) home.
+    Only the rows that travel (``travelling_rows``) have travelling gradients; when
+    that is not this rank's whole piece, its first step's dk/dv go to buffers of
+    their own and the travelled rows are added to them on return.
     """
     plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
     delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    longest, kv = k.shape[1], None
+    travelling, longest, kv, own = travelling_rows(layout, seq_len, window, 0, packing), k.shape[1], None, None
+    lo, hi = travelling[ring_index]
     if comm is not None:
-        longest = _longest_piece(layout, seq_len, packing)
-        kv = _KVRotation(_padded(k, longest).contiguous(), _padded(v, longest).contiguous(), comm)
+        longest = _longest_span(travelling)
+        kv = _KVRotation.of_rows(k, v, (lo, hi), longest, comm)
+        if (lo, hi) != (0, k.shape[1]):
+            own = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in (k, v)]
     # fp32 dk and dv of the visiting kv, each at its tensor's own head dim, back to back in one buffer.
     shapes = [(k.shape[0], longest, *t.shape[2:]) for t in (k, v)]
     # The second, which only ever receives whole messages, needs no zeros.
     buffers = [_pair_buffer(*shapes, torch.float32, k.device, zero=i == 0) for i in range(1 if comm is None else 2)]
     dkv, halves = [buffer for buffer, _ in buffers], [parts for _, parts in buffers]
     on_cpu, rows, current, dkv_pending = q.device.type == "cpu", _cached_row_ranges(), 0, None
-    for step, (_, calls) in enumerate(plan):
+    for step, (kv_index, calls) in enumerate(plan):
         kv_pending = kv.post(step, KV_TAG) if step + 1 < len(plan) else None
         fault_point("ring backward", step)
-        visiting, (dk, dv) = (kv.kv if kv else (k, v)), halves[current]
         if dkv_pending is None:  # the first step: this rank's own kv, nothing comes from upstream
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows,
+            dk, dv = halves[current] if own is None else own
+            backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_scale, softcap, rows=rows,
                           lse_log2=lse_log2)
         else:
-            backward_step(dout, q, *visiting, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
-                          compute_dkdv=False, rows=rows, lse_log2=lse_log2)
+            (dk, dv), kv_offset = halves[current], travelling[kv_index][0]
+            backward_step(dout, q, *kv.kv, out, lse, delta, calls, dq, None, None, softmax_scale, softcap,
+                          compute_dkdv=False, rows=rows, lse_log2=lse_log2, kv_offset=kv_offset)
             comm.wait(dkv_pending, on_cpu)  # dkv[current] now holds the upstream gradient of the visiting kv
-            backward_step(dout, q, *visiting, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
-                          compute_dq=False, rows=rows, lse_log2=lse_log2)
+            backward_step(dout, q, *kv.kv, out, lse, delta, calls, None, dk, dv, softmax_scale, softcap,
+                          compute_dq=False, rows=rows, lse_log2=lse_log2, kv_offset=kv_offset)
         if kv_pending is not None:
             kv.advance(kv_pending, on_cpu)
         if comm is not None:
@@ -370,7 +462,12 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     if dkv_pending is not None:
         comm.wait(dkv_pending, on_cpu)
     dsinks = sinks_grad(sinks, lse, delta) if sinks is not None else None
-    dk, dv = (_row_range(t, 0, k.shape[1]) for t in halves[current])
+    if own is None:
+        dk, dv = (_row_range(t, 0, k.shape[1]) for t in halves[current])
+    else:  # the travelled rows are home: add them to the first step's
+        for mine, travelled in zip(own, halves[current]):
+            mine[:, lo:hi] += travelled[:, :hi - lo]
+        dk, dv = own
     return dq, dk, dv, dsinks
 
 
@@ -405,7 +502,8 @@ def _simulation_inputs(q, k, v, ring_degree, ring_impl, causal, offset, window_s
         if batch != 1 or offset:
             raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1 and position_offset 0")
         packing = tuple(cu_seqlens.tolist())
-    positions = [layout.positions(seqlen_q, r, packing).to(q.device) for r in range(ring_degree)]
+    # packed shards are cut for the window the attention uses (its left side, as ContextParallel.shard)
+    positions = [layout.positions(seqlen_q, r, packing, window_size[0]).to(q.device) for r in range(ring_degree)]
     return ring_schedule(seqlen_q, ring_degree, ring_impl, causal, offset, window_size, packing), positions
 
 

@@ -56,7 +56,7 @@ class _Call(NamedTuple):
 
     @staticmethod
     def of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap):
-        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing)
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing, window[0])
         return _Call(mesh, seq_len, packing, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
                      q.dtype)
 

@@ -157,3 +157,18 @@ class MaskSpec:
     def constants(self):
         """The constexprs of the rule: packed documents, and which sides of the window are bounded."""
         return {"VARLEN": self.varlen, "LEFT": self.left >= 0, "RIGHT": self.right >= 0}
+
+
+# ---- counting visible pairs (host): the work model of the packed-document dispatch -------------------
+def prefix_work(n, left=-1):
+    """Visible (query, key) pairs among the first ``n`` tokens of a document under a causal mask with a
+    window of ``left`` tokens back (-1: unbounded): each query sees at most left + 1 keys. The work
+    model of cpattn's packed-document dispatch (cpattn/dispatch.py) and its report."""
+    if left < 0 or n <= left + 1:
+        return n * (n + 1) // 2
+    return (left + 1) * (left + 2) // 2 + (n - left - 1) * (left + 1)
+
+
+def span_work(a, b, left=-1):
+    """Visible pairs of the queries at document positions [a, b) (``prefix_work``)."""
+    return prefix_work(b, left) - prefix_work(a, left)

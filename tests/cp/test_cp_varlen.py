@@ -116,17 +116,18 @@ def realistic_packings():
 
 
 @pytest.mark.parametrize("ring_degree", [2, 4, 8])
-def test_packed_work_is_balanced(ring_degree):
+def test_packed_tokens_and_work_are_balanced(ring_degree):
     for name, lengths in realistic_packings().items():
-        work = context_parallel_work(packing(lengths), ring_degree)
-        mean = sum(work) / ring_degree
-        assert max(abs(w - mean) for w in work) <= 0.1 * mean, (name, work)
-        assert sum(work) == sum(n * (n + 1) // 2 for n in lengths), "every causal pair counted once"
+        loads = context_parallel_work(packing(lengths), ring_degree)
+        mean_tokens, mean_work = sum(lengths) / ring_degree, sum(loads.work) / ring_degree
+        assert max(loads.tokens) <= 1.02 * mean_tokens + 1, (name, loads.tokens)
+        assert max(loads.work) <= 1.05 * mean_work, (name, loads.work)
+        assert sum(loads.work) == sum(n * (n + 1) // 2 for n in lengths), "every causal pair counted once"
     lengths = realistic_packings()["one long + many short"]
-    contiguous = context_parallel_work(packing(lengths), ring_degree, "contiguous")
+    contiguous = context_parallel_work(packing(lengths), ring_degree, scheme="contiguous").work
     assert max(contiguous) > 1.2 * sum(contiguous) / ring_degree, "the unbalanced baseline is unbalanced"
     with pytest.raises(ValueError, match="scheme"):
-        context_parallel_work(packing(lengths), ring_degree, "spiral")
+        context_parallel_work(packing(lengths), ring_degree, scheme="spiral")
     with pytest.raises(ValueError, match="cu_seqlens"):
         context_parallel_work([0, 5, 3], ring_degree)
 
@@ -136,17 +137,20 @@ DIST_CASES = {
     2: [("ring", 1, "ring", 7, True), ("zigzag", 1, "zigzag", 130, True),
         ("ulysses", 2, "zigzag", 97, False), ("ulysses", 2, "zigzag", 7, True),
         ("zigzag", 1, "zigzag", [70, 1, 26], True), ("ring", 1, "ring", [3, 4], False),
+        ("ring", 1, "ring", [33, 1, 50, 7], True, (8, 0)),
         ("ulysses", 2, "zigzag", [5, 120, 0, 5], True)],
     4: [("zigzag", 1, "zigzag", 7, True), ("ring", 1, "ring", 130, False), ("ulysses", 4, "zigzag", 97, True),
         ("usp", 2, "zigzag", 97, True), ("usp", 2, "ring", 7, False),
         ("zigzag", 1, "zigzag", [250, 9, 1, 41], True), ("usp", 2, "zigzag", [11, 80, 6], True),
-        ("ulysses", 4, "zigzag", [2, 3, 2], False), ("ring", 1, "ring", [60, 37], True)],
+        ("ulysses", 4, "zigzag", [2, 3, 2], False), ("ring", 1, "ring", [60, 37], True),
+        ("zigzag", 1, "zigzag", [129, 7, 1, 0, 77], True, (16, 0))],
 }
 
 
 def run_uneven(rank, world_size):
     results = []
-    for i, (algo, degree, ring_impl, lengths, causal) in enumerate(DIST_CASES[world_size]):
+    for i, (algo, degree, ring_impl, lengths, causal, *window) in enumerate(DIST_CASES[world_size]):
+        window = window[0] if window else (-1, -1)  # packed shards cut for the attention's window
         cp = cpattn.ContextParallel(ulysses_degree=degree, ring_impl=ring_impl)
         cu = packing(lengths) if isinstance(lengths, list) else None
         seq_len = lengths if cu is None else sum(lengths)
@@ -154,29 +158,33 @@ def run_uneven(rank, world_size):
         q = torch.randn(1, seq_len, 4, 16, generator=gen)
         k, v = (torch.randn(1, seq_len, 2, 16, generator=gen) for _ in range(2))
         dout = torch.randn(1, seq_len, 4, 16, generator=gen)
-        local = [cp.shard(t, cu_seqlens=cu).requires_grad_() for t in (q, k, v)]
-        out, lse = cp.attention(*local, causal=causal, return_lse=True, seq_len=seq_len, cu_seqlens=cu)
-        out.backward(cp.shard(dout, cu_seqlens=cu))
-        got = [cp.gather(t, seq_len=seq_len, cu_seqlens=cu) for t in (out.detach(), *(t.grad for t in local))]
+        local = [cp.shard(t, cu_seqlens=cu, window_size=window).requires_grad_() for t in (q, k, v)]
+        out, lse = cp.attention(*local, causal=causal, return_lse=True, seq_len=seq_len, cu_seqlens=cu,
+                                window_size=window)
+        out.backward(cp.shard(dout, cu_seqlens=cu, window_size=window))
+        got = [cp.gather(t, seq_len=seq_len, cu_seqlens=cu, window_size=window)
+               for t in (out.detach(), *(t.grad for t in local))]
         if cu is None:
             leaves = [t.double().requires_grad_() for t in (q, k, v)]
             ref_out, ref_lse = reference_attention(*leaves, causal=causal)
             ref = [ref_out, *torch.autograd.grad(ref_out, leaves, dout.double())]
             positions_ok = True
         else:
-            ref_out, ref_lse, *grads = varlen_reference(q, k, v, dout, cu, causal)
+            ref_out, ref_lse, *grads = varlen_reference(q, k, v, dout, cu, causal, window)
             ref = [ref_out, *grads]
             # positions: each local token's position inside its document, the same as sharding them
-            positions_ok = torch.equal(cp.positions(seq_len, cu_seqlens=cu),
-                                       cp.shard(doc_positions(tuple(cu.tolist())), seq_dim=0, cu_seqlens=cu))
+            positions_ok = torch.equal(cp.positions(seq_len, cu_seqlens=cu, window_size=window),
+                                       cp.shard(doc_positions(tuple(cu.tolist())), seq_dim=0, cu_seqlens=cu,
+                                                window_size=window))
             # the SDPA-layout method takes the packing too
             sdpa_out = cp.scaled_dot_product_attention(*(t.detach().transpose(1, 2) for t in local), is_causal=causal,
-                                                       enable_gqa=True, cu_seqlens=cu)
+                                                       enable_gqa=True, cu_seqlens=cu, window_size=window)
             positions_ok = positions_ok and torch.allclose(sdpa_out, out.detach().transpose(1, 2), atol=1e-6)
         tokens = torch.arange(seq_len)
-        lse_ok = rel_err(lse, ref_lse[..., cp.shard(tokens, 0, cu)]) < FWD_TOL
+        lse_ok = rel_err(lse, ref_lse[..., cp.shard(tokens, 0, cu, window)]) < FWD_TOL
         x = torch.randn(2 if cu is None else 1, seq_len, 3)
-        round_trip = torch.equal(cp.gather(cp.shard(x, cu_seqlens=cu), seq_len=seq_len, cu_seqlens=cu), x)
+        round_trip = torch.equal(cp.gather(cp.shard(x, cu_seqlens=cu, window_size=window), seq_len=seq_len,
+                                           cu_seqlens=cu, window_size=window), x)
         results.append({"case": (algo, ring_impl, seq_len, causal), "errors": [rel_err(g, r) for g, r in zip(got, ref)],
                         "lse_ok": lse_ok, "positions_ok": positions_ok, "local": local[0].shape[1],
                         "round_trip": round_trip})
@@ -214,6 +222,8 @@ def run_bad_packings(rank, world_size):
         "batch 2": lambda: cp.attention(*[cp.shard(full.expand(2, -1, -1, -1), cu_seqlens=cu)] * 3, cu_seqlens=cu),
         "seq_len contradicts cu_seqlens": lambda: cp.attention(*[cp.shard(full, cu_seqlens=cu)] * 3, seq_len=15,
                                                                cu_seqlens=cu),
+        "window other than the shards'": lambda: cp.attention(*[cp.shard(full, cu_seqlens=cu, window_size=(2, 0))] * 3,
+                                                              causal=True, cu_seqlens=cu),
     }
     outcomes = {}
     for name, call in cases.items():
@@ -231,7 +241,7 @@ def run_bad_packings(rank, world_size):
 def test_bad_packings_raise_on_every_rank():
     expected = {"packings differ": "disagree", "gather packings differ": "disagree",
                 "cu_seqlens longer than the shards": "tokens", "cu_seqlens int64": "int32", "batch 2": "batch 1",
-                "seq_len contradicts cu_seqlens": "ends at"}
+                "seq_len contradicts cu_seqlens": "ends at", "window other than the shards'": "window_size"}
     for rank, (outcomes, error) in enumerate(run_ranks(run_bad_packings, 2, timeout=180)):
         for name, match in expected.items():
             kind, message = outcomes[name]

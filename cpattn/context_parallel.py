@@ -13,57 +13,31 @@ attention itself. A failure inside a call makes every rank raise within
 ``timeout`` (faults.py). The MindSpeed-style configuration (``from_config``,
 ``from_args``) lives in mindspeed.py.
 """
-import collections
-
 import torch
 import torch.distributed as dist
 
 from . import _cp_ops, mindspeed
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, check_backend
-from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, GatherSignature, check_attention_arguments, \
-    check_construction, gather_key, read_packing, seq_len_fix
-from ._checks import check_window
-from .dispatch import cut_window
-from .layout import doc_positions
+from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, check_attention_arguments, check_construction, \
+    read_packing, seq_len_fix
+from .cp_sharding import PackingCuts, checked_seq_dim, document_positions, gather_shards, shard_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
 from cpattn.kernels.mask import causal_window
 
-_CUTS_KEPT = 64  # packings whose cut window an object remembers (training makes a new packing every step)
 _METHODS = {False: "ContextParallel.attention", True: "ContextParallel.scaled_dot_product_attention"}  # by layout
 
 
-def _seq_dim(x, seq_dim, where):
-    """``seq_dim`` of tensor ``x`` checked and made non-negative."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
-    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int):
-        raise TypeError(f"{where}: seq_dim must be an int, got {type(seq_dim).__name__}")
-    if not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"{where}: seq_dim {seq_dim} is out of range for a {x.dim()}-D tensor")
-    return seq_dim % x.dim()
-
-
 class ContextParallel:
-    """Attention over a sequence split across the ranks of ``group``.
+    """Attention over a sequence split across the ranks of ``group`` (None: the default group).
 
-    ``group``: a torch.distributed process group (None: the default group).
-    ``ulysses_degree``: ranks per Ulysses (head all-to-all) group, a divisor of
-    the group size, or "auto" (needs ``num_heads``): the largest degree whose
-    Ulysses groups fit inside nodes, learned from the ranks (``mesh.py``).
-    ``ring_impl``: "zigzag" (load-balanced causal shards) or "ring" (contiguous).
-    ``num_heads``/``num_kv_heads``: optional; checked early, used by "auto".
-    ``check_across_ranks``: True (default): the first call with each distinct
-    signature (shapes, dtype, flags) all-gathers a few ints describing every
-    rank's arguments, so arguments that differ between ranks (or fail on one
-    rank only) raise everywhere; later calls with that signature skip it.
-    "always": every call does (debugging; on CUDA a host sync per call).
-    False: never.
-    ``timeout``: seconds after which a rank waiting for a failed or missing
-    peer gives up (the bound of faults.py).
-    Collective: every rank of ``group`` constructs it with the same arguments.
-    ``close()`` (or ``with ContextParallel(...) as cp:``) frees its communicators.
+    ``ulysses_degree``: ranks per Ulysses (head all-to-all) group, or "auto" (needs ``num_heads``; the
+    largest degree whose groups fit inside nodes). ``ring_impl``: "zigzag" or "ring". ``check_across_ranks``:
+    True (the first call of each signature agrees across ranks), "always" or False. ``timeout``: how long
+    a rank waits for a failed or missing peer (faults.py). Collective: every rank constructs it with the
+    same arguments; ``close()`` (or ``with``) frees its communicators. docs/context-parallelism.md has
+    the details.
     """
 
     def __init__(self, group=None, ulysses_degree=1, ring_impl="zigzag", *, num_heads=None, num_kv_heads=None,
@@ -83,7 +57,7 @@ class ContextParallel:
         self._mesh = Mesh(self.group, checked.ulysses_degree, ring_impl, checked.node, checked.num_heads,
                           checked.num_kv_heads, self.timeout)
         self._calls = AgreedCalls(self._mesh.comm, check_across_ranks)
-        self._cuts = collections.OrderedDict()  # packing -> the window left its shards were cut for
+        self._cuts = PackingCuts(self.ring_degree)  # the window each packing's shards were cut for
         self._closed = False
         self._handle = _cp_ops.register(self._forward_op, self._backward_op)  # how compiled code names it
 
@@ -129,10 +103,8 @@ class ContextParallel:
         global, or with ``cu_seqlens`` (packed documents) each token's position inside its document
         (for RoPE). Any length: without documents ranks hold token counts differing by at most two.
         ``window_size``: as ``shard``'s."""
-        where = "ContextParallel.positions"
-        packing, seq_len = read_packing(cu_seqlens, seq_len, where)
-        tokens = self.layout.positions(seq_len, self.mesh_rank, packing, self._cut_for(packing, window_size, where))
-        return tokens if packing is None else doc_positions(packing)[tokens]
+        return document_positions(*shard_positions(self._mesh, self._cuts, seq_len, cu_seqlens, window_size,
+                                                   "ContextParallel.positions"))
 
     def shard(self, x, seq_dim=1, cu_seqlens=None, window_size=(-1, -1)):
         """This rank's tokens of the full tensor ``x`` (a copy), in the order the mesh needs.
@@ -143,53 +115,19 @@ class ContextParallel:
         balanced for it (packed documents; without them the shards do not depend on it); ``attention``
         with another window raises on every rank."""
         where = "ContextParallel.shard"
-        seq_dim = _seq_dim(x, seq_dim, where)
+        seq_dim = checked_seq_dim(x, seq_dim, where)
         self.layout.check_seq_len(x.shape[seq_dim], where)
-        packing, seq_len = read_packing(cu_seqlens, x.shape[seq_dim], where)
-        positions = self.layout.positions(seq_len, self.mesh_rank, packing, self._cut_for(packing, window_size, where))
+        positions, _ = shard_positions(self._mesh, self._cuts, x.shape[seq_dim], cu_seqlens, window_size, where)
         return x.index_select(seq_dim, positions.to(x.device))
-
-    def _cut_for(self, packing, window_size, where):
-        """The window left side the shards of ``packing`` are cut for (``dispatch.cut_window``), remembered
-        so that attention with another window raises (the last ``_CUTS_KEPT`` packings)."""
-        left = check_window(window_size, where)[0]
-        if packing is None:
-            return -1
-        cut = self._cut_window(packing, left)
-        self._cuts[packing] = cut
-        self._cuts.move_to_end(packing)
-        while len(self._cuts) > _CUTS_KEPT:
-            self._cuts.popitem(last=False)
-        return cut
-
-    def _cut_window(self, packing, window_left):
-        """``dispatch.cut_window``; -1 with one ring rank, where no cut depends on a window."""
-        return -1 if self.ring_degree == 1 else cut_window(packing, window_left)
 
     def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None, window_size=(-1, -1)):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable).
 
         ``seq_len``: the full length; needed when it is not P x the local length (uneven lengths).
         ``cu_seqlens`` and ``window_size``: those ``shard`` was given (``cu_seqlens`` implies the length)."""
-        where = "ContextParallel.gather"
-        self._check_open(where)
-
-        def check():
-            dim = _seq_dim(x, seq_dim, where)
-            check_backend(self.group, x.device, where)
-            packing, full = read_packing(cu_seqlens, seq_len, where)
-            cut = -1 if packing is None else self._cut_window(packing, check_window(window_size, where)[0])
-            full = self.layout.full_length(x.shape[dim], full, self.mesh_rank, where, packing, cut)
-            shape = tuple(full if d == dim else size for d, size in enumerate(x.shape))
-            return GatherSignature(str(x.dtype), dim, shape, packing, cut)
-        call = self._calls.agree(gather_key(x, seq_dim, seq_len, cu_seqlens, window_size), where, check, hint=x)
-        cut_args = (call.cu_seqlens, call.cut_window)
-        lengths = [self.layout.local_lengths(call.shape[call.seq_dim], *cut_args)[m]
-                   for m in self._mesh.mesh_ranks]  # of each group rank
-        pieces = self._mesh.all_gather_shards(x, call.seq_dim, lengths, where)
-        stacked = torch.cat([p.narrow(call.seq_dim, 0, n) for p, n in zip(pieces, lengths)], dim=call.seq_dim)
-        order = self.layout.order(call.shape[call.seq_dim], self._mesh.mesh_ranks, *cut_args)
-        return torch.empty_like(stacked).index_copy_(call.seq_dim, order.to(x.device), stacked)
+        self._check_open("ContextParallel.gather")
+        return gather_shards(x, seq_dim, seq_len, cu_seqlens, window_size, self._mesh, self._calls, self._cuts,
+                             self.group, "ContextParallel.gather")
 
     @property
     def compiled_handle(self):
@@ -202,36 +140,14 @@ class ContextParallel:
     def attention(self, q, k, v, causal=False, softmax_scale=None, return_lse=False, window_size=(-1, -1),
                   softcap=0.0, sinks=None, seq_len=None, cu_seqlens=None):
         """Attention of local shards in flash layout: q (B, S/P, H, D), k (B, S/P, Hkv, D) and
-        v (B, S/P, Hkv, Dv); v may have a head dim of its own (MLA: D = 192, Dv = 128), and the
-        default scale is 1/sqrt(D).
-
-        The shards must come from ``shard`` (or follow its order). ``causal``
-        uses the global positions of the tokens (as on one device). Returns the
-        local shard of the output, (B, S/P, H, Dv), differentiable in q, k, v;
-        with ``return_lse`` also lse (B, H, S/P) float32, natural log: the rows
-        of single-device attention's lse for this rank's tokens (not differentiable).
-
-        ``window_size=(left, right)``, ``softcap`` and ``sinks`` (H,) as in
-        ``cpattn.flash_attn_func``, by global position. ``sinks`` must be the same on
-        every rank (a replicated parameter); like every replicated parameter's, its
-        gradient on a rank is that rank's share, which the data/context-parallel
-        gradient all-reduce sums.
-        A window shorter than the sequence skips the ring steps (and their kv
-        transfers) whose keys no local query sees; ``ring_impl="ring"`` keeps
-        neighbouring positions on neighbouring ranks, so it stops after
-        ceil(window / piece) + 1 steps.
-
-        ``seq_len``: the full sequence length, any positive int (default: P x the
-        local length). Needed when the length is not divisible by the shard
-        layout, where ranks hold token counts differing by one or two.
-
-        ``cu_seqlens``: packed documents (batch 1), the GLOBAL packing (int32, the
-        same on every rank, as given to ``shard``; it implies ``seq_len``). Every
-        document is attended separately, causal and windows by the position inside
-        it (as ``flash_attn_varlen_func``); chunks that share no document make no
-        kernel call. Read to the host every call (a device sync on CUDA). The shards must have been cut
-        for this call's ``window_size`` (``shard(..., window_size=)``): when this object made them for
-        another window, every rank raises.
+        v (B, S/P, Hkv, Dv) from ``shard`` (or in its order); returns this rank's shard of single-device
+        attention's output (B, S/P, H, Dv), differentiable in q, k, v, and with ``return_lse`` its lse
+        (B, H, S/P) float32, natural log (not differentiable). ``causal``, ``window_size``, ``softcap``
+        and ``sinks`` (H,) as in ``cpattn.flash_attn_func``, by global position; the default scale is
+        1/sqrt(D). ``seq_len``: the full length (default P x the local length; needed when uneven).
+        ``cu_seqlens``: packed documents (batch 1), the global packing given to ``shard`` (it implies
+        ``seq_len``; read to the host every call). Semantics, costs and windows' skipped steps:
+        docs/context-parallelism.md and docs/packed-documents.md.
         """
         return self._attend(AttentionArgs(q, k, v, causal, softmax_scale, return_lse, window_size, softcap, sinks,
                                           seq_len, cu_seqlens, sdpa_layout=False, enable_gqa=True))
@@ -266,7 +182,7 @@ class ContextParallel:
             needs_grad = args.needs_grad() if needs_grad is None else needs_grad
         except AttributeError:  # not tensors: the checks name the culprit
             pass
-        cut = None if packing is None else self._cuts.get(packing)  # the window its shards were cut for
+        cut = self._cuts.of(packing)  # the window its shards were cut for
         key = args.key(needs_grad, seq_len, packing, compiled)
         key = None if key is None else (key, cut)
         softmax_scale = args.softmax_scale
@@ -288,7 +204,7 @@ class ContextParallel:
         if packing is not None:
             if args.q.shape[0] != 1:
                 raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {args.q.shape[0]}")
-            window_left = self._cut_window(packing, window_size[0])
+            window_left = self._cuts.cut(packing, window_size[0])
             if cut is not None and cut != window_left:
                 raise ValueError(f"{where}: the shards of these cu_seqlens were cut for a window of left side {cut} "
                                  f"(-1: none) but attention has window_size={window_size}; pass the same "

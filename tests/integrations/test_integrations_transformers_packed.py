@@ -2,7 +2,8 @@
 
 A batch of five documents (80 tokens, one of them a single token) made by transformers'
 DataCollatorWithFlattening trains one step of a tiny Llama and a tiny Mistral (sliding
-window 8) on 2 gloo ranks and on 4 (zigzag): ``shard_batch`` makes the packing from the
+window 8) on 2 gloo ranks (zigzag) and on 4 (USP: Ulysses 2 x zigzag ring 2; a zigzag ring
+of 4 is several times slower on the interpreter): ``shard_batch`` makes the packing from the
 restarting position_ids (Llama, labels as plain input_ids: shard_batch ignores each
 document's first label itself) or from cu_seq_lens (Mistral, the collator's labels).
 Every rank's loss and every parameter's gradient must equal the single-device step
@@ -112,13 +113,13 @@ def misuse_cases(cp, rank, single_device):
 
 
 def run_packed(rank, world_size, single_device):
-    cp = cpattn.ContextParallel(ring_impl="zigzag")
+    cp = cpattn.ContextParallel(ulysses_degree=world_size // 2, ring_impl="zigzag")
     results = {family: packed_step(cp, family, config, weights, batch)
                for family, (config, weights, batch, *_) in single_device.items()}
     return results, (misuse_cases(cp, rank, single_device) if world_size == 2 else None)
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [2, 4], ids=["zigzag2", "usp4"])
 def test_packed_training_step_matches_single_device(world_size, single_device):
     outcomes = run_ranks(run_packed, world_size, single_device, timeout=300)
     for family, (*_, want_loss, want_grads) in single_device.items():

@@ -32,7 +32,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cpattn
+from cpattn._checks import check_cu_seqlens
 from cpattn.agreement import agree
+from cpattn.layout import doc_positions
 
 # cpattn keyword argument -> the model feature that needs it, for features cpattn does not compute: a model
 # that needs one is refused with NotImplementedError. Sliding windows (window_size), softcapping (softcap)
@@ -282,7 +284,11 @@ def cpattn_attention(module, query, key, value, attention_mask, dropout=0.0, sca
 
 
 def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel."""
+    """transformers attention function "cpattn_cp": this rank's shard of the sequence, on the active ContextParallel.
+
+    Packed documents arrive as the flash-attention kwargs ``shard_batch`` adds (``cu_seq_lens_q/k``: the
+    GLOBAL packing, not this rank's tokens), passed on as ``ContextParallel.attention``'s ``cu_seqlens``.
+    """
     where = "cpattn_cp attention"
     from .transformers_cache import layer_of_update  # transformers is loaded: it is calling this function
     layer = layer_of_update(key)
@@ -301,29 +307,61 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                       "cpattn.integrations.transformers.ShardedCache (generate(cache=...))")
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) under context "
-                                      f"parallelism; pack the sequences instead{SDPA_HINT}")
-        packed = [name for name in PACKED_KWARGS if kwargs.get(name) is not None]
-        if packed:
-            raise NotImplementedError(f"{where}: packed sequences ({', '.join(packed)}) are not passed to "
-                                      "ContextParallel.attention's cu_seqlens by this integration yet"
-                                      f"{SDPA_HINT}")
-        seq_len = query.shape[2] * cp.world_size
+                                      f"parallelism; pack the sequences instead (shard_batch with position_ids "
+                                      f"or cu_seq_lens){SDPA_HINT}")
+        cu = _global_packing(kwargs, where)
+        seq_len = query.shape[2] * cp.world_size if cu is None else int(cu[-1])
         causal, extras = cpattn_arguments(module, dropout, seq_len, kwargs, where)
         position_ids = kwargs.get("position_ids")
-        if position_ids is not None:
+        if position_ids is not None and cu is None:
             expected = cp.positions(seq_len).to(position_ids.device)
             if position_ids.shape[-1] != expected.numel() or not torch.equal(position_ids,
                                                                               expected.expand_as(position_ids)):
                 raise ValueError(f"{where}: position_ids are not this rank's global token positions "
                                  f"cp.positions({seq_len}); pass them (shard_batch does), so that RoPE sees the "
-                                 "true positions (packed sequences, whose positions restart, are not passed "
-                                 "to ContextParallel.attention's cu_seqlens by this integration yet)")
-        return causal, extras
+                                 "true positions; for packed documents pass all of shard_batch's inputs (its "
+                                 "cu_seq_lens_q/k carry the global packing)")
+        if cu is not None and position_ids is None:
+            raise ValueError(f"{where}: packed documents need position_ids (each token's position inside its "
+                             "document): pass all of shard_batch's inputs")
+        return causal, extras, cu
     # A padding mask or wrong positions may reach some ranks only: every rank must raise, none may wait.
-    causal, extras = agree(where, check, group=cp.group if cp.check_across_ranks else None, hint=query)
+    group = cp.group if cp.check_across_ranks else None
+    causal, extras, cu = agree(where, check, group=group, hint=query)
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                       causal=causal, softmax_scale=scaling, **extras)
+                       causal=causal, softmax_scale=scaling, cu_seqlens=cu, **extras)
+    if cu is not None:
+        # Checked only now: cp.attention has verified (on every rank) that the layer's window is the one the
+        # shards were cut for, so cp.positions, which remembers the window it is given, cannot hide a mismatch.
+        window = extras.get("window_size", (-1, -1))
+        agree(where, lambda: _check_packed_positions(cp, kwargs["position_ids"], cu, window, where), group=group,
+              hint=query)
     return out, None
+
+
+def _global_packing(kwargs, where):
+    """The global cu_seqlens (int32) of shard_batch's packed inputs (the flash-attention kwargs), or None."""
+    if not any(kwargs.get(name) is not None for name in PACKED_KWARGS):
+        return None
+    cu_q, cu_k, max_q, max_k = _packed_from_kwargs(kwargs, where)
+    if not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        raise ValueError(f"{where}: cu_seq_lens_q and cu_seq_lens_k differ; context-parallel layers attend each "
+                         "document to itself (pass shard_batch's inputs)")
+    check_cu_seqlens(cu_q, None, max_q, cu_q.device, "cu_seq_lens_q", where)
+    longest = int(cu_q.diff().max()) if cu_q.numel() > 1 else 0
+    if max_q != longest or max_k != longest:
+        raise ValueError(f"{where}: max_length_q/k ({max_q}, {max_k}) are not the longest document of "
+                         f"cu_seq_lens_q ({longest})")
+    return cu_q
+
+
+def _check_packed_positions(cp, position_ids, cu, window_size, where):
+    """Refuse position_ids other than this rank's in-document positions of the global packing ``cu``."""
+    expected = cp.positions(int(cu[-1]), cu_seqlens=cu, window_size=window_size).to(position_ids.device)
+    if position_ids.shape[-1] != expected.numel() or not torch.equal(position_ids, expected.expand_as(position_ids)):
+        raise ValueError(f"{where}: position_ids are not this rank's positions inside its documents "
+                         f"(cp.positions(seq_len, cu_seqlens=cu_seq_lens_q, window_size={window_size})); pass all "
+                         "of shard_batch's inputs, made with the window the layers use")
 
 
 def __getattr__(name):
@@ -335,7 +373,7 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def shard_batch(cp, input_ids, labels, ignore_index=-100):
+def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, window_size=(-1, -1), ignore_index=-100):
     """This rank's share of a causal-LM batch: ``(model inputs, shift_labels)``.
 
     ``input_ids``, ``labels``: (B, S), the whole batch, the same on every rank.
@@ -343,6 +381,16 @@ def shard_batch(cp, input_ids, labels, ignore_index=-100):
     tokens' global positions, for RoPE). The labels are shifted by one token over
     the whole sequence before sharding (a token's target is the next token, which
     may live on another rank); the last token gets ``ignore_index``.
+
+    Packed documents (batch 1, as ``DataCollatorWithFlattening`` makes them): ``position_ids``
+    (1, S) that restart at 0 where a document starts, or ``cu_seq_lens`` (the global int
+    cu_seqlens), or both (they must agree), define the packing. The tokens are then sharded by
+    ``ContextParallel``'s packed dispatch for ``window_size`` (the window the layers use:
+    ``(sliding_window - 1, 0)`` for a sliding-window model); ``position_ids`` become each local
+    token's position inside its document, and the inputs also carry the global packing as the
+    flash-attention kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``), which transformers hands to
+    every "cpattn_cp" layer. No token predicts across a document boundary: each document's first
+    label is ignored before the shift (``labels`` are not modified).
     """
     where = "shard_batch"
     for name, t in (("input_ids", input_ids), ("labels", labels)):
@@ -352,9 +400,58 @@ def shard_batch(cp, input_ids, labels, ignore_index=-100):
     if labels.shape != input_ids.shape:
         raise ValueError(f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
     batch, seq_len = input_ids.shape
+    cu = _batch_packing(input_ids, position_ids, cu_seq_lens, where)
+    if cu is None:  # the dense shards do not depend on the window; cp.shard still checks it
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        positions = cp.positions(seq_len, window_size=window_size).to(input_ids.device).expand(batch, -1)
+        return ({"input_ids": cp.shard(input_ids, seq_dim=1, window_size=window_size), "position_ids": positions},
+                cp.shard(shift_labels, seq_dim=1, window_size=window_size))
+    labels = labels.clone()
+    labels[:, cu[:-1].long().to(labels.device)] = ignore_index  # a document's first token is nobody's target
     shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    positions = cp.positions(seq_len).to(input_ids.device).expand(batch, -1)
-    return {"input_ids": cp.shard(input_ids, seq_dim=1), "position_ids": positions}, cp.shard(shift_labels, seq_dim=1)
+    packed = {"cu_seqlens": cu, "window_size": window_size}
+    positions = cp.positions(seq_len, **packed).to(input_ids.device)[None]
+    longest = int(cu.diff().max())
+    inputs = {"input_ids": cp.shard(input_ids, seq_dim=1, **packed), "position_ids": positions,
+              "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return inputs, cp.shard(shift_labels, seq_dim=1, **packed)
+
+
+def _batch_packing(input_ids, position_ids, cu_seq_lens, where):
+    """The global cu_seqlens (int32, on input_ids' device) that ``position_ids`` and/or ``cu_seq_lens``
+    give a packed batch, checked against each other and the tokens; None for neither."""
+    if position_ids is None and cu_seq_lens is None:
+        return None
+    batch, seq_len = input_ids.shape
+    if batch != 1:
+        raise ValueError(f"{where}: packed documents (position_ids or cu_seq_lens) need batch 1 (one row of "
+                         f"concatenated documents, as DataCollatorWithFlattening makes), got batch {batch}")
+    from_positions = None
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or tuple(position_ids.shape) != (1, seq_len):
+            raise ValueError(f"{where}: position_ids must be a (1, {seq_len}) tensor like input_ids, got "
+                             f"{getattr(position_ids, 'shape', type(position_ids).__name__)}")
+        from_positions, _ = _documents_of_positions(position_ids.to(input_ids.device))
+        in_document = doc_positions(tuple(from_positions.tolist()))
+        wrong = (position_ids[0].cpu() != in_document).nonzero().flatten()
+        if wrong.numel():
+            i = int(wrong[0])
+            raise ValueError(f"{where}: position_ids must count 0, 1, 2, ... inside every document (restart at 0 "
+                             f"where a document starts); token {i} has position {int(position_ids[0, i])}, its "
+                             f"document's count says {int(in_document[i])}")
+    if cu_seq_lens is None:
+        return from_positions
+    if not isinstance(cu_seq_lens, torch.Tensor) or cu_seq_lens.dim() != 1 or cu_seq_lens.dtype.is_floating_point:
+        raise ValueError(f"{where}: cu_seq_lens must be a 1-D integer tensor, got "
+                         f"{getattr(cu_seq_lens, 'shape', type(cu_seq_lens).__name__)}")
+    cu = cu_seq_lens.to(device=input_ids.device, dtype=torch.int32)
+    check_cu_seqlens(cu, seq_len, seq_len, cu.device, "cu_seq_lens", where)
+    if bool((cu.diff() == 0).any()):
+        raise ValueError(f"{where}: cu_seq_lens holds an empty document: {cu.tolist()}")
+    if from_positions is not None and not torch.equal(cu, from_positions):
+        raise ValueError(f"{where}: position_ids and cu_seq_lens describe different packings: the positions "
+                         f"restart at {from_positions.tolist()[:-1]}, cu_seq_lens is {cu.tolist()}")
+    return cu
 
 
 def causal_lm_loss(logits, shift_labels, cp, ignore_index=-100):

@@ -180,6 +180,7 @@ def test_two_ranks():
     check(2)
 
 
+@pytest.mark.slow  # 4 ranks (14 s); 2 ranks cover the same splits, a rank with no token included
 def test_four_ranks():
     check(4)
 

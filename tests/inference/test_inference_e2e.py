@@ -7,6 +7,7 @@ Ulysses degree of 2), into paged, sequence-sharded caches; 32 tokens are then de
 as one batch. The tokens must be exactly those of single-device generation
 with torch SDPA recomputing the whole sequence at every step.
 """
+import pytest
 import torch
 
 import cpattn
@@ -87,5 +88,6 @@ def test_generate_two_ranks():
     check(2, 1)
 
 
+@pytest.mark.slow  # 4 ranks: test_inference_chunks' and the transformers generate() tests run 4 ranks by default
 def test_generate_four_ranks():
     check(4, 2)

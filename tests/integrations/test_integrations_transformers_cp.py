@@ -90,7 +90,11 @@ def run_mesh(rank, world_size, ulysses_degree, single_device):
     return results, (misuse_cases(rank, world_size) if world_size == 2 else None)
 
 
-@pytest.mark.parametrize("world_size, ulysses_degree", [(2, 1), (4, 1), (4, 2)], ids=["zigzag2", "zigzag4", "usp4"])
+# The 4-rank meshes run with -m slow: a 4-rank ring and USP through transformers cost about a minute on two
+# cores; the packed test (test_integrations_transformers_packed.py) runs USP 2 x 2 by default.
+@pytest.mark.parametrize("world_size, ulysses_degree",
+                         [(2, 1), pytest.param(4, 1, marks=pytest.mark.slow), pytest.param(4, 2, marks=pytest.mark.slow)],
+                         ids=["zigzag2", "zigzag4", "usp4"])
 def test_context_parallel_training_step_matches_single_device(world_size, ulysses_degree, single_device):
     outcomes = run_ranks(run_mesh, world_size, ulysses_degree, single_device, timeout=300)
     for rank, (results, misuse) in enumerate(outcomes):

@@ -216,6 +216,7 @@ def test_refusals():
         reference(ids, attention_mask=mask, cache=cache)
 
 
+@pytest.mark.slow  # the example's code path runs in the rank tests above; this adds torchrun itself
 def test_torchrun_example_generates_like_single_device():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m",
            "cpattn.examples.generate_transformers", "--max-new-tokens", "4", "--prompt-lengths", "3", "6"]

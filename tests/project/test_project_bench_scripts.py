@@ -34,6 +34,7 @@ def run_script(name, out_dir, *argv):
     return payload, rows
 
 
+@pytest.mark.slow  # a benchmark's CPU smoke (18 s); the varlen kernels are tested in tests/api
 def test_bench_varlen(tmp_path):
     payload, _ = run_script("bench_varlen", tmp_path)
     rows = payload["rows"]
@@ -115,6 +116,7 @@ def test_plot_skipped_without_matplotlib(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "p.png").exists() and "matplotlib not installed" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # the GPU session's NCCL script on gloo (21 s); every algorithm is tested in tests/cp
 def test_check_nccl_quick_runs_every_algorithm_on_gloo(tmp_path):
     payload, _ = run_script("check_nccl", tmp_path)
     rows = payload["rows"]

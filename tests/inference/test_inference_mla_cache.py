@@ -8,7 +8,7 @@ check compares with ``reference_attention`` in float64 over ``cache.gather()`` (
 columns), after checking that the gathered cache holds exactly the vectors given. Kept small for the CPU
 suite: (72, 64) for breadth, one (576, 512) case; 16 and 128 query heads; 1 rank in process, then one
 launch of 2 ranks (several cases, a transfer 2 -> 1, a misuse on one rank) and one of 4 (128 heads).
-decode_step of a latent cache under torch.compile: tests/test_compile.py.
+decode_step of a latent cache under torch.compile: tests/api/test_api_compile.py.
 """
 import pytest
 import torch

@@ -34,19 +34,28 @@ MODELS = {
 }
 
 
+def single_device_step(config, attn_implementation, loss_of):
+    """(weights, loss, {name: grad}) of one step of a model built after seeding 0 with
+    ``attn_implementation``; ``loss_of(model)`` runs its forward and returns the loss."""
+    torch.manual_seed(0)
+    model = build_model(config, attn_implementation)
+    loss = loss_of(model)
+    loss.backward()
+    return model.state_dict(), loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
 @pytest.fixture(scope="module")
 def single_device():
     """family -> (config, weights, input_ids, loss, {name: grad}) of one "sdpa" step on the whole batch."""
     results = {}
     for family, (overrides, batch, seq_len) in MODELS.items():
-        config = tiny_config(family, **overrides)
-        torch.manual_seed(0)
-        model = build_model(config, "eager" if family == "gpt_oss" else "sdpa")  # sdpa has no sinks
-        input_ids = torch.randint(0, config.vocab_size, (batch, seq_len))
-        loss = model(input_ids, labels=input_ids, use_cache=False).loss
-        loss.backward()
-        results[family] = (config, model.state_dict(), input_ids, loss.detach(),
-                           {n: p.grad for n, p in model.named_parameters()})
+        config, drawn = tiny_config(family, **overrides), []
+
+        def loss_of(model):  # the tokens are drawn after the weights, from the same seeded generator
+            drawn.append(torch.randint(0, config.vocab_size, (batch, seq_len)))
+            return model(drawn[0], labels=drawn[0], use_cache=False).loss
+        weights, loss, grads = single_device_step(config, "eager" if family == "gpt_oss" else "sdpa", loss_of)
+        results[family] = (config, weights, drawn[0], loss, grads)  # eager for gpt-oss: sdpa has no sinks
     return results
 
 

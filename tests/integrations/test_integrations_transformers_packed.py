@@ -19,6 +19,7 @@ pytest.importorskip("transformers", reason="transformers is not installed "
 import cpattn  # noqa: E402
 import cpattn.integrations.transformers as cpattn_hf  # noqa: E402
 from cpattn.examples.train_transformers import build_model, tiny_config  # noqa: E402
+from test_integrations_transformers_cp import single_device_step  # noqa: E402
 from cpattn.testing import run_ranks  # noqa: E402
 from reference import rel_err  # noqa: E402
 
@@ -46,14 +47,11 @@ def single_device():
     results = {}
     for family, (overrides, _, _) in MODELS.items():
         config = tiny_config(family, **overrides)
-        torch.manual_seed(0)
-        model = build_model(config, "sdpa")
         batch = packed_batch(config.vocab_size)
-        loss = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
-                     use_cache=False).loss
-        loss.backward()
-        results[family] = (config, model.state_dict(), batch, loss.detach(),
-                           {n: p.grad for n, p in model.named_parameters()})
+        weights, loss, grads = single_device_step(config, "sdpa", lambda model: model(
+            input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+            use_cache=False).loss)
+        results[family] = (config, weights, batch, loss, grads)
     return results
 
 

@@ -19,7 +19,7 @@ pytest.importorskip("transformers", reason="transformers is not installed "
 import cpattn  # noqa: E402
 import cpattn.integrations.transformers as cpattn_hf  # noqa: E402
 from cpattn.examples.train_transformers import build_model, tiny_config  # noqa: E402
-from test_integrations_transformers_cp import single_device_step  # noqa: E402
+from test_integrations_transformers_cp import error_of, single_device_step  # noqa: E402
 from cpattn.testing import run_ranks  # noqa: E402
 from reference import rel_err  # noqa: E402
 
@@ -75,14 +75,6 @@ def packed_step(cp, family, config, weights, batch):
     total = loss.detach().clone()
     torch.distributed.all_reduce(total, group=cp.group)
     return total, {n: p.grad for n, p in model.named_parameters()}, inputs["input_ids"].shape[1]
-
-
-def error_of(fn):
-    try:
-        fn()
-    except Exception as exc:  # every rank reports what it raised
-        return type(exc).__name__, str(exc)
-    return None
 
 
 def misuse_cases(cp, rank, single_device):

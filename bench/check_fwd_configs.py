@@ -22,7 +22,6 @@ import cpattn
 from cpattn.kernels import _autotune
 
 _forced = {"index": 0, "seen": None}
-_original_limit = _autotune.limit_configs
 
 
 def _forced_limit(configs, limit):

@@ -13,6 +13,17 @@ from cpattn.kernels.checks import (MAX_HEAD_DIM, SUPPORTED_DTYPES, check_int_ten
                                    check_scale, check_sinks, check_softcap, check_window)
 
 
+def check_seq_dim(x, seq_dim, where):
+    """``seq_dim`` of tensor ``x`` checked and made non-negative."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
+    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int):
+        raise TypeError(f"{where}: seq_dim must be an int, got {type(seq_dim).__name__}")
+    if not -x.dim() <= seq_dim < x.dim():
+        raise ValueError(f"{where}: seq_dim {seq_dim} is out of range for a {x.dim()}-D tensor")
+    return seq_dim % x.dim()
+
+
 def positive_int(value, name, where, allow_none=False):
     """``value`` if it is an int >= 1 (or None when ``allow_none``); else a TypeError/ValueError naming it."""
     if value is None and allow_none:

@@ -21,7 +21,8 @@ from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, check_backend
 from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, check_attention_arguments, check_construction, \
     read_packing, seq_len_fix
-from .cp_sharding import PackingCuts, checked_seq_dim, document_positions, gather_shards, shard_positions
+from ._checks import check_seq_dim
+from .cp_sharding import PackingCuts, document_positions, gather_shards, shard_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
 from cpattn.kernels.mask import causal_window
@@ -115,7 +116,7 @@ class ContextParallel:
         balanced for it (packed documents; without them the shards do not depend on it); ``attention``
         with another window raises on every rank."""
         where = "ContextParallel.shard"
-        seq_dim = checked_seq_dim(x, seq_dim, where)
+        seq_dim = check_seq_dim(x, seq_dim, where)
         self.layout.check_seq_len(x.shape[seq_dim], where)
         positions, _ = shard_positions(self._mesh, self._cuts, x.shape[seq_dim], cu_seqlens, window_size, where)
         return x.index_select(seq_dim, positions.to(x.device))

@@ -9,24 +9,13 @@ import collections
 
 import torch
 
-from ._checks import check_window
+from ._checks import check_seq_dim, check_window
 from .comm import check_backend
 from .cp_calls import GatherSignature, gather_key, read_packing
 from .dispatch import cut_window
 from .layout import doc_positions
 
 CUTS_KEPT = 64  # packings whose cut window an object remembers (training makes a new packing every step)
-
-
-def checked_seq_dim(x, seq_dim, where):
-    """``seq_dim`` of tensor ``x`` checked and made non-negative."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
-    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int):
-        raise TypeError(f"{where}: seq_dim must be an int, got {type(seq_dim).__name__}")
-    if not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"{where}: seq_dim {seq_dim} is out of range for a {x.dim()}-D tensor")
-    return seq_dim % x.dim()
 
 
 class PackingCuts:
@@ -74,7 +63,7 @@ def gather_shards(x, seq_dim, seq_len, cu_seqlens, window_size, mesh, calls, cut
     layout = mesh.layout
 
     def check():
-        dim = checked_seq_dim(x, seq_dim, where)
+        dim = check_seq_dim(x, seq_dim, where)
         check_backend(group, x.device, where)
         packing, full = read_packing(cu_seqlens, seq_len, where)
         cut = -1 if packing is None else cuts.cut(packing, check_window(window_size, where)[0])

@@ -61,7 +61,7 @@ import torch.distributed._functional_collectives as funcol
 
 from cpattn.kernels import decode_attention, merge_splits
 
-from ._checks import check_kv, check_scale, check_sinks, check_softcap, check_window, positive_int
+from ._checks import check_kv, check_scale, check_seq_dim, check_sinks, check_softcap, check_window, positive_int
 from .agreement import agree
 from ._ops import kernel_dtype
 from .comm import gather_rows
@@ -304,10 +304,7 @@ def _split_index(n, world, rank, order):
 
 
 def _check_split(x, seq_dim, order, where):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{where}: expected a torch.Tensor, got {type(x).__name__}")
-    if isinstance(seq_dim, bool) or not isinstance(seq_dim, int) or not -x.dim() <= seq_dim < x.dim():
-        raise ValueError(f"{where}: seq_dim must be a dimension of the {x.dim()}-D tensor, got {seq_dim!r}")
+    check_seq_dim(x, seq_dim, where)
     if order not in SPLIT_ORDERS:
         raise ValueError(f"{where}: order must be one of {SPLIT_ORDERS}, got {order!r}")
 
@@ -490,7 +487,7 @@ def _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options):
     else:
         out, lse = _attend_local(cache, dev_ids, cache.seqlens_device[dev_ids], rows.pad(q_full[0]),
                                  rows.positions.to(cache.device), options, sinks)
-        partials = rows.unpad(stack_partial(out, lse))  # (n, H, D + 1), in chunk order
+        partials = rows.unpad(stack_partial(out, lse))  # (n, H, Dv + 1), in chunk order
     if world == 1:
         return partials[None, mine.to(cache.device), :, :-1]
     # Rank r receives every rank's partial of the queries it holds, then merges them.
@@ -590,18 +587,20 @@ def prefill(cache: ShardedKVCache, q, k, v, token_index=None, batch_index=None, 
     length from each other.
 
     * One chunk of n tokens for every sequence of ``batch_index`` (default all; B = their number):
-      q (B, n_local, H, D), k, v (B, n_local, Hkv, D); token i of the chunk sits at position
+      q (B, n_local, H, D), k (B, n_local, Hkv, D), v (B, n_local, Hkv, Dv) (None for a latent cache);
+      token i of the chunk sits at position
       ``cache.seqlens[b] + i``.
     * A packed chunk (``cu_seqlens``, int32 (len(batch_index) + 1,), the same on every rank): the new
       tokens of the sequences of ``batch_index``, of different lengths, one after another: sequence i
       has tokens [cu_seqlens[i], cu_seqlens[i + 1]) of the chunk (possibly none) and continues at its
-      own cached length. q (1, n_local, H, D), k, v (1, n_local, Hkv, D); ``token_index`` indexes the
+      own cached length. q (1, n_local, H, D), k, v (1, n_local, Hkv, D or Dv); ``token_index`` indexes the
       packed chunk (``cache.positions(token_index=..., batch_index=..., cu_seqlens=...)``: their positions).
 
     A chunk after a cached prefix (a prefix hit) sees the prefix. ``strategy``: "pass-q", "pass-kv"
     or "auto" (module docstring; both exact; "auto" decides on the whole chunk's tokens and the
     cached tokens of its sequences). ``window_size``, ``softcap``, ``sinks``: as in ``decode``.
-    Returns out (B or 1, n_local, H, D) in q's dtype, for this rank's tokens. Collective.
+    Returns out (B or 1, n_local, H, Dv), Dv the cache's ``v_head_dim``, in q's dtype, for this rank's
+    tokens. Collective.
     """
     where = "prefill"
     world = cache.world_size

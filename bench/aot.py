@@ -10,7 +10,7 @@ would run. Each kernel is compiled as a real launch would compile it:
   never drift from the code;
 * Triton's own binder turns them into the specialization a launch gets on a
   GPU (argument types, 16-byte divisibility, integers equal to 1 as constants);
-* every config that ``_autotune.keep_configs`` keeps for the case (target,
+* every config that ``autotune.keep_configs`` keeps for the case (target,
   dtype, head dim) is compiled.
 
 The cubin is then read with ``cuobjdump`` (also in the wheel): registers per
@@ -41,7 +41,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature, find_paths_if, get_iterable_path
 
-from cpattn.kernels import _autotune, decode, flash_bwd, flash_fwd, merge
+from cpattn.kernels import autotune, decode, flash_bwd, flash_fwd, merge
 from cpattn.kernels.mask import MaskSpec
 from cpattn.kernels.tiles import tile_width
 
@@ -308,11 +308,11 @@ def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES)
                         if name not in kernels:
                             continue
                         block_d, elem_bytes = launch.constants["BLOCK_D"], DTYPES[dtype].itemsize
-                        for config in _autotune.keep_configs(name, block_d, elem_bytes, target.capability,
+                        for config in autotune.keep_configs(name, block_d, elem_bytes, target.capability,
                                                              target.smem_limit, launch.constants):
                             source, options = _bind(launch, config, target)
                             yield Case(name, variant, target, dtype, head_dim, value_dim, config, source, options,
-                                       _autotune.smem_estimate(name, config, block_d, elem_bytes,
+                                       autotune.smem_estimate(name, config, block_d, elem_bytes,
                                                                launch.constants),
                                        bool(launch.constants.get("TMA")))
 
@@ -435,7 +435,7 @@ def save_cache(path, rows):
 
 def cached_row(case, cache):
     """``case``'s row in ``cache`` (None if absent), with the prune's shared-memory estimate of today's
-    ``_autotune``: the estimate is host arithmetic, not part of the binary, so a row keeps its key
+    ``autotune``: the estimate is host arithmetic, not part of the binary, so a row keeps its key
     when only the estimate changes and is checked against the current one."""
     row = cache.get(case.key)
     return None if row is None else {**row, "smem_estimate": case.smem_estimate}

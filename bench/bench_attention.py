@@ -32,7 +32,7 @@ import torch
 
 import _common as C
 import cpattn
-from cpattn.kernels._autotune import chosen_configs
+from cpattn.kernels.autotune import chosen_configs
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 

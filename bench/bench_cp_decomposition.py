@@ -59,7 +59,7 @@ import torch.distributed as dist
 
 import _common as C
 import cpattn
-from cpattn import _ops, context_parallel, ring
+from cpattn import ops, context_parallel, ring
 from cpattn import comm as cp_comm
 from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward
 from cpattn.layout import Layout
@@ -194,7 +194,7 @@ def stubbed_kernels(counts):
     def any_backend(group, device, where):  # the "fake" process group stands in for gloo/NCCL
         return None
 
-    return [(module, name, fn) for module in (ring, _ops) for name, fn in
+    return [(module, name, fn) for module in (ring, ops) for name, fn in
             (("attention_forward", forward), ("attention_backward", backward), ("attention_backward_delta", delta))
             ] + [(context_parallel, "check_backend", any_backend)]
 

@@ -4,7 +4,7 @@
 
 Autotuning picks one config per shape and the others never run, so a config that computes
 wrong values hides until a shape picks it. Here each config in the list that
-``kernels/_autotune.keep_configs`` keeps for this GPU is forced in turn (every other config
+``kernels/autotune.keep_configs`` keeps for this GPU is forced in turn (every other config
 pruned), for bf16 and fp16, head dims 64 and 128, causal and not, and two lengths; the
 forward's out is compared with SDPA's (flash backend) and a NaN or an error above 4x
 SDPA's own error against float32 fails the config. Each row is written as it finishes.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import cpattn
-from cpattn.kernels import _autotune
+from cpattn.kernels import autotune
 
 _forced = {"index": 0, "seen": None}
 
@@ -51,7 +51,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("check_fwd_configs: needs a GPU (CPU runs one fixed block size: nothing to sweep)")
         return 0
-    _autotune.limit_configs = _forced_limit
+    autotune.limit_configs = _forced_limit
     args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
     path = args.out / "fwd_configs.json"
@@ -63,7 +63,7 @@ def main(argv=None):
                     index = 0
                     while True:
                         _forced["index"], _forced["seen"] = index, None
-                        _autotune.forget_tuning()
+                        autotune.forget_tuning()
                         start = time.time()
                         try:
                             out = cpattn.flash_attn_func(q, k, v, causal=causal)

@@ -14,7 +14,7 @@
 #               copy, decode step at 8k..128k with CUDA-graph replay of decode_step, the graph test
 #   5 nccl      2 ranks on the one GPU over NCCL (when this NCCL allows it): ring, zigzag, Ulysses
 #
-# Autotuning is bounded by CPATTN_AUTOTUNE (kernels/_autotune.py): on a fresh machine the time goes to
+# Autotuning is bounded by CPATTN_AUTOTUNE (kernels/autotune.py): on a fresh machine the time goes to
 # compiles. The smoke, CP and NCCL stages try 1 config per kernel (the first of its list); the headline
 # tries 3 (the first 3 distinct tiles) and saves which one each shape chose (attention.json,
 # cpattn_configs). Each stage has a timeout; results go to bench/results/<device>/ and, where $OUT is

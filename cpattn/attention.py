@@ -3,7 +3,7 @@ their qkv/kv-packed variants) and a drop-in for torch's scaled_dot_product_atten
 
 Each entry point checks its arguments, applies autocast like torch SDPA, turns its
 layout and mask convention into the kernels' one description (``MaskSpec``) and
-calls the custom operator of cpattn/_ops.py, which is differentiable and traceable
+calls the custom operator of cpattn/ops.py, which is differentiable and traceable
 by torch.compile.
 """
 import math
@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from cpattn.kernels import MaskSpec
 
-from . import _ops
-from ._checks import (check_documents, check_qkv, check_scale, check_sinks, check_softcap, check_window,
+from . import ops
+from .checks import (check_documents, check_qkv, check_scale, check_sinks, check_softcap, check_window,
                       refuse_unsupported)
 from .flash_kvcache import paged_varlen_attention
 
@@ -36,7 +36,7 @@ def _call_kernels(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, at
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     softcap = check_softcap(softcap, where)
     sinks = check_sinks(sinks, heads, q.device, where)
-    return _ops.attention(q, k, v, scale, mask, softcap, sinks, atomic_dq)
+    return ops.attention(q, k, v, scale, mask, softcap, sinks, atomic_dq)
 
 
 def _check_atomic_dq(atomic_dq, deterministic, where):

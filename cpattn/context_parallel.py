@@ -16,12 +16,12 @@ attention itself. A failure inside a call makes every rank raise within
 import torch
 import torch.distributed as dist
 
-from . import _cp_ops, mindspeed
+from . import cp_ops, mindspeed
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, check_backend
 from .cp_calls import AgreedCalls, AttentionArgs, AttentionSignature, check_attention_arguments, check_construction, \
     read_packing, seq_len_fix
-from ._checks import check_seq_dim
+from .checks import check_seq_dim
 from .cp_sharding import PackingCuts, document_positions, gather_shards, shard_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
@@ -60,7 +60,7 @@ class ContextParallel:
         self._calls = AgreedCalls(self._mesh.comm, check_across_ranks)
         self._cuts = PackingCuts(self.ring_degree)  # the window each packing's shards were cut for
         self._closed = False
-        self._handle = _cp_ops.register(self._forward_op, self._backward_op)  # how compiled code names it
+        self._handle = cp_ops.register(self._forward_op, self._backward_op)  # how compiled code names it
 
     layout = property(lambda self: self._mesh.layout)
     mesh_rank = property(lambda self: self._mesh.rank)
@@ -133,7 +133,7 @@ class ContextParallel:
     @property
     def compiled_handle(self):
         """The int that names this object's forward and backward operators in compiled graphs
-        (``cpattn._cp_ops``): what ``compiled_attention`` takes."""
+        (``cpattn.cp_ops``): what ``compiled_attention`` takes."""
         return self._handle
 
     # ------------------------------------------------------------------ attention
@@ -164,8 +164,8 @@ class ContextParallel:
     def _attend(self, args):
         """Checks (once per distinct call, see ``check_across_ranks``), then attention over the mesh."""
         where = _METHODS[args.sdpa_layout]
-        if torch.compiler.is_compiling():  # one custom operator, which runs _forward_op (_cp_ops.py)
-            return _cp_ops.compiled_attention(self._handle, args, self.layout, where)
+        if torch.compiler.is_compiling():  # one custom operator, which runs _forward_op (cp_ops.py)
+            return cp_ops.compiled_attention(self._handle, args, self.layout, where)
         softmax_scale, seq_len, packing = self._prepare(args, where)
         return usp_attention(*args.flash_views(), self._mesh, seq_len, causal_window(args.causal, args.window_size),
                              softmax_scale, bool(args.return_lse), where, float(args.softcap), args.sinks, packing)
@@ -214,7 +214,7 @@ class ContextParallel:
         return AttentionSignature.of(args, softmax_scale, window_size, softcap, seq_len, packing, needs_grad,
                                      compiled, local_len)
 
-    # ------------------------------------------------------------------ under torch.compile (_cp_ops.py)
+    # ------------------------------------------------------------------ under torch.compile (cp_ops.py)
 
     def _forward_op(self, args, needs_grad):
         """The forward operator: ``_attend``'s eager path without autograd; (out, lse) in flash layout."""

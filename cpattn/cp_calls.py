@@ -3,7 +3,7 @@ the ranks must agree on (agreement.py).
 
 * ``ConstructionSignature`` / ``check_construction``: the constructor's arguments.
 * ``AttentionArgs``: the arguments of one attention call as one value (the eager
-  path, the compiled path and the custom operators of _cp_ops.py pass it on);
+  path, the compiled path and the custom operators of cp_ops.py pass it on);
   ``check_attention_arguments``: the checks that read nothing but them;
   ``AttentionSignature``: what of them must be the same on every rank.
 * ``GatherSignature``: the same for ``gather``.
@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ._checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_timeout, \
+from .checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_timeout, \
     check_window, positive_int
 from .agreement import agree, spoken_list
 from .layout import RING_IMPLS, Layout

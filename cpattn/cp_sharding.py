@@ -9,7 +9,7 @@ import collections
 
 import torch
 
-from ._checks import check_seq_dim, check_window
+from .checks import check_seq_dim, check_window
 from .comm import check_backend
 from .cp_calls import GatherSignature, gather_key, read_packing
 from .dispatch import cut_window

@@ -21,9 +21,9 @@ from cpattn.kernels import decode_attention
 from cpattn.kernels.checks import check_block_table, check_pages_used
 from cpattn.kernels.mask import causal_window
 
-from ._checks import (SUPPORTED_DTYPES, check_documents, check_int_tensor, check_qkv, check_scale, check_sinks,
+from .checks import (SUPPORTED_DTYPES, check_documents, check_int_tensor, check_qkv, check_scale, check_sinks,
                       check_softcap, check_window, may_read_back, refuse_unsupported)
-from ._ops import kernel_dtype
+from .ops import kernel_dtype
 
 MAX_SPLITS = 128  # flash-attn's bound on num_splits
 _POOL_DIMS = "(num_blocks, page_block_size, heads_k, headdim)"

@@ -61,9 +61,9 @@ import torch.distributed._functional_collectives as funcol
 
 from cpattn.kernels import decode_attention, merge_splits
 
-from ._checks import check_kv, check_scale, check_seq_dim, check_sinks, check_softcap, check_window, positive_int
+from .checks import check_kv, check_scale, check_seq_dim, check_sinks, check_softcap, check_window, positive_int
 from .agreement import agree
-from ._ops import kernel_dtype
+from .ops import kernel_dtype
 from .comm import gather_rows
 from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache, packed_tokens

@@ -42,7 +42,7 @@ import torch.distributed as dist
 
 from cpattn.kernels.tiles import is_power_of_two
 
-from ._checks import SUPPORTED_DTYPES, check_kv, check_timeout, positive_int, sequence_ids
+from .checks import SUPPORTED_DTYPES, check_kv, check_timeout, positive_int, sequence_ids
 from .agreement import agree
 from .comm import DEFAULT_TIMEOUT, Communicator
 from .faults import collective, fault_path

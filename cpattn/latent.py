@@ -18,7 +18,7 @@ and values travel in one message (prefill's pass-KV ring, ``transfer_cache``).
 """
 import torch
 
-from ._checks import MAX_HEAD_DIM, positive_int
+from .checks import MAX_HEAD_DIM, positive_int
 
 # The latent decode kernel holds the value columns and the rotary columns in two tiles of their own
 # (kernels/decode.py): each is bounded, not their sum. 512 is DeepSeek's latent width.

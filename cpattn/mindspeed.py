@@ -10,7 +10,7 @@ import argparse
 
 import torch.distributed as dist
 
-from ._checks import positive_int
+from .checks import positive_int
 from .comm import DEFAULT_TIMEOUT
 
 CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")

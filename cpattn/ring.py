@@ -37,8 +37,8 @@ import torch
 
 from cpattn.kernels import MaskSpec, attention_backward, attention_backward_delta, attention_forward
 
-from ._checks import check_cu_seqlens, check_qkv
-from ._ops import kernel_dtype
+from .checks import check_cu_seqlens, check_qkv
+from .ops import kernel_dtype
 from .faults import fault_point
 from .partials import empty_partial, merge_sinks, sinks_grad
 from cpattn.kernels.mask import causal_window, window_sees

@@ -11,14 +11,14 @@ degenerate meshes of the same path: an axis of one rank does no communication.
 A failure inside forward or backward goes through ``Communicator.fail``, so
 every rank raises (faults.py). Under torch.compile the same forward and
 backward run inside two custom operators (``usp_attention_forward`` and
-``usp_attention_backward``, called by cpattn/_cp_ops.py) instead of the
+``usp_attention_backward``, called by cpattn/cp_ops.py) instead of the
 autograd Function.
 """
 from typing import NamedTuple, Optional
 
 import torch
 
-from ._ops import kernel_dtype
+from .ops import kernel_dtype
 from .faults import fault_path, fault_point
 from .mesh import Mesh
 from .ring import ring_backward, ring_forward
@@ -160,7 +160,7 @@ def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=Fals
 
 
 # ----------------------------------------------------------------------------- for the custom operators
-# Under torch.compile a call is two custom operators (cpattn/_cp_ops.py), whose outputs must have shapes
+# Under torch.compile a call is two custom operators (cpattn/cp_ops.py), whose outputs must have shapes
 # known before they run. The ring-side tensors USPAttention saves have none such (with packed documents
 # their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
 # outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.

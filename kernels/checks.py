@@ -1,5 +1,5 @@
 """Argument checks of the kernels' host entry points (``decode_attention``), which cpattn's
-API layer shares (``cpattn/_checks.py`` re-exports them): they live here because the
+API layer shares (``cpattn/checks.py`` re-exports them): they live here because the
 kernels import nothing from cpattn (DESIGN.md, "Layers").
 
 Bad input gets a TypeError or ValueError that names the argument and the problem,

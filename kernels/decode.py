@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from .launcher import launch
 from .checks import check_block_table, check_int_tensor, check_qkv, check_scale, check_sinks, check_softcap, check_window
 from .mask import causal_window, visible, visible_range
 from .merge import empty_as_minus_inf, finish_merge, merge_partials, partial_weight

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
-from ._launch import launch
+from .autotune import BACKWARD_FUSED_ACCUMULATE_MAX_BLOCK_D
+from .launcher import launch
 from .mask import (MaskSpec, block_count, block_start, visible,
                    visible_range)
 from .softmax import LOG2_E, dot_precision, scores
@@ -89,7 +89,7 @@ def _dkdv_inner(dk, dv, k, v, Q, DOut, LseLog2, Delta, DQ,
     (ds @ k, scaled) into the fp32 buffer ``DQ`` with atomics: the 5-GEMM backward.
 
     One flat loop over (head, query block): with a loop over heads around the block
-    loops, ptxas spilled registers in every config at head dim 128 (kernels/aot.py).
+    loops, ptxas spilled registers in every config at head dim 128 (bench/aot.py).
     The head and block indices are counters (no division per iteration).
     Works on transposed tiles (keys along rows) so no transpose of p is needed.
     """

@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
-from ._launch import launch
+from .autotune import FORWARD_FUSED_ACCUMULATE_MAX_BLOCK_D, MAX_BLOCK_N
+from .launcher import launch
 from .mask import MaskSpec, block_count, block_start, visible, visible_range
 from .merge import merge_attention, merge_partials
 from .softmax import LOG2_E, dot_precision, finish_softmax, online_softmax_step, scores  # noqa: F401 (re-exported)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from .launcher import launch
 from .tiles import block_d, grid_1d, needs_int64, program_tile, seq_base, tile_ptrs
 
 

@@ -101,7 +101,7 @@ def block_d(head_dim):
 def tile_width(head_dim, value_dim):
     """The widest head-dim tile of a kernel whose q/k and v/out tiles hold ``head_dim`` and
     ``value_dim`` columns: what its register and shared-memory budget is chosen by (the
-    config lists' head-dim bound and the fused-accumulate bounds of kernels/_autotune.py)."""
+    config lists' head-dim bound and the fused-accumulate bounds of kernels/autotune.py)."""
     return max(block_d(head_dim), block_d(value_dim))
 
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import cpattn
-from cpattn._checks import check_cu_seqlens
+from cpattn.checks import check_cu_seqlens
 from cpattn.agreement import agree
 from cpattn.layout import doc_positions
 

@@ -342,7 +342,7 @@ def test_sdpa_rejects_bad_input():
 
 
 def test_positive_int_check():
-    from cpattn._checks import positive_int
+    from cpattn.checks import positive_int
     assert positive_int(3, "n", "f") == 3 and positive_int(None, "n", "f", allow_none=True) is None
     with pytest.raises(TypeError, match="f: n must be a positive int, got bool"):
         positive_int(True, "n", "f")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn import _ops
+from cpattn import ops
 from fake_check import FakeMatchesReal
 
 
@@ -28,23 +28,23 @@ def test_opcheck_forward_op(window, softcap, with_sinks):
     q, k, v = _opcheck_inputs()
     sinks = torch.zeros(2, requires_grad=True) if with_sinks else None
     args = (q, k, v, 0.25, *window, 0, 0, softcap, sinks, None, None, None, None, 0, 0)
-    torch.library.opcheck(_ops.attention_fwd, args)
+    torch.library.opcheck(ops.attention_fwd, args)
 
 
 def test_opcheck_backward_and_row_stats_ops():
     q, k, v = (t.detach() for t in _opcheck_inputs())
-    out, lse = _ops.attention_fwd(q, k, v, 0.25, -1, 0, 0, 0, 0.0, None, None, None, None, None, 0, 0)
+    out, lse = ops.attention_fwd(q, k, v, 0.25, -1, 0, 0, 0, 0.0, None, None, None, None, None, 0, 0)
     dout = torch.randn_like(out)
     # What autograd runs: delta and the base-2 lse from one pass, passed on to the backward.
-    torch.library.opcheck(_ops.attention_row_stats, (out, dout, lse))
-    delta, lse_log2 = _ops.attention_row_stats(out, dout, lse)
+    torch.library.opcheck(ops.attention_row_stats, (out, dout, lse))
+    delta, lse_log2 = ops.attention_row_stats(out, dout, lse)
     torch.testing.assert_close(delta, (out.double() * dout.double()).sum(-1).transpose(1, 2).float(),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse_log2, lse * 1.4426950408889634, rtol=0, atol=0)
     for flags in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
+        torch.library.opcheck(ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
                                                    None, None, None, None, 0, 0, *flags))
-    torch.library.opcheck(_ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
+    torch.library.opcheck(ops.attention_bwd, (dout, q, k, v, out, delta, lse, 0.25, -1, 0, 0, 0, 0.0,
                                                None, None, None, None, 0, 0, True, True, False, lse_log2))
 
 

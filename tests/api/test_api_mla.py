@@ -11,7 +11,7 @@ import cpattn
 from cpattn.kernels import decode as decode_module
 from cpattn.kernels import decode_attention, flash_fwd
 from cpattn.ring import simulate_ring_attention, simulate_ring_attention_backward
-from cpattn._cp_ops import compiled_attention
+from cpattn.cp_ops import compiled_attention
 from cpattn.cp_calls import AttentionArgs
 from cpattn.testing import run_ranks
 from fake_check import FakeMatchesReal
@@ -146,14 +146,14 @@ def test_fake_implementations_give_the_real_layouts():
                                               None, 0.2, -1, 0, 0.0, [1, 1, 0], 1, torch.float32)
     assert not check.mismatches, f"(operator, output, real layout, fake layout): {check.mismatches}"
     assert {"cpattn::attention_fwd", "cpattn::attention_bwd", "cpattn::decode_attention"} <= check.seen
-    torch.library.opcheck(cpattn._ops.attention_fwd, (q, k, v, 0.25, -1, 0, 2, 0, 0.0, None, None, None, None,
+    torch.library.opcheck(cpattn.ops.attention_fwd, (q, k, v, 0.25, -1, 0, 2, 0, 0.0, None, None, None, None,
                                                       None, 0, 0))
 
 
 def test_config_lists_for_two_head_dims():
     """The list of the pair of tiles where there is one (e.g. MLA's (256, 128)), else that of the wider tile;
     the shared-memory estimate counts value tiles at their own width."""
-    from cpattn.kernels import _autotune as tune
+    from cpattn.kernels import autotune as tune
     for name in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel"):
         table = tune.SPECS[name][0]
         for fam, capability in (("sm_80", 80), ("sm_90", 90)):

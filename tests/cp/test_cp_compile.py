@@ -1,4 +1,4 @@
-"""ContextParallel under torch.compile, on gloo ranks (cpattn/_cp_ops.py).
+"""ContextParallel under torch.compile, on gloo ranks (cpattn/cp_ops.py).
 
 Each algorithm runs inside a small model (projections, context-parallel
 attention, output projection) compiled whole with inductor, forward and

@@ -248,20 +248,20 @@ def test_warp_specialized_forward_configs_have_two_stages():
     """On an H200 (triton 3.6.0) every warp-specialized forward config with 3 stages returned NaN and
     every one with 2 matched SDPA (bench/results/NVIDIA_H200/fwd_configs.json): no list may hold one
     with more than 2 stages until a GPU run shows otherwise."""
-    from cpattn.kernels import _autotune
-    for rows in _autotune.SPECS["_fwd_kernel"][0].values():
+    from cpattn.kernels import autotune
+    for rows in autotune.SPECS["_fwd_kernel"][0].values():
         for config in rows:
             if config.kwargs.get("WARP_SPECIALIZE"):
                 assert config.num_stages <= 2, config
 
 
 def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):
-    from cpattn.kernels import _autotune
-    configs = _autotune.candidate_configs("_fwd_kernel", 128, 90)
+    from cpattn.kernels import autotune
+    configs = autotune.candidate_configs("_fwd_kernel", 128, 90)
     monkeypatch.delenv("CPATTN_AUTOTUNE", raising=False)
-    assert _autotune.autotune_limit() is None and _autotune.limit_configs(configs, None) == configs
+    assert autotune.autotune_limit() is None and autotune.limit_configs(configs, None) == configs
     monkeypatch.setenv("CPATTN_AUTOTUNE", "2")
-    kept = _autotune.limit_configs(configs, _autotune.autotune_limit())
+    kept = autotune.limit_configs(configs, autotune.autotune_limit())
     tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps) for c in kept]
     assert len(kept) == 2 and len(set(tiles)) == 2 and kept[0] is configs[0]
     # the second kept config is the first in the list with another tile
@@ -269,7 +269,7 @@ def test_autotune_limit_keeps_the_first_distinct_tiles(monkeypatch):
     for bad in ("0", "-1", "fast"):
         monkeypatch.setenv("CPATTN_AUTOTUNE", bad)
         with pytest.raises(ValueError, match="CPATTN_AUTOTUNE"):
-            _autotune.autotune_limit()
+            autotune.autotune_limit()
 
 
 # The 5-GEMM backward (atomic_dq): dq summed with atomics inside the dk/dv kernel.

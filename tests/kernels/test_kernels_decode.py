@@ -292,7 +292,7 @@ def test_grid_and_wide_offsets_for_huge_shapes(monkeypatch):
     65535 on the others); a cache whose slots are 2**28 elements apart gets int64 tile offsets.
     The launches are recorded, not run (the interpreter would take hours)."""
     from cpattn.kernels import decode as decode_module
-    from cpattn.kernels._launch import check_grid
+    from cpattn.kernels.launcher import check_grid
     launches = []
 
     def record(kernel, grid, args, constants, reference, in_place=False):

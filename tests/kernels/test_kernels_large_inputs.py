@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.kernels._launch import check_grid
+from cpattn.kernels.launcher import check_grid
 from cpattn.kernels.tiles import grid_1d, needs_int64
 from reference import reference_attention, rel_err
 

@@ -1,7 +1,7 @@
-"""The CPU dispatch (kernels/_launch.py) on every supported Triton release.
+"""The CPU dispatch (kernels/launcher.py) on every supported Triton release.
 
 Triton's interpreter differs between releases; these tests pin down the two
-differences ``_launch`` handles. CI runs this file with the newest supported
+differences ``launcher`` handles. CI runs this file with the newest supported
 torch/triton pair and with the oldest (docs/supported-versions.md).
 """
 import inspect
@@ -12,7 +12,7 @@ import triton.language as tl
 from triton.runtime import interpreter
 from triton.runtime.jit import JITFunction
 
-from cpattn.kernels import _launch
+from cpattn.kernels import launcher
 
 
 @triton.jit
@@ -30,8 +30,8 @@ def _write_range(out_ptr, n, STEP: tl.constexpr):
 
 def _run_on_cpu(programs, n, step):
     out = torch.full((programs * n,), -1, dtype=torch.int32)
-    with _launch._interpreting():
-        _launch._interpreted(_write_range.fn)[(programs,)](out, n, STEP=step)
+    with launcher.interpreting():
+        launcher.interpreted(_write_range.fn)[(programs,)](out, n, STEP=step)
     return out
 
 
@@ -45,7 +45,7 @@ def test_loop_with_computed_bounds_runs_in_the_interpreter():
 def test_interpreted_launch_leaves_triton_language_as_it_was():
     # Triton < 3.6 never undoes its patches of triton.language, and even later releases
     # leave those made for helper calls in place; either breaks later GPU compiles.
-    before = [(obj, dict(vars(obj))) for obj in _launch._language_objects()]
+    before = [(obj, dict(vars(obj))) for obj in launcher.language_objects()]
     call, patch_tensor = JITFunction.__call__, interpreter._patch_lang_tensor
     _run_on_cpu(programs=2, n=4, step=1)
     for obj, attributes in before:

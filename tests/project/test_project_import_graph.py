@@ -154,6 +154,6 @@ def test_every_cpattn_module_and_name_reached_by_attribute_exists():
 
 @pytest.mark.parametrize("module,name,expected", [
     ("cpattn.kernels.mask", "MaskSpec", True), ("cpattn.kernels", "aot", False), ("cpattn.kernels", "MaskSpec", True),
-    ("cpattn.kernels.mask", "no_such_name", False), ("cpattn._checks", None, True), ("cpattn.examples", "demo", True)])
+    ("cpattn.kernels.mask", "no_such_name", False), ("cpattn.checks", None, True), ("cpattn.examples", "demo", True)])
 def test_the_existence_check_itself(module, name, expected):
     assert _exists(module, name) == expected

@@ -18,7 +18,7 @@ The interpreter's internals differ between the Triton releases we support
 ``_patch_lang_tensor``. Two differences need handling:
 
 - The interpreter patches ``triton.language`` for the launch. Triton >= 3.6
-  undoes that afterwards (mostly: see ``_interpreting``), older releases never
+  undoes that afterwards (mostly: see ``interpreting``), older releases never
   do, and later compiled use in the process (a GPU launch, an ahead-of-time
   compile) must not meet the interpreter's versions. ``_language_restored``
   puts it back after every launch, on every release.
@@ -47,7 +47,7 @@ from triton.runtime import interpreter
 from triton.runtime.interpreter import InterpretedFunction, _patch_lang
 from triton.runtime.jit import JITFunction
 
-from ._autotune import cpu_config, tuned
+from .autotune import cpu_config, tuned
 
 TRITON_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
 
@@ -56,7 +56,7 @@ _MISSING = object()
 
 
 @functools.lru_cache(maxsize=None)
-def _interpreted(fn):
+def interpreted(fn):
     return InterpretedFunction(fn)
 
 
@@ -66,7 +66,7 @@ def _language_modules():
     return types.FunctionType(_language_modules.__code__, {"tl": tl, "core": tl.core})
 
 
-def _language_objects():
+def language_objects():
     """The ``triton.language`` modules and their classes: everything the interpreter patches."""
     modules = [m for name, m in list(sys.modules.items())
                if m is not None and (name == "triton.language" or name.startswith("triton.language."))]
@@ -83,7 +83,7 @@ def _language_restored():
     the interpreter's own globals, which it adds to the modules of the helpers
     it rewrites (and caches), and which compiled code never reads.
     """
-    saved = [(obj, dict(vars(obj))) for obj in _language_objects()]
+    saved = [(obj, dict(vars(obj))) for obj in language_objects()]
     try:
         yield
     finally:
@@ -123,7 +123,7 @@ def _cast_rounding_to_nearest(builder, src, dst_type):
 
 
 @contextlib.contextmanager
-def _interpreting():
+def interpreting():
     with _lock, _language_restored():
         if TRITON_VERSION < (3, 7):
             interpreter._patch_lang_tensor = _patch_lang_tensor_with_scalar_index
@@ -133,7 +133,7 @@ def _interpreting():
         # Triton >= 3.6, not undo it; helpers therefore run their rewritten source directly.
         _patch_lang(_language_modules())
         original_call = JITFunction.__call__
-        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self.fn).rewrite()(*args, **kwargs)
+        JITFunction.__call__ = lambda self, *args, **kwargs: interpreted(self.fn).rewrite()(*args, **kwargs)
         try:
             yield
         finally:
@@ -176,7 +176,7 @@ def _ensure_allocator():
 def launch(kernel, grid, args, constants, reference: torch.Tensor, in_place=False):
     """Run ``kernel`` over ``grid`` with positional ``args`` and constexpr ``constants``.
 
-    On CPU: interpreted, with the fixed block sizes of ``_autotune.cpu_config``.
+    On CPU: interpreted, with the fixed block sizes of ``autotune.cpu_config``.
     On GPU: its autotuned wrapper picks them; ``in_place`` launches (outputs that
     are also inputs) have their outputs restored between autotuning trials.
     ``grid`` may be a function of the tunables, as in Triton; it is checked
@@ -185,8 +185,8 @@ def launch(kernel, grid, args, constants, reference: torch.Tensor, in_place=Fals
     shape = (lambda meta: check_grid(grid(meta))) if callable(grid) else (lambda meta: check_grid(grid))
     if uses_interpreter(reference):
         meta = {**constants, **cpu_config(kernel)}
-        with _interpreting():
-            _interpreted(kernel.fn)[shape(meta)](*args, **meta)
+        with interpreting():
+            interpreted(kernel.fn)[shape(meta)](*args, **meta)
     else:
         if constants.get("TMA"):
             _ensure_allocator()

@@ -36,7 +36,7 @@ def _call_kernels(q, k, v, where, softmax_scale, mask, softcap, sinks, heads, at
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     softcap = check_softcap(softcap, where)
     sinks = check_sinks(sinks, heads, q.device, where)
-    return ops.attention(q, k, v, scale, mask, softcap, sinks, atomic_dq)
+    return ops.differentiable_attention(q, k, v, scale, mask, softcap, sinks, atomic_dq)
 
 
 def _check_atomic_dq(atomic_dq, deterministic, where):
@@ -184,12 +184,12 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs, **extra)
 
 
-_warned = set()
+warned_fallbacks = set()  # the fallback reasons warned about in this process (clear it to warn again)
 
 
 def _warn_once(reason):
-    if reason not in _warned:
-        _warned.add(reason)
+    if reason not in warned_fallbacks:
+        warned_fallbacks.add(reason)
         warnings.warn(f"cpattn.scaled_dot_product_attention: {reason}; falling back to "
                       "torch.nn.functional.scaled_dot_product_attention", stacklevel=3)
 

@@ -25,7 +25,6 @@ from .checks import check_seq_dim
 from .cp_sharding import PackingCuts, document_positions, gather_shards, shard_positions
 from .mesh import Mesh
 from .usp import usp_attention, usp_attention_backward, usp_attention_forward
-from cpattn.kernels.mask import causal_window
 
 _METHODS = {False: "ContextParallel.attention", True: "ContextParallel.scaled_dot_product_attention"}  # by layout
 
@@ -167,7 +166,7 @@ class ContextParallel:
         if torch.compiler.is_compiling():  # one custom operator, which runs _forward_op (cp_ops.py)
             return cp_ops.compiled_attention(self._handle, args, self.layout, where)
         softmax_scale, seq_len, packing = self._prepare(args, where)
-        return usp_attention(*args.flash_views(), self._mesh, seq_len, causal_window(args.causal, args.window_size),
+        return usp_attention(*args.flash_views(), self._mesh, seq_len, args.mask(),
                              softmax_scale, bool(args.return_lse), where, float(args.softcap), args.sinks, packing)
 
     def _prepare(self, args, where, needs_grad=None, compiled=False):
@@ -221,7 +220,7 @@ class ContextParallel:
         where = _METHODS[args.sdpa_layout]
         softmax_scale, seq_len, packing = self._prepare(args, where, needs_grad, compiled=True)
         return usp_attention_forward(*args.flash_views(), self._mesh, seq_len,
-                                     causal_window(args.causal, args.window_size), softmax_scale, where,
+                                     args.mask(), softmax_scale, where,
                                      args.softcap, args.sinks, packing)
 
     def _backward_op(self, dout, args, out, lse):
@@ -231,6 +230,6 @@ class ContextParallel:
         packing, seq_len = read_packing(args.cu_seqlens, args.seq_len, where)
         q, k, v = args.flash_views()
         return usp_attention_backward(dout, q, k, v, out, lse, self._mesh, seq_len or q.shape[1] * self.world_size,
-                                      causal_window(args.causal, args.window_size), args.softmax_scale, where,
+                                      args.mask(), args.softmax_scale, where,
                                       args.softcap, args.sinks, packing)
 

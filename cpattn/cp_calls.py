@@ -18,6 +18,8 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
+from cpattn.kernels import MaskSpec
+
 from .checks import check_cu_seqlens, check_qkv, check_scale, check_sinks, check_softcap, check_timeout, \
     check_window, positive_int
 from .agreement import agree, spoken_list
@@ -87,6 +89,10 @@ class AttentionArgs(NamedTuple):
         if self.sdpa_layout:
             return self.q.transpose(1, 2), self.k.transpose(1, 2), self.v.transpose(1, 2)
         return self.q, self.k, self.v
+
+    def mask(self):
+        """The call's one mask description (``MaskSpec``): causal and window at global positions."""
+        return MaskSpec(bool(self.causal), self.window_size)
 
     def needs_grad(self):
         return torch.is_grad_enabled() and (self.q.requires_grad or self.k.requires_grad or self.v.requires_grad)

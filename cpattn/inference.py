@@ -70,7 +70,7 @@ from .kv_cache import ShardedKVCache, packed_tokens
 from .latent import ValueLayout
 from .layout import Layout
 from .partials import empty_partial, stack_partial, unstack_partial
-from cpattn.kernels.mask import causal_window, visible_keys
+from cpattn.kernels import MaskSpec
 
 STRATEGIES = ("auto", "pass-q", "pass-kv")
 
@@ -100,11 +100,11 @@ def _check_q(cache, q, k, v, batch, where, allow_empty=False):
 
 
 class _Options:
-    """The attention options of one call, checked: scale, window, softcap, sinks (no host read)."""
+    """The attention options of one call, checked: scale, mask, softcap, sinks (no host read)."""
 
     def __init__(self, cache, q, softmax_scale, window_size, softcap, sinks, where):
         self.scale = check_scale(softmax_scale, where)
-        self.window = causal_window(True, check_window(window_size, where))  # prefill and decode are causal
+        self.mask = MaskSpec(True, check_window(window_size, where))  # prefill and decode are causal
         self.softcap = check_softcap(softcap, where)
         self.sinks = check_sinks(sinks, q.shape[2], cache.device, where)
 
@@ -137,7 +137,7 @@ class CacheCall(NamedTuple):
 
     @classmethod
     def of(cls, q, strategy, options, ids, count_tokens=True, packing=None):
-        return cls(q.shape[1] if count_tokens else None, q.shape[2], strategy, options.window[0], options.softcap,
+        return cls(q.shape[1] if count_tokens else None, q.shape[2], strategy, options.mask.left, options.softcap,
                    options.sinks is not None, tuple(ids.tolist()), packing)
 
 
@@ -148,10 +148,10 @@ def _agree(cache, where, check, hint, fixes):
 
 
 # ---- attention on this rank's shard ---------------------------------------------------------------------
-def _sees_nothing(layout, rank, lens, first_pos, last_pos, window):
+def _sees_nothing(layout, rank, lens, first_pos, last_pos, mask):
     """Host check: does ``rank`` hold no key that a query at positions [first_pos, last_pos] (host int64
     tensors per sequence) can see, for global lengths ``lens``? Then it may skip its kernel."""
-    lo, hi = visible_keys(window, first_pos, last_pos, lens)
+    lo, hi = mask.visible_keys(first_pos, last_pos, lens)
     return bool((layout.local_lengths(hi, rank) <= layout.local_lengths(torch.minimum(lo, hi), rank)).all())
 
 
@@ -161,7 +161,7 @@ def _attend(q, k, v, lens, q_positions, block_table, slot_positions, options, si
     return decode_attention(
         q.to(dtype), k.to(dtype), v.to(dtype), lens.to(torch.int32), q_positions=q_positions.to(torch.int32),
         block_table=block_table, softmax_scale=options.scale, causal=True, slot_positions=slot_positions,
-        validate=False, out_dtype=torch.float32, window_size=options.window, softcap=options.softcap, sinks=sinks)
+        validate=False, out_dtype=torch.float32, window_size=options.mask.window, softcap=options.softcap, sinks=sinks)
 
 
 def _attend_local(cache, dev_ids, lens, q, q_positions, options, sinks):
@@ -255,7 +255,7 @@ def decode(cache: ShardedKVCache, q, k, v, batch_index=None, softmax_scale=None,
     lens = cache.seqlens_of(ids)
     # A rank holding no key the new tokens can see (a sliding window) launches no kernel.
     attend = (options.sinks is not None and cache.rank == 0) or not _sees_nothing(
-        cache.layout, cache.rank, lens + n, lens, lens + n - 1, options.window)
+        cache.layout, cache.rank, lens + n, lens, lens + n - 1, options.mask)
     comm = cache.comm
     with fault_path(comm, where):
         out, lse = _decode_local(cache, cache.device_ids(ids), q, k, v, options, attend)
@@ -397,7 +397,7 @@ def prefill_bytes(strategy, world, new_tokens, cached_tokens, heads, kv_heads, h
     all-gathers the queries and all-to-alls the fp32 partials back; pass-KV sends every rank's shard
     of keys and values (history and chunk) round the ring."""
     share = (world - 1) / world
-    values = values or ValueLayout(head_dim, head_dim, False)
+    values = values or ValueLayout.separate(head_dim)
     kv = values.bytes_per_token(kv_heads, elem_size)  # bytes of one token's keys and values
     moved = share * new_tokens * kv
     if strategy == "pass-q":
@@ -465,14 +465,14 @@ class QueryRows:
         """(m, width, ...) -> (tokens, ...), in the order of ``tokens``."""
         return grid[self._seq, self._slot]
 
-    def sees_nothing(self, layout, rank, lens, window):
+    def sees_nothing(self, layout, rank, lens, mask):
         """Host check: does ``rank`` hold no key any of these queries sees (sequences of global lengths
         ``lens``)? Then it may skip its kernel."""
         real = self.positions >= 0
         first = torch.where(real, self.positions, torch.iinfo(torch.int64).max).min(1).values
         last = self.positions.max(1).values
         has = self._has_rows
-        return _sees_nothing(layout, rank, lens[has], first[has], last[has], window)
+        return _sees_nothing(layout, rank, lens[has], first[has], last[has], mask)
 
 
 def _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options):
@@ -481,7 +481,7 @@ def _prefill_pass_q(cache, ids, dev_ids, q, every_index, chunk, options):
     (q_full,) = _gather_chunk(cache, [q], every_index, chunk.size)
     rows = QueryRows(chunk, torch.arange(chunk.size), cache.device)
     sinks = options.sinks if cache.rank == 0 else None
-    if sinks is None and rows.sees_nothing(cache.layout, cache.rank, cache.seqlens_of(ids), options.window):
+    if sinks is None and rows.sees_nothing(cache.layout, cache.rank, cache.seqlens_of(ids), options.mask):
         out, lse = empty_partial(q_full, cache.v_head_dim)
         partials = stack_partial(out, lse)[0]
     else:
@@ -532,7 +532,7 @@ def _prefill_pass_kv(cache, ids, dev_ids, q, mine, chunk, options):
             pending = _ring_exchange(cache, shard, incoming)  # the next shard travels while this one is used
         fault_point("prefill", step)
         sinks = options.sinks if step == 0 else None  # the sink joins the local partial, once
-        if len(mine) and (sinks is not None or not rows.sees_nothing(cache.layout, src, lens, options.window)):
+        if len(mine) and (sinks is not None or not rows.sees_nothing(cache.layout, src, lens, options.mask)):
             src_lens = cache.layout.local_lengths(lens, src).to(cache.device)
             partials.append(_attend(q_rows, *cache.values.unpack(shard), src_lens, q_positions, None,
                                     cache.layout.slot_positions(src), options, sinks))

@@ -23,7 +23,7 @@ class KVStorage:
         self.local_capacity = None if block_table is not None else shape[1]
         self.page_size = shape[1] if block_table is not None else None
         self.block_table = block_table
-        self.values = values or ValueLayout(head_dim, head_dim, False)
+        self.values = values or ValueLayout.separate(head_dim)
         self._k_rows = torch.zeros((num_rows + 1, num_kv_heads, head_dim), dtype=dtype, device=device)
         if self.values.latent:
             self._v_rows = self.values.values_of(self._k_rows)  # a view: written with the keys

@@ -33,6 +33,11 @@ class ValueLayout:
         self.head_dim, self.value_dim, self.latent = head_dim, value_dim, latent
 
     @classmethod
+    def separate(cls, head_dim):
+        """Keys and values of one head dim, stored apart: a cache's default."""
+        return cls(head_dim, head_dim, False)
+
+    @classmethod
     def checked(cls, num_kv_heads, head_dim, v_head_dim, latent, where):
         """The layout ShardedKVCache's arguments ask for, or a TypeError/ValueError naming the bad one.
         ``head_dim`` and ``num_kv_heads`` are positive ints already."""

@@ -153,9 +153,10 @@ def _backward(ctx, dout, dlse):
 torch.library.register_autograd("cpattn::attention_fwd", _backward, setup_context=_setup_context)
 
 
-def attention(q, k, v, softmax_scale, mask, softcap=0.0, sinks=None, atomic_dq=False):
+def differentiable_attention(q, k, v, softmax_scale, mask, softcap=0.0, sinks=None, atomic_dq=False):
     """Differentiable (out, lse) of the kernels for a MaskSpec ``mask``, through the custom ops;
     ``atomic_dq`` selects the 5-GEMM backward."""
+    mask = mask.on(q.device)  # the operators take documents as tensors
     if mask.varlen:
         packing = (mask.cu_seqlens_q, mask.cu_seqlens_k, mask.q_start, mask.k_start,
                    int(mask.max_seqlen_q), int(mask.max_seqlen_k))

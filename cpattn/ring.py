@@ -4,7 +4,8 @@ Every rank keeps its queries and, at step s, holds the keys/values of ring
 rank (ring_index - s) mod R. Computation and communication are separate:
 
 * ``plan_step`` (pure): the kernel calls one step needs, from the global
-  positions of the local query chunks and of the visiting kv chunks. Pairs
+  positions of the local query chunks and of the visiting kv chunks and the
+  attention's one ``MaskSpec``, which it cuts into each call's. Pairs
   whose keys are all in the future are skipped; when every remaining pair is
   fully visible and they form one rectangle of the local buffers, one
   non-causal call covers it. Otherwise each pair is a call at its true
@@ -41,7 +42,6 @@ from .checks import check_cu_seqlens, check_qkv
 from .ops import kernel_dtype
 from .faults import fault_point
 from .partials import empty_partial, merge_sinks, sinks_grad
-from cpattn.kernels.mask import causal_window, window_sees
 from .layout import Layout
 
 KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart on gloo
@@ -50,39 +50,17 @@ KV_TAG, DKV_TAG = 0, 1  # distinct tags keep the two streams of messages apart o
 @dataclass(frozen=True)
 class KernelCall:
     """One kernel call of a ring step: rows [q_lo, q_hi) of the local queries
-    against rows [k_lo, k_hi) of the visiting kv, whose first rows sit at
-    positions q_start and k_start (global, or inside their document). ``window``:
-    the (left, right) window the kernel applies, (-1, -1) when every query of the
-    call sees every key. A varlen call (packed documents) covers several document
-    segments at once: ``cu_q``/``cu_k`` are their bounds relative to q_lo/k_lo and
-    q_start/k_start tuples of each segment's first position inside its document."""
+    against rows [k_lo, k_hi) of the visiting kv, under ``mask``: the attention's
+    mask cut to this block (``MaskSpec.at``: the positions of its first query row
+    and key column, no window when every query sees every key), or, for packed
+    documents, over the block's document segments (``MaskSpec.documents``: their
+    bounds relative to q_lo/k_lo and each segment's first positions inside its
+    document)."""
     q_lo: int
     q_hi: int
     k_lo: int
     k_hi: int
-    q_start: object
-    k_start: object
-    window: tuple = (-1, -1)
-    cu_q: tuple = None
-    cu_k: tuple = None
-
-    def mask_on(self, device):
-        if self.cu_q is None:
-            return MaskSpec(window_size=self.window, q_start=self.q_start, k_start=self.k_start)
-        return _varlen_mask(self, device)
-
-
-@functools.lru_cache(maxsize=4096)
-def _varlen_mask(call, device):
-    """A varlen call's MaskSpec, its int32 tensors made once per device."""
-    def tensor(values):
-        return torch.tensor(values, dtype=torch.int32, device=device)
-
-    def longest(cu):
-        return max(b - a for a, b in zip(cu, cu[1:]))
-    return MaskSpec(window_size=call.window, q_start=tensor(call.q_start), k_start=tensor(call.k_start),
-                    cu_seqlens_q=tensor(call.cu_q), cu_seqlens_k=tensor(call.cu_k),
-                    max_seqlen_q=longest(call.cu_q), max_seqlen_k=longest(call.cu_k))
+    mask: MaskSpec
 
 
 def _with_offsets(chunks):
@@ -109,23 +87,23 @@ def _shared_documents(packing, q_start, q_len, k_start, k_len):
     return shared
 
 
-def _document_calls(q_chunk, kv_chunk, window, packing):
+def _document_calls(q_chunk, kv_chunk, mask, packing):
     """The calls of one chunk pair under ``packing``: one per shared document segment with a
     visible pair (``_merge_diagonal`` joins those that tile contiguous rows into varlen calls)."""
     (q_start, q_len, q_off), (k_start, k_len, k_off) = q_chunk, kv_chunk
     segments = []
     for doc, qa, qb, ka, kb in _shared_documents(packing, q_start, q_len, k_start, k_len):
-        some, every = window_sees(window, qa - doc, qb - 1 - doc, ka - doc, kb - 1 - doc)
+        some, every = mask.sees(qa - doc, qb - 1 - doc, ka - doc, kb - 1 - doc)
         if some:
             segments.append(KernelCall(q_off + qa - q_start, q_off + qb - q_start, k_off + ka - k_start,
-                                       k_off + kb - k_start, qa - doc, ka - doc, (-1, -1) if every else window))
+                                       k_off + kb - k_start, mask.at(qa - doc, ka - doc, every)))
     return segments
 
 
-def _merge_diagonal(calls, window):
+def _merge_diagonal(calls, mask):
     """Calls whose rows follow one another in q and in kv alike (every document held whole, against
     itself: the whole first step) as one varlen call each run; a segment that saw every key under no
-    mask sees the same keys under ``window``, so one mask serves the run."""
+    window sees the same keys under ``mask``'s, so one mask serves the run."""
     merged, run = [], []
 
     def close_run():
@@ -135,9 +113,9 @@ def _merge_diagonal(calls, window):
             segments = [seg for call in run for seg in _segments(call)]
             q_lo, k_lo = segments[0][0], segments[0][2]
             merged.append(KernelCall(q_lo, segments[-1][1], k_lo, segments[-1][3],
-                                     tuple(seg[4] for seg in segments), tuple(seg[5] for seg in segments),
-                                     tuple(window), (0, *(seg[1] - q_lo for seg in segments)),
-                                     (0, *(seg[3] - k_lo for seg in segments))))
+                                     mask.documents((seg[4] for seg in segments), (seg[5] for seg in segments),
+                                                    (0, *(seg[1] - q_lo for seg in segments)),
+                                                    (0, *(seg[3] - k_lo for seg in segments)))))
         run.clear()
     for call in sorted(calls, key=lambda c: (c.q_lo, c.k_lo)):
         if run and not (run[-1].q_hi == call.q_lo and run[-1].k_hi == call.k_lo):
@@ -149,14 +127,15 @@ def _merge_diagonal(calls, window):
 
 def _segments(call):
     """[(q_lo, q_hi, k_lo, k_hi, q_start, k_start)] of a call, one per document segment."""
-    if call.cu_q is None:
-        return [(call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.q_start, call.k_start)]
+    mask = call.mask
+    if not mask.varlen:
+        return [(call.q_lo, call.q_hi, call.k_lo, call.k_hi, mask.q_start, mask.k_start)]
+    cu_q, cu_k = mask.cu_seqlens_q, mask.cu_seqlens_k
     return [(call.q_lo + qa, call.q_lo + qb, call.k_lo + ka, call.k_lo + kb, qs, ks)
-            for qa, qb, ka, kb, qs, ks in zip(call.cu_q, call.cu_q[1:], call.cu_k, call.cu_k[1:],
-                                               call.q_start, call.k_start)]
+            for qa, qb, ka, kb, qs, ks in zip(cu_q, cu_q[1:], cu_k, cu_k[1:], mask.q_start, mask.k_start)]
 
 
-def _packed_calls(q_chunks, kv_chunks, window, packing):
+def _packed_calls(q_chunks, kv_chunks, mask, packing):
     """``plan_step`` under packed documents: each query chunk meets only the kv chunks that share one of
     its documents (found through an index by document, so many chunks cost no quadratic scan)."""
     def documents(start, length):
@@ -170,29 +149,29 @@ def _packed_calls(q_chunks, kv_chunks, window, packing):
     for q_chunk in q_chunks:
         if q_chunk[1]:
             met = sorted({index for doc in documents(*q_chunk[:2]) for index in by_document.get(doc, ())})
-            calls += [call for index in met for call in _document_calls(q_chunk, kv_chunks[index], window, packing)]
-    return _merge_diagonal(calls, window)
+            calls += [call for index in met for call in _document_calls(q_chunk, kv_chunks[index], mask, packing)]
+    return _merge_diagonal(calls, mask)
 
 
-def plan_step(q_chunks, kv_chunks, window, packing=None):
+def plan_step(q_chunks, kv_chunks, mask, packing=None):
     """Kernel calls for local query chunks against visiting kv chunks.
 
     Chunks are [(global start, length)] in local buffer order (``Layout.ring_chunks``).
-    ``window`` = (left, right), -1 unbounded, causal being right = 0 (``MaskSpec``):
-    pairs of chunks with no visible (query, key) pair make no call. ``packing``
+    ``mask``: the whole attention's ``MaskSpec`` (its window; the chunks' starts are
+    positions): pairs of chunks with no visible (query, key) pair make no call. ``packing``
     (packed documents, a cu_seqlens tuple): only tokens of one document meet,
     at their positions inside it; pairs that share no document make no call, and calls that
     tile contiguous rows (documents held whole, at the first step) are one varlen call.
     """
     q_chunks, kv_chunks = _with_offsets(q_chunks), _with_offsets(kv_chunks)
     if packing is not None:
-        return _packed_calls(q_chunks, kv_chunks, window, packing)
+        return _packed_calls(q_chunks, kv_chunks, mask, packing)
     pairs = []  # (q chunk index, kv chunk index, every key visible to every query)
     for qi, (q_start, q_len, _) in enumerate(q_chunks):
         for ki, (k_start, k_len, _) in enumerate(kv_chunks):
             if not q_len or not k_len:  # an empty chunk (a sequence shorter than 2R)
                 continue
-            some, every = window_sees(window, q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
+            some, every = mask.sees(q_start, q_start + q_len - 1, k_start, k_start + k_len - 1)
             if some:
                 pairs.append((qi, ki, every))
     if not pairs:
@@ -205,52 +184,52 @@ def plan_step(q_chunks, kv_chunks, window, packing=None):
         q_first, q_last = q_chunks[q_ids[0]], q_chunks[q_ids[-1]]
         k_first, k_last = kv_chunks[k_ids[0]], kv_chunks[k_ids[-1]]
         return [KernelCall(q_first[2], q_last[2] + q_last[1], k_first[2], k_last[2] + k_last[1],
-                           q_first[0], k_first[0])]
+                           mask.at(q_first[0], k_first[0], every=True))]
     calls = []
     for qi, ki, full in pairs:
         q_start, q_len, q_off = q_chunks[qi]
         k_start, k_len, k_off = kv_chunks[ki]
-        calls.append(KernelCall(q_off, q_off + q_len, k_off, k_off + k_len, q_start, k_start,
-                                (-1, -1) if full else tuple(window)))
+        calls.append(KernelCall(q_off, q_off + q_len, k_off, k_off + k_len, mask.at(q_start, k_start, full)))
     return calls
 
 
 @functools.lru_cache(maxsize=256)
-def _ring_steps(layout, seq_len, window, offset=0, packing=None):
+def _ring_steps(layout, seq_len, mask, packing=None):
     """Every ring rank's steps (``ring_plan``), computed together: the plan's length and the rows that
     travel (``travelling_rows``) depend on every rank's calls."""
-    def chunks(index):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, window[0])]
+    def chunks(index, offset):
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, mask.left)]
     ring_degree = layout.ring_degree
     steps = [[((rank - step) % ring_degree,
-               tuple(plan_step(chunks(rank), chunks((rank - step) % ring_degree), window, packing)))
+               tuple(plan_step(chunks(rank, mask.q_start), chunks((rank - step) % ring_degree, mask.k_start),
+                               mask, packing)))
               for step in range(ring_degree)] for rank in range(ring_degree)]
     needed = max(max((step for step, (_, calls) in enumerate(rank_steps) if calls), default=0)
                  for rank_steps in steps) + 1
     return tuple(tuple(rank_steps[:needed]) for rank_steps in steps)
 
 
-def ring_plan(layout, ring_index, seq_len, window, offset=0, packing=None):
+def ring_plan(layout, ring_index, seq_len, mask, packing=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
-    ``seq_len``: the full sequence's length; ``window`` as in ``plan_step``;
-    ``offset`` shifts every global position (the sequence starts there). The
+    ``seq_len``: the full sequence's length; ``mask``: the whole attention's ``MaskSpec`` at
+    global positions (its ``q_start``/``k_start``: where the sequence starts). The
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
     transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``), whose shards
-    were cut for the attention's own window (``window[0]``, ``Layout.ring_chunks``). The calls' kv rows
+    were cut for the attention's own window (``mask.left``, ``Layout.ring_chunks``). The calls' kv rows
     are rows of the visiting rank's whole piece (``travelling_rows`` says which of them travel).
     """
-    return _ring_steps(layout, seq_len, window, offset, packing)[ring_index]
+    return _ring_steps(layout, seq_len, mask, packing)[ring_index]
 
 
 @functools.lru_cache(maxsize=256)
-def travelling_rows(layout, seq_len, window, offset=0, packing=None):
+def travelling_rows(layout, seq_len, mask, packing=None):
     """Per ring rank, (lo, hi): the rows of its piece that some rank's call reads after the first step, so
     the only ones its kv messages need carry ((0, 0): none). A window, or packed documents held whole
     (the dispatch puts the rows other ranks need last), leave the rest at home."""
     spans = [[None, None] for _ in range(layout.ring_degree)]
-    for rank_steps in _ring_steps(layout, seq_len, window, offset, packing):
+    for rank_steps in _ring_steps(layout, seq_len, mask, packing):
         for kv_index, calls in rank_steps[1:]:
             for call in calls:
                 lo, hi = spans[kv_index]
@@ -258,7 +237,7 @@ def travelling_rows(layout, seq_len, window, offset=0, packing=None):
                                    call.k_hi if hi is None else max(hi, call.k_hi)]
     spans = [(0, 0) if lo is None else (lo, hi) for lo, hi in spans]
     longest = max(hi - lo for lo, hi in spans)
-    pieces = [layout.piece_length(r, seq_len, packing, window[0]) for r in range(layout.ring_degree)]
+    pieces = [layout.piece_length(r, seq_len, packing, mask.left) for r in range(layout.ring_degree)]
     # A piece no longer than the longest message travels whole: the same bytes, no copy to pad, and its
     # first step's dk/dv can start in the buffer that travels.
     return tuple((0, piece) if piece <= longest else span for span, piece in zip(spans, pieces))
@@ -289,7 +268,7 @@ def forward_step(q, k, v, calls, out, lse, softmax_scale, softcap=0.0, rows=_row
     for c in calls:
         k_lo, k_hi = c.k_lo - kv_offset, c.k_hi - kv_offset
         attention_forward(rows(q, c.q_lo, c.q_hi), rows(k, k_lo, k_hi), rows(v, k_lo, k_hi),
-                          softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
+                          softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
                           out=rows(out, c.q_lo, c.q_hi), lse=rows(lse, c.q_lo, c.q_hi, 2), accumulate=True)
 
 
@@ -307,7 +286,7 @@ def backward_step(dout, q, k, v, out, lse, delta, calls, dq, dk, dv, softmax_sca
         q_lo, q_hi, k_lo, k_hi = c.q_lo, c.q_hi, c.k_lo - kv_offset, c.k_hi - kv_offset
         attention_backward(rows(dout, q_lo, q_hi), rows(q, q_lo, q_hi), rows(k, k_lo, k_hi),
                            rows(v, k_lo, k_hi), rows(out, q_lo, q_hi), rows(lse, q_lo, q_hi, 2),
-                           softmax_scale=softmax_scale, mask=c.mask_on(q.device), softcap=softcap,
+                           softmax_scale=softmax_scale, mask=c.mask, softcap=softcap,
                            delta=rows(delta, q_lo, q_hi, 2), dq=rows(dq, q_lo, q_hi) if compute_dq else None,
                            dk=rows(dk, k_lo, k_hi) if compute_dkdv else None,
                            dv=rows(dv, k_lo, k_hi) if compute_dkdv else None, accumulate=True,
@@ -377,18 +356,18 @@ class _KVRotation:
         self.kv, self._message = self._halves[self._next], (self._buffers[self._next],)
 
 
-def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0, sinks=None,
+def ring_forward(q, k, v, layout, seq_len, ring_index, comm, mask, softmax_scale, softcap=0.0, sinks=None,
                  packing=None):
     """Forward over the ring; q, k, v hold this ring rank's whole piece of a ``seq_len`` sequence
     (packed documents ``packing``, a cu_seqlens tuple, or None).
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
-    ``window`` = (left, right) by global position (causal: right 0); ``sinks`` (H,) are
+    ``mask``: the attention's ``MaskSpec`` at global positions; ``sinks`` (H,) are
     merged once, after the last step.
     """
-    plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
+    plan = ring_plan(layout, ring_index, seq_len, mask, packing)
     out, lse = empty_partial(q, v.shape[-1])
-    kv, travelling = None, travelling_rows(layout, seq_len, window, 0, packing)
+    kv, travelling = None, travelling_rows(layout, seq_len, mask, packing)
     if comm is not None:
         kv = _KVRotation.of_rows(k, v, travelling[ring_index], _longest_span(travelling), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
@@ -404,7 +383,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, window, softmax_sca
     return out, lse
 
 
-def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, window, softmax_scale, softcap=0.0,
+def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, mask, softmax_scale, softcap=0.0,
                   sinks=None, packing=None):
     """Gradients (fp32 dq, dk, dv, and this rank's share of d sinks or None) of
     ``ring_forward`` from the final out and lse.
@@ -420,10 +399,10 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, wi
     that is not this rank's whole piece, its first step's dk/dv go to buffers of
     their own and the travelled rows are added to them on return.
     """
-    plan = ring_plan(layout, ring_index, seq_len, window, 0, packing)
+    plan = ring_plan(layout, ring_index, seq_len, mask, packing)
     delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    travelling, longest, kv, own = travelling_rows(layout, seq_len, window, 0, packing), k.shape[1], None, None
+    travelling, longest, kv, own = travelling_rows(layout, seq_len, mask, packing), k.shape[1], None, None
     lo, hi = travelling[ring_index]
     if comm is not None:
         longest = _longest_span(travelling)
@@ -483,8 +462,8 @@ def ring_schedule(seq_len, ring_degree, ring_impl, causal, offset=0, window_size
     """
     layout = Layout(ring_degree, 1, ring_impl)
     layout.check_seq_len(seq_len, "ring_schedule")
-    window = causal_window(causal, window_size)
-    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, seq_len, window, offset, packing)]
+    mask = MaskSpec(causal, window_size, q_start=offset, k_start=offset)
+    return [[(kv_index, list(calls)) for kv_index, calls in ring_plan(layout, r, seq_len, mask, packing)]
             for r in range(ring_degree)]
 
 

@@ -18,6 +18,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from cpattn.kernels import MaskSpec
+
 from .ops import kernel_dtype
 from .faults import fault_path, fault_point
 from .mesh import Mesh
@@ -47,7 +49,7 @@ class _Call(NamedTuple):
     seq_len: int
     packing: Optional[tuple]
     parts: list  # the Ulysses ranks' token counts
-    window: tuple
+    mask: MaskSpec  # the whole attention's, at global positions
     softmax_scale: Optional[float]
     softcap: float
     heads: int
@@ -55,9 +57,9 @@ class _Call(NamedTuple):
     in_dtype: torch.dtype
 
     @staticmethod
-    def of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap):
-        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing, window[0])
-        return _Call(mesh, seq_len, packing, parts, tuple(window), softmax_scale, softcap, q.shape[2], k.shape[2],
+    def of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap):
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing, mask.left)
+        return _Call(mesh, seq_len, packing, parts, mask, softmax_scale, softcap, q.shape[2], k.shape[2],
                      q.dtype)
 
 
@@ -85,7 +87,7 @@ def _forward(q, k, v, sinks, call, return_lse):
         fault_point("ulysses forward")
     local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
     q, k, v = _ring_inputs(q, k, v, mesh)
-    out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.window,
+    out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.mask,
                             call.softmax_scale, call.softcap, local_sinks, call.packing)
     out = out.to(q.dtype)
     saved = (q, k, v, out, lse, local_sinks)
@@ -111,7 +113,7 @@ def _ring_backward(dout, saved, call):
     q, k, v, out, lse, local_sinks = saved
     mesh = call.mesh
     dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, call.seq_len,
-                                             mesh.ring_index, mesh.ring, call.window, call.softmax_scale,
+                                             mesh.ring_index, mesh.ring, call.mask, call.softmax_scale,
                                              call.softcap, local_sinks, call.packing)
     grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
@@ -131,9 +133,9 @@ class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, window, softmax_scale, softcap, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, mask, softmax_scale, softcap, return_lse, where):
         ctx.where = where
-        ctx.call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
+        ctx.call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
         out, lse, saved = _guarded(mesh, where, _forward, q, k, v, sinks, ctx.call, return_lse)
         ctx.save_for_backward(*saved)
         if lse is not None:
@@ -147,14 +149,14 @@ class USPAttention(torch.autograd.Function):
         return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
 
 
-def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=False, where="usp_attention",
+def usp_attention(q, k, v, mesh, seq_len, mask, softmax_scale, return_lse=False, where="usp_attention",
                   softcap=0.0, sinks=None, packing=None):
     """Attention of local shards (flash layout) of a ``seq_len`` sequence over the mesh; (out, lse) with
     ``return_lse``. Inputs are validated.
 
-    ``window`` = (left, right) by global position, causal being right = 0 (``MaskSpec``);
+    ``mask``: the attention's ``MaskSpec`` (causal and window) at global positions;
     ``packing``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
-    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, packing, tuple(window), softmax_scale, softcap,
+    out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, packing, mask, softmax_scale, softcap,
                                   return_lse, where)
     return (out, lse) if return_lse else out
 
@@ -165,17 +167,17 @@ def usp_attention(q, k, v, mesh, seq_len, window, softmax_scale, return_lse=Fals
 # their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
 # outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.
 
-def usp_attention_forward(q, k, v, mesh, seq_len, window, softmax_scale, where, softcap=0.0, sinks=None, packing=None):
+def usp_attention_forward(q, k, v, mesh, seq_len, mask, softmax_scale, where, softcap=0.0, sinks=None, packing=None):
     """``usp_attention`` without autograd: (out, lse) of this rank's rows, on the same fault path."""
-    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
     out, lse, _ = _guarded(mesh, where, _forward, q, k, v, sinks, call, True)
     return out, lse
 
 
-def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, window, softmax_scale, where, softcap=0.0,
+def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, mask, softmax_scale, where, softcap=0.0,
                            sinks=None, packing=None):
     """(dq, dk, dv, d sinks or None) of ``usp_attention_forward``, from its inputs and outputs."""
-    call = _Call.of(q, k, mesh, seq_len, packing, window, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
     return _guarded(mesh, where, _backward_from_outputs, dout, q, k, v, out, lse, sinks, call)
 
 

@@ -17,7 +17,7 @@ from typing import NamedTuple
 from .dispatch import cut_window
 from .layout import Layout
 from .ring import plan_step
-from cpattn.kernels.mask import causal_window, span_work
+from cpattn.kernels.mask import MaskSpec, span_work
 
 SCHEMES = ("dispatch", "work", "zigzag", "contiguous")
 
@@ -86,13 +86,13 @@ def context_parallel_work(cu_seqlens, ring_degree, window_size=(-1, -1), scheme=
         raise ValueError(f"context_parallel_work: ring_degree must be a positive int, got {ring_degree!r}")
     if scheme not in SCHEMES:
         raise ValueError(f"context_parallel_work: scheme must be one of {SCHEMES}, got {scheme!r}")
-    window = causal_window(True, window_size)
-    left = cut_window(packing, window[0])
+    mask = MaskSpec(True, window_size)
+    left = cut_window(packing, mask.left)
     pieces = _pieces(packing, ring_degree, left, scheme)
     steps, travelling = 1, [None] * ring_degree  # the rows of each piece some later step reads (ring.travelling_rows)
     for r, step in itertools.product(range(ring_degree), range(1, ring_degree)):
         source = (r - step) % ring_degree
-        calls = plan_step(pieces[r], pieces[source], window, packing)
+        calls = plan_step(pieces[r], pieces[source], mask, packing)
         if calls:
             steps = max(steps, step + 1)
             rows = [(c.k_lo, c.k_hi) for c in calls] + ([travelling[source]] if travelling[source] else [])

@@ -276,7 +276,7 @@ def test_sdpa_fallbacks_warn_once_and_match_torch():
     q, k, v = (torch.randn(1, 2, 9, 16) for _ in range(3))
     mask = torch.rand(9, 9) > 0.3
     mask[:, 0] = True
-    cpattn.attention._warned.clear()
+    cpattn.attention.warned_fallbacks.clear()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = cpattn.scaled_dot_product_attention(q, k, v, attn_mask=mask)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from cpattn.dispatch import cut_window, dispatch
+from cpattn.kernels import MaskSpec
 from cpattn.layout import Layout, context_parallel_work, doc_positions
 from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward, travelling_rows
 from reference import reference_varlen, rel_err
@@ -74,7 +75,7 @@ def test_first_step_is_one_varlen_call_when_documents_stay_whole():
         ((_, (call,)),) = steps
         held = dispatch(cu, 2)[ring_index]
         assert call.q_lo == call.k_lo == 0 and call.q_hi == call.k_hi == sum(n for _, n in held)
-        assert call.cu_q == call.cu_k and len(call.cu_q) >= 3, "every local document in one varlen call"
+        assert call.mask.cu_seqlens_q == call.mask.cu_seqlens_k and len(call.mask.cu_seqlens_q) >= 3, "every local document in one varlen call"
 
 
 def test_layout_positions_and_window_cut():
@@ -131,8 +132,8 @@ def test_only_rows_other_ranks_read_travel():
     # 8 whole documents and one spread over 4 ranks: each rank's message carries the spread document's
     # rows only (the dispatch puts them last), far fewer than its piece.
     cu = tuple(itertools.accumulate([0, 400] + [50] * 8))
-    layout, window = Layout(4, 1, "zigzag"), (-1, 0)
-    travelling = travelling_rows(layout, cu[-1], window, 0, cu)
+    layout, mask = Layout(4, 1, "zigzag"), MaskSpec(causal=True)
+    travelling = travelling_rows(layout, cu[-1], mask, cu)
     pieces = [layout.piece_length(r, cu[-1], cu) for r in range(4)]
     assert all(0 <= lo < hi == piece for (lo, hi), piece in zip(travelling, pieces))
     assert max(hi - lo for lo, hi in travelling) <= 100 < min(pieces) == 200

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cpattn
+from cpattn.kernels import MaskSpec
 from cpattn.layout import Layout
 from cpattn.ring import plan_step, ring_schedule, simulate_ring_attention, simulate_ring_attention_backward
 from reference import rel_err, sdpa_with_grads
@@ -50,13 +51,32 @@ def test_layout_rejects_bad_lengths_and_names():
         Layout(0, 1, "ring")
 
 
+def test_every_kernel_call_gets_the_attention_mask_cut_to_its_block():
+    # One mask description from the call to the kernel: each call's MaskSpec is the attention's window
+    # at the call's first positions (or no window where every query sees every key), never a new rule.
+    attention = MaskSpec(True, (20, -1))
+    unmasked = 0
+    for ring_impl, packing in (("zigzag", None), ("ring", None), ("zigzag", (0, 30, 31, 100, 128))):
+        for steps in ring_schedule(128, 4, ring_impl, causal=True, offset=0 if packing else 5, window_size=(20, -1),
+                                   packing=packing):
+            for _, calls in steps:
+                for call in calls:
+                    mask = call.mask
+                    assert isinstance(mask, MaskSpec) and mask.window in (attention.window, (-1, -1))
+                    if not mask.varlen and mask.window == (-1, -1):  # dropped only where the attention's sees all
+                        unmasked += 1
+                        assert attention.sees(mask.q_start, mask.q_start + call.q_hi - call.q_lo - 1,
+                                              mask.k_start, mask.k_start + call.k_hi - call.k_lo - 1) == (True, True)
+    assert unmasked > 0
+
+
 def test_plan_skips_future_and_merges_visible_pairs():
     # ring, causal: kv from a later rank is all in the future; from an earlier one all visible.
-    assert plan_step([(0, 16)], [(16, 16)], window=(-1, 0)) == []
-    (call,) = plan_step([(16, 16)], [(0, 16)], window=(-1, 0))
-    assert (call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.window) == (0, 16, 0, 16, (-1, -1))
-    (diagonal,) = plan_step([(16, 16)], [(16, 16)], window=(-1, 0))
-    assert diagonal.window == (-1, 0) and diagonal.q_start == diagonal.k_start == 16
+    assert plan_step([(0, 16)], [(16, 16)], MaskSpec(causal=True)) == []
+    (call,) = plan_step([(16, 16)], [(0, 16)], MaskSpec(causal=True))
+    assert (call.q_lo, call.q_hi, call.k_lo, call.k_hi, call.mask.window) == (0, 16, 0, 16, (-1, -1))
+    (diagonal,) = plan_step([(16, 16)], [(16, 16)], MaskSpec(causal=True))
+    assert diagonal.mask.window == (-1, 0) and diagonal.mask.q_start == diagonal.mask.k_start == 16
     # zigzag R=4, rank 1: chunks 1 and 6 (of 8). After step 0 every step is one half-size call.
     schedule = ring_schedule(64, 4, "zigzag", causal=True)
     for ring_index, steps in enumerate(schedule):
@@ -64,13 +84,13 @@ def test_plan_skips_future_and_merges_visible_pairs():
         assert kv_index == ring_index and len(first) == 3  # two diagonals and one fully visible pair
         for kv_index, calls in steps[1:]:
             (call,) = calls
-            assert call.window == (-1, -1)
+            assert call.mask.window == (-1, -1)
             rows, cols = call.q_hi - call.q_lo, call.k_hi - call.k_lo
             assert rows * cols == 16 * 8  # half of the 16 x 16 local square
             assert (cols == 8) == (kv_index < ring_index)  # earlier kv: its early chunk, all queries
     # not causal: one call over everything
-    (full,) = plan_step([(0, 8), (56, 8)], [(8, 8), (48, 8)], window=(-1, -1))
-    assert (full.q_lo, full.q_hi, full.k_lo, full.k_hi, full.window) == (0, 16, 0, 16, (-1, -1))
+    (full,) = plan_step([(0, 8), (56, 8)], [(8, 8), (48, 8)], MaskSpec())
+    assert (full.q_lo, full.q_hi, full.k_lo, full.k_hi, full.mask.window) == (0, 16, 0, 16, (-1, -1))
 
 
 # (ring_degree, ring_impl, causal, heads, kv_heads, head_dim, seq_len): odd ring sizes,

@@ -103,7 +103,8 @@ def test_documents_that_share_no_chunk_make_no_call():
     # One chunk holding several documents: one varlen call for all of them.
     (steps,) = ring_schedule(24, 1, "ring", causal=True, packing=(0, 5, 6, 24))
     (_, (call,)), = steps
-    assert call.cu_q == call.cu_k == (0, 5, 6, 24) and call.q_start == call.k_start == (0, 0, 0)
+    assert call.mask.cu_seqlens_q == call.mask.cu_seqlens_k == (0, 5, 6, 24)
+    assert call.mask.q_start == call.mask.k_start == (0, 0, 0)
 
 
 def realistic_packings():

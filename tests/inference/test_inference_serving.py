@@ -3,6 +3,7 @@ window, softcap and sinks (ranks outside the window launch nothing), the decode 
 against the benchmark's accounting, and decode_step under torch.compile(fullgraph=True)."""
 import pytest
 import torch
+import torch.distributed._functional_collectives as funcol
 
 import cpattn
 import cpattn.inference as inference
@@ -70,23 +71,23 @@ def decode_case(world, rank):
     cache = cpattn.ShardedKVCache(B, CAP, HKV, D, page_size=16)
     prefill_prefixes(cache, data, world, rank)
     launches, sent = [], []
-    attend = inference._attend
-    gather, scatter = inference._all_gather, inference._all_to_all
+    # Count through the public names inference calls: its decode kernel and torch's functional collectives.
+    attend, gather, scatter = inference.decode_attention, funcol.all_gather_single, funcol.all_to_all_single
 
-    def counting_attend(*args):
+    def counting_attend(*args, **kwargs):
         launches[-1] += 1
-        return attend(*args)
+        return attend(*args, **kwargs)
 
-    def counting_gather(x, group):
+    def counting_gather(x, *args, **kwargs):
         sent.append((world - 1) * x.numel() * x.element_size())  # this rank's piece to each other rank
-        return gather(x, group)
+        return gather(x, *args, **kwargs)
 
-    def counting_all_to_all(x, group):
+    def counting_all_to_all(x, *args, **kwargs):
         sent.append((world - 1) * x.numel() * x.element_size() // world)  # all but its own 1/P
-        return scatter(x, group)
+        return scatter(x, *args, **kwargs)
 
-    inference._attend, inference._all_gather, inference._all_to_all = counting_attend, counting_gather, \
-        counting_all_to_all
+    inference.decode_attention = counting_attend
+    funcol.all_gather_single, funcol.all_to_all_single = counting_gather, counting_all_to_all
     results = []
     try:
         steps = [(1, dict(window_size=(8, 0), softcap=20.0)), (1, dict(window_size=(8, 0), sinks=LOCAL["sinks"])),
@@ -104,7 +105,8 @@ def decode_case(world, rank):
             results.append({"err": err, "launched": launches[-1], "should_launch": should_launch, "out": out,
                             "bytes": sum(sent), "accounted": inference.decode_merge_bytes(world, B * n * H, D)})
     finally:
-        inference._attend, inference._all_gather, inference._all_to_all = attend, gather, scatter
+        inference.decode_attention = attend
+        funcol.all_gather_single, funcol.all_to_all_single = gather, scatter
     return results
 
 

@@ -244,6 +244,30 @@ def test_backward_row_stats_give_the_lse_in_base_2():
             assert torch.equal(a, b)
 
 
+def test_mask_spec_host_form_is_hashable_and_runs_like_tensors():
+    # The planners' form of a packed mask (tuples) compares and hashes by value, so plans can be cached by
+    # mask; on a device it is the tensor form, and the kernel gives the same bits from either.
+    from cpattn.kernels import MaskSpec
+    host = MaskSpec(True, (3, -1)).documents((0, 2), (0, 0), (0, 5, 12), (0, 7, 14))
+    again = MaskSpec(window_size=(3, 0)).documents([0, 2], [0, 0], [0, 5, 12], [0, 7, 14])
+    assert host == again and hash(host) == hash(again) and host.window == (3, 0)
+    assert (host.max_seqlen_q, host.max_seqlen_k) == (7, 7) and host.num_seqs(1) == 2
+    assert host != MaskSpec(window_size=(2, 0)).documents((0, 2), (0, 0), (0, 5, 12), (0, 7, 14))
+    dev = host.on("cpu")
+    assert dev is host.on("cpu") and dev.cu_seqlens_q.dtype == torch.int32 and dev.cu_seqlens_q.tolist() == [0, 5, 12]
+    assert dev == dev and dev != MaskSpec(window_size=(3, 0), q_start=dev.q_start, k_start=dev.k_start,
+                                          cu_seqlens_q=dev.cu_seqlens_q.clone(), cu_seqlens_k=dev.cu_seqlens_k)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=torch.Generator().manual_seed(n)) for n in (12, 14, 14))
+    out_host, lse_host = attention_forward(q, k, v, mask=host)
+    out_dev, lse_dev = attention_forward(q, k, v, mask=dev)
+    assert torch.equal(out_host, out_dev) and torch.equal(lse_host, lse_dev)
+    # the planners' questions, on the same window
+    assert host.sees(10, 12, 13, 20) == (False, False) and host.sees(10, 12, 7, 10) == (True, False)
+    assert host.sees(10, 10, 7, 10) == (True, True)
+    assert host.at(5, 2) == MaskSpec(window_size=(3, 0), q_start=5, k_start=2)
+    assert host.at(5, 2, every=True).window == (-1, -1)
+
+
 def test_warp_specialized_forward_configs_have_two_stages():
     """On an H200 (triton 3.6.0) every warp-specialized forward config with 3 stages returned NaN and
     every one with 2 matched SDPA (bench/results/NVIDIA_H200/fwd_configs.json): no list may hold one

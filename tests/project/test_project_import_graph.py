@@ -8,6 +8,8 @@
 - Every ``cpattn`` module and name that tests, benchmarks, examples or the packages themselves
   import, or reach as ``cpattn.<module>.<name>``, exists, so a module moved out of the package
   (e.g. ``cpattn.kernels.aot``) or a function renamed leaves no user behind.
+- No file reaches a private module or name (``_x``) of a cpattn package it is not part of, by
+  import or as an attribute: tests and benchmarks use public names too.
 Every import counts, also one inside a function (a lazy import is still a dependency).
 """
 import ast
@@ -157,3 +159,79 @@ def test_every_cpattn_module_and_name_reached_by_attribute_exists():
     ("cpattn.kernels.mask", "no_such_name", False), ("cpattn.checks", None, True), ("cpattn.examples", "demo", True)])
 def test_the_existence_check_itself(module, name, expected):
     assert _exists(module, name) == expected
+
+
+def _private(part):
+    return part.startswith("_") and not part.startswith("__")
+
+
+def _module_aliases(path):
+    """{local name: cpattn module} for every name ``path`` binds to a cpattn module by an import."""
+    aliases = {}
+    for line, module, name in imports(path):
+        if not _is_cpattn(module):
+            continue
+        if name is None:  # import cpattn.a.b [as x]: without "as" the name is cpattn itself
+            node = next(n for n in ast.walk(_tree(path)) if getattr(n, "lineno", None) == line
+                        and isinstance(n, ast.Import))
+            for alias in node.names:
+                if alias.name == module:
+                    aliases[alias.asname or "cpattn"] = module if alias.asname else "cpattn"
+        elif _file(f"{module}.{name}") is not None:
+            node = next(n for n in ast.walk(_tree(path)) if getattr(n, "lineno", None) == line
+                        and isinstance(n, ast.ImportFrom))
+            for alias in node.names:
+                if alias.name == name:
+                    aliases[alias.asname or name] = f"{module}.{name}"
+    return aliases
+
+
+def private_uses(path):
+    """(line, owner, private part) of every private module or name of cpattn that ``path`` reaches (by
+    import, or as an attribute of a cpattn module) from outside the package that owns it; ``owner``
+    is the module the private part belongs to."""
+    module = _module_name(path)
+    package = (module if path.name == "__init__.py" else module.rpartition(".")[0]) if module else None
+    found = []
+
+    def check(line, dotted):
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            if _private(part):
+                owner = ".".join(parts[:i])
+                owner_package = owner if _file(f"{owner}.{part}") is not None else owner.rpartition(".")[0]
+                if _file(owner) is not None and _file(owner).name == "__init__.py":
+                    owner_package = owner
+                if package != owner_package:
+                    found.append((line, owner, part))
+                return
+    for line, imported, name in imports(path):
+        if _is_cpattn(imported):
+            check(line, imported if name is None else f"{imported}.{name}")
+    aliases = _module_aliases(path)
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            check(node.lineno, f"{aliases[node.value.id]}.{node.attr}")
+    for line, owner, name in dotted_uses(path):
+        check(line, f"{owner}.{name}")
+    return sorted(set(found))  # an attribute chain is seen once per link
+
+
+def test_no_file_reaches_a_private_member_of_another_package():
+    # DESIGN.md: a module uses another's public names only. Tests, benchmarks and examples included:
+    # what they need is public (kernels/autotune.py, kernels/launcher.py, cpattn/ops.py, ...).
+    found = [f"{p.relative_to(ROOT)}:{line}: {owner} -> {part}"
+             for p in _sources("cpattn", "kernels", "tests", "bench") for line, owner, part in private_uses(p)]
+    assert found == []
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("from cpattn.kernels import _autotune\n", [(1, "cpattn.kernels", "_autotune")]),
+    ("import cpattn.inference as inference\ninference._attend = None\n", [(2, "cpattn.inference", "_attend")]),
+    ("import cpattn\ncpattn.attention._warned.clear()\n", [(2, "cpattn.attention", "_warned")]),
+    ("from cpattn.ops import kernel_dtype\nfrom cpattn import ring\nring.plan_step\n", []),
+])
+def test_private_uses_finds_planted_ones(tmp_path, source, expected):
+    path = tmp_path / "planted.py"
+    path.write_text(source)
+    assert private_uses(path) == expected

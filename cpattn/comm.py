@@ -1,7 +1,7 @@
 """Process groups and collectives for context parallelism.
 
-* ``Communicator``: where one ContextParallel (or ShardedKVCache) communicates. cpattn creates its
-  own process groups over the given group's ranks, with a timeout: one over
+* ``Communicator``: where one ContextParallel (or ShardedKVCache, or CacheTransfer) communicates.
+  cpattn creates its own process groups over the given group's ranks, with a timeout: one over
   all of them (ring P2P, agreement, gather) and one per Ulysses group. Each is
   created once per distinct set of ranks, shared by every Communicator over
   those ranks, and destroyed when the last of them is closed. A failed call
@@ -48,7 +48,7 @@ class _SharedGroup:
         self.failure_key = f"cpattn/failure/{serial}"  # a record per creation: a re-created group starts clean
 
 
-DEFAULT_TIMEOUT = 30.0  # seconds; the bound of faults.py for ContextParallel and ShardedKVCache
+DEFAULT_TIMEOUT = 30.0  # seconds; the bound of faults.py for ContextParallel, ShardedKVCache and transfer_cache
 
 # How long a rank that found its connections closed waits for the rank that closed them to say why.
 _CAUSE_GRACE = 2.0
@@ -102,8 +102,8 @@ def _group_count():
 
 
 class Communicator:
-    """The process groups one ContextParallel or ShardedKVCache (``owner``) uses, their timeout, and the
-    error path of its calls.
+    """The process groups one ContextParallel, ShardedKVCache or CacheTransfer (``owner``) uses, their
+    timeout, and the error path of its calls.
 
     ``parent``: the process group; ``timeout``: seconds; ``parts``: the
     Ulysses groups, lists of group ranks of ``parent`` that partition it (or

@@ -63,7 +63,10 @@ def inject_faults(hook):
     step's transfer is posted and before its kernels), "ulysses forward" and
     "ulysses backward" (between the two all-to-alls), "prefill" (pass-KV: step =
     ring step, as in the ring; pass-Q: step None, before the all-to-all of the
-    partials) and "decode" (after the local attention, before the merge).
+    partials), "decode" (after the local attention, before the merge),
+    "transfer_cache" (step "posted": after every message is posted) and
+    "CacheTransfer.wait" (step = destination sequence, after its messages
+    completed and before this rank stores it).
     """
     global _fault_hook
     previous, _fault_hook = _fault_hook, hook

@@ -20,11 +20,27 @@ with their own stripes, pages or contiguous storage):
 * all messages are posted at once; ``CacheTransfer.wait(b)`` completes sequence
   b only, so decoding b can start as soon as its pages arrived while the rest
   are still in flight.
+
+Faults (faults.py; DESIGN.md, "Agreement and faults"): the transfer runs on a ``comm.Communicator`` over
+``group`` with ``timeout``, cpattn's own process group over those ranks, which every rank of ``group``
+creates (or shares, while one over the same ranks and timeout is live: other transfers in flight, say).
+The ``CacheTransfer`` owns it and gives it back once its last sequence completes (or on ``close()``): no
+long-lived group to own and close, but a transfer made and waited for alone creates one each time
+(docs/inference.md), so post the next before waiting (cpattn_hf does, layer by layer). The description
+exchange, the posting of the messages and ``CacheTransfer.wait`` run in ``fault_path``: a rank that
+raises there records why and closes the group, and every rank raises within the timeout, that rank its
+own error, the others ``PeerFailure`` naming it. So that a rank whose own messages are done (a sender)
+learns of a failure elsewhere too, the wait that completes a rank's last sequence ends with a small
+all-gather over ``group``: every rank of ``group`` waits for every sequence (``wait()``, or ``wait(b)``
+for each b), and the transfer completes on all of them or raises on all.
 """
 import torch
 import torch.distributed as dist
 
 from .agreement import agree
+from .checks import check_timeout
+from .comm import DEFAULT_TIMEOUT, Communicator, gather_rows
+from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache
 from .layout import StripeLayout
 from .pages import check_pages
@@ -83,26 +99,32 @@ def _check_plan(src, dst):
 
 
 class CacheTransfer:
-    """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them."""
+    """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them. Owns the call's
+    Communicator (``comm``, None on one rank) until the transfer completes or ``close`` gives it back."""
 
-    def __init__(self, dst, ids, lengths):
+    def __init__(self, comm, dst, ids, lengths, on_cpu):
         self.dst, self.ids, self.lengths = dst, ids, lengths
+        self._comm = comm                      # until the transfer completes (None then, and on one rank)
+        self._on_cpu = on_cpu                  # CPU tensors (gloo): the Communicator bounds their waits
         self._works = {b: [] for b in ids}     # destination sequence -> outstanding works (sends or receives)
         self._pieces = {b: [] for b in ids}    # destination sequence -> (positions, k/v) this rank stores
         self._sent = {b: [] for b in ids}      # the buffers being sent, alive until their sends complete
         self._done = set()
 
-    def sending(self, b, kv, work):
-        """``kv`` (n, Hkv, stored width: ``ValueLayout.pack``) for destination sequence ``b`` is being sent
-        (``work``)."""
-        self._works[b].append(work)
+    def send(self, b, kv, peer, tag):
+        """Post ``kv`` (n, Hkv, stored width: ``ValueLayout.pack``) of destination sequence ``b`` to global
+        rank ``peer``."""
+        with collective(f"transfer_cache: a send to rank {peer}"):
+            self._works[b].append(dist.isend(kv, dst=peer, group=self._comm.group, tag=tag))
         self._sent[b].append(kv)
 
-    def receiving(self, b, positions, kv, work=None):
-        """``kv`` (n, Hkv, stored width) holds, or once ``work`` completes will hold, the keys and values at
-        ``positions`` of destination sequence ``b``, to store on this rank."""
-        if work is not None:
-            self._works[b].append(work)
+    def receive(self, b, positions, kv, peer=None, tag=None):
+        """``kv`` (n, Hkv, stored width) holds, or once the message from global rank ``peer`` arrives will
+        hold, the keys and values at ``positions`` of destination sequence ``b``, to store on this rank
+        (``peer`` None: kept from this rank's own source cache, no message)."""
+        if peer is not None:
+            with collective(f"transfer_cache: a receive from rank {peer}"):
+                self._works[b].append(dist.irecv(kv, src=peer, group=self._comm.group, tag=tag))
         self._pieces[b].append((positions, kv))
 
     @property
@@ -112,26 +134,53 @@ class CacheTransfer:
 
     def wait(self, batch_index=None):
         """Complete sequences ``batch_index`` (destination ids; default all). On a decode rank their keys
-        and values are then stored and their lengths set: they can be decoded."""
-        todo = self.ids if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
-        for b in todo:
-            if b in self._done:
-                continue
-            if b not in self._works:
-                raise ValueError(f"CacheTransfer.wait: sequence {b} is not part of this transfer ({self.ids})")
-            for work in self._works[b]:
-                work.wait()
-            self._sent[b].clear()
-            if self.dst is not None:
-                dev_id = torch.tensor([b], device=self.dst.device)
-                for positions, kv in self._pieces[b]:
-                    k, v = self.dst.values.unpack(kv[None])
-                    self.dst.store(dev_id, positions.to(self.dst.device)[None], k, v)
-                self.dst.advance(torch.tensor([b]), self.lengths[b])
-            self._done.add(b)
+        and values are then stored and their lengths set: they can be decoded. Every rank of the
+        transfer's group waits for every sequence: the wait that completes this rank's last one is
+        collective (it learns that every rank completed, or raises with them)."""
+        where = "CacheTransfer.wait"
+        if self._comm is not None:
+            self._comm.check(where)  # PeerFailure if the transfer failed or was closed
+        with fault_path(self._comm, where):
+            for b in self._sequences(batch_index, where):
+                if b not in self._done:
+                    self._complete_sequence(b)
+            if len(self._done) == len(self.ids) and self._comm is not None:
+                with collective(f"{where}: the closing all-gather"):
+                    gather_rows(self._comm.group, [0], comm=self._comm)
+                self.close()
+                self._comm = None  # complete: a later wait has nothing to do
+
+    def close(self):
+        """Give back the Communicator (local, idempotent; ``wait`` does it once the transfer completed).
+        To abandon a transfer: its other ranks' waits then raise PeerFailure within the timeout."""
+        if self._comm is not None:
+            self._comm.close()
+
+    def _sequences(self, batch_index, where):
+        """The destination ids ``batch_index`` names (None: all), each of this transfer."""
+        ids = self.ids if batch_index is None else [int(b) for b in torch.as_tensor(batch_index).reshape(-1)]
+        unknown = [b for b in ids if b not in self._works]
+        if unknown:
+            raise ValueError(f"{where}: sequences {unknown} are not part of this transfer ({self.ids})")
+        return ids
+
+    def _complete_sequence(self, b):
+        """Wait for the messages of sequence ``b``, then store what this rank holds of it."""
+        if self._works[b]:
+            with collective(f"CacheTransfer.wait: the messages of sequence {b}"):
+                self._comm.wait(self._works[b], self._on_cpu)
+        fault_point("CacheTransfer.wait", b)
+        self._sent[b].clear()
+        if self.dst is not None:
+            dev_id = torch.tensor([b], device=self.dst.device)
+            for positions, kv in self._pieces[b]:
+                k, v = self.dst.values.unpack(kv[None])
+                self.dst.store(dev_id, positions.to(self.dst.device)[None], k, v)
+            self.dst.advance(torch.tensor([b]), self.lengths[b])
+        self._done.add(b)
 
 
-def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None):
+def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None, timeout=DEFAULT_TIMEOUT):
     """Move sequences from a prefill group's cache to a decode group's cache, resharding on the way.
 
     Collective over ``group`` (default: the default group), which must contain every
@@ -139,8 +188,9 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
     the prefill group as ``src`` and/or of the decode group as ``dst`` (None where it
     holds none). ``batch_index``: the source sequences (default all); ``dst_batch_index``:
     where they go in ``dst`` (default the same ids), which must be empty. The source cache
-    is not changed. Returns a ``CacheTransfer``: ``wait(b)`` completes destination
-    sequence b (every rank of both groups must wait for what it sends or receives).
+    is not changed. ``timeout``: seconds a rank waits for a failed or missing peer before
+    raising (faults: the module docstring). Returns a ``CacheTransfer``: ``wait(b)``
+    completes destination sequence b; every rank of ``group`` waits for every sequence.
     """
     where = "transfer_cache"
     group = dist.group.WORLD if group is None else group
@@ -155,43 +205,57 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None)
         if dst is not None:
             record["dst"] = _describe(dst, dst.sequence_ids(batch_index if dst_batch_index is None
                                                             else dst_batch_index), "dst")
-        return record
-    record = agree(where, check, group=group)
-    records = [None] * dist.get_world_size(group)
-    dist.all_gather_object(records, record, group=group)
-    src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
-    lengths = _check_plan(src_info, dst_info)
+        return record, check_timeout(timeout, where)
+    record, timeout = agree(where, check, group=group)
+    # Collective over ``group`` like this call: every rank creates (or shares) the process group, in call order.
+    comm = Communicator(group, timeout, owner="CacheTransfer") if dist.get_world_size(group) > 1 else None
+    with fault_path(comm, where):
+        records = [record]
+        if comm is not None:
+            records = [None] * dist.get_world_size(comm.group)
+            with collective(f"{where}: the all-gather of the descriptions"):
+                dist.all_gather_object(records, record, group=comm.group)
+    try:
+        src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
+        lengths = _check_plan(src_info, dst_info)
+    except ValueError:  # every rank reached this verdict from the same descriptions: none waits, all close
+        if comm is not None:
+            comm.close()
+        raise
     src_ids, dst_ids = src_info["ids"], dst_info["ids"]
     src_global = {r["src"]["rank"]: r["global"] for r in records if r["src"] is not None}
     dst_global = {r["dst"]["rank"]: r["global"] for r in records if r["dst"] is not None}
     src_layout = StripeLayout(src_info["stripe"], src_info["world"])
     dst_layout = StripeLayout(dst_info["stripe"], dst_info["world"])
 
-    transfer = CacheTransfer(dst, dst_ids, dict(zip(dst_ids, lengths)))
-    if dst is not None:
-        for b, n in zip(dst_ids, lengths):
-            dst.make_room(torch.tensor([b]), n, where)  # pages for the whole sequence, before anything arrives
-    for i, (sb, db, n) in enumerate(zip(src_ids, dst_ids, lengths)):
-        pos = torch.arange(n)
-        src_owner, dst_owner = src_layout.owner(pos), dst_layout.owner(pos)
-        for s_rank in range(src_info["world"]):
-            for d_rank in range(dst_info["world"]):
-                mine = pos[(src_owner == s_rank) & (dst_owner == d_rank)]
-                if mine.numel() == 0:
-                    continue
-                sender, receiver = src_global[s_rank], dst_global[d_rank]
-                me_send = src is not None and src.rank == s_rank
-                me_recv = dst is not None and dst.rank == d_rank
-                if me_send:
-                    slots = src_layout.local_slot(mine).to(src.device)
-                    # One message per piece: keys and values packed (a latent cache's keys alone).
-                    kv = src.values.pack(*src.read(torch.tensor([sb], device=src.device), slots))[0].contiguous()
-                if me_recv and me_send:
-                    transfer.receiving(db, mine, kv)  # a rank in both groups keeps its own part: no message
-                elif me_recv:
-                    buffer = torch.empty((mine.numel(), dst.num_kv_heads, dst.values.stored_dim), dtype=dst.dtype,
-                                         device=dst.device)
-                    transfer.receiving(db, mine, buffer, dist.irecv(buffer, src=sender, group=group, tag=i))
-                elif me_send:
-                    transfer.sending(db, kv, dist.isend(kv, dst=receiver, group=group, tag=i))
+    on_cpu = all(cache.device.type == "cpu" for cache in (src, dst) if cache is not None)
+    transfer = CacheTransfer(comm, dst, dst_ids, dict(zip(dst_ids, lengths)), on_cpu)
+    with fault_path(comm, where):
+        if dst is not None:
+            for b, n in zip(dst_ids, lengths):
+                dst.make_room(torch.tensor([b]), n, where)  # pages for the whole sequence, before anything arrives
+        for i, (sb, db, n) in enumerate(zip(src_ids, dst_ids, lengths)):
+            pos = torch.arange(n)
+            src_owner, dst_owner = src_layout.owner(pos), dst_layout.owner(pos)
+            for s_rank in range(src_info["world"]):
+                for d_rank in range(dst_info["world"]):
+                    mine = pos[(src_owner == s_rank) & (dst_owner == d_rank)]
+                    if mine.numel() == 0:
+                        continue
+                    sender, receiver = src_global[s_rank], dst_global[d_rank]
+                    me_send = src is not None and src.rank == s_rank
+                    me_recv = dst is not None and dst.rank == d_rank
+                    if me_send:
+                        slots = src_layout.local_slot(mine).to(src.device)
+                        # One message per piece: keys and values packed (a latent cache's keys alone).
+                        kv = src.values.pack(*src.read(torch.tensor([sb], device=src.device), slots))[0].contiguous()
+                    if me_recv and me_send:
+                        transfer.receive(db, mine, kv)  # a rank in both groups keeps its own part: no message
+                    elif me_recv:
+                        buffer = torch.empty((mine.numel(), dst.num_kv_heads, dst.values.stored_dim),
+                                             dtype=dst.dtype, device=dst.device)
+                        transfer.receive(db, mine, buffer, sender, tag=i)
+                    elif me_send:
+                        transfer.send(db, kv, receiver, tag=i)
+        fault_point(where, "posted")
     return transfer

@@ -247,7 +247,7 @@ class TransferCall(NamedTuple):
 
 def transfer_cache(src, dst, group=None):
     """Hand a prefilled ``ShardedCache`` from a prefill group to a decode group's empty one (same model and
-    batch size): ``cpattn.transfer_cache`` layer by layer, each waited for, then the count of tokens seen
+    batch size): ``cpattn.transfer_cache`` layer by layer, all waited for, then the count of tokens seen
     (``get_seq_length``), so that ``generate`` continues on the decode group. Collective over ``group``
     (default: the default group), which holds every rank of both; each rank passes its cache of each side,
     or None."""
@@ -263,9 +263,16 @@ def transfer_cache(src, dst, group=None):
             raise ValueError(f"{where}: the caches hold different numbers of layers")
         return TransferCall(len(caches[0].layers))
     depth = agree(where, check, group=group).layers
+    # Layer i + 1 is posted before layer i is waited for: the transfers overlap, two layers' messages at most
+    # are in flight, and they share one process group (a transfer gives its group back once complete).
+    previous = None
     for i in range(depth):
-        cpattn.transfer_cache(None if src is None else src.layers[i].kv, None if dst is None else dst.layers[i].kv,
-                              group=group).wait()
+        transfer = cpattn.transfer_cache(None if src is None else src.layers[i].kv,
+                                         None if dst is None else dst.layers[i].kv, group=group)
+        if previous is not None:
+            previous.wait()
+        previous = transfer
+    previous.wait()
     hint = (src or dst).layers[0].kv.k
     seen = max(row[0] for row in gather_rows(group, [-1 if src is None else src.layers[0].columns], hint))
     if dst is not None:

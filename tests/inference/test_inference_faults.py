@@ -10,13 +10,23 @@ it (for the hang: the merge that timed out), within the bound; the caches
 sharing the failed process group refuse the next call; a cache built afterwards
 is exact; no process is left running. Also: a constructor argument bad on one
 rank only raises on every rank.
+
+``transfer_cache`` the same way, on 2 ranks (prefill on both, decode on rank 1)
+and on 3 (prefill on 0-1, decode on 2): one rank fails after posting its
+messages, or inside ``CacheTransfer.wait`` (also a sender whose messages are
+all done), and every rank raises, within the timeout; a ``timeout`` or a
+``batch_index`` bad on one rank raises on every rank; a transfer afterwards
+moves every token and gives its process group back.
 """
 import multiprocessing
 import time
 
+import pytest
 import torch
+import torch.distributed as dist
 
 import cpattn
+from cpattn.comm import live_groups
 from cpattn.faults import inject_faults
 from cpattn.testing import run_ranks
 from fault_scenarios import check_outcomes, fault_hook, outcome
@@ -94,3 +104,79 @@ def test_every_rank_raises_within_the_timeout():
                 f"{name}, rank {rank}: the call after the failure gave {outcomes[name][5]!r}"
     for rank, (_, error) in enumerate(per_rank):
         assert error < 1e-4, f"rank {rank}: a cache built after the faults is wrong: {error}"
+
+
+# ----------------------------------------------------------------------------- transfer_cache
+
+TRANSFER_LENGTHS = (40, 23)  # the source sequences' lengths: several messages per sequence, of uneven sizes
+TRANSFER_TIMEOUT = 5.0
+# world -> (prefill ranks, decode ranks)
+TRANSFER_GROUPS = {2: ([0, 1], [1]), 3: ([0, 1], [2])}
+# world -> {name: (fault place, step (None: any), failing rank, what it does)}
+TRANSFER_SCENARIOS = {
+    2: {"after posting, a sender": ("transfer_cache", "posted", 0, "raise"),
+        "storing sequence 1, the receiver": ("CacheTransfer.wait", 1, 1, "raise")},
+    3: {"after posting, the receiver": ("transfer_cache", "posted", 2, "raise"),
+        "in wait, a sender whose messages are done": ("CacheTransfer.wait", None, 0, "oom")},
+}
+# argument -> what the rank it is bad on raises (the others: ValueError naming that rank)
+BAD_ON_ONE_RANK = {"timeout": "timeout must be a positive number", "batch_index": "batch_index must be distinct"}
+
+
+def transfer_scenarios(rank, world):
+    prefill_ranks, decode_ranks = TRANSFER_GROUPS[world]
+    prefill_group, decode_group = dist.new_group(prefill_ranks), dist.new_group(decode_ranks)
+    gen = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(2, max(TRANSFER_LENGTHS), HKV, D, generator=gen) for _ in range(2))
+    src = dst = None
+    if rank in prefill_ranks:
+        src = cpattn.ShardedKVCache(2, 64, HKV, D, group=prefill_group, page_size=16)
+        for b, n in enumerate(TRANSFER_LENGTHS):
+            src.append(k[b:b + 1, :n], v[b:b + 1, :n], batch_index=[b])
+    if rank in decode_ranks:
+        dst = cpattn.ShardedKVCache(2, 64, HKV, D, group=decode_group)
+    # name -> (the one rank it is bad on: a decode rank, a prefill rank; what every rank raised)
+    last = world - 1
+    timeout, ids = (0 if rank == last else TRANSFER_TIMEOUT), ([0, 2] if rank == 0 else None)
+    bad = {"timeout": (last, outcome(lambda: cpattn.transfer_cache(src, dst, timeout=timeout))),
+           "batch_index": (0, outcome(lambda: cpattn.transfer_cache(src, dst, batch_index=ids,
+                                                                    timeout=TRANSFER_TIMEOUT)))}
+    outcomes = {}
+    for name, (place, step, culprit, action) in TRANSFER_SCENARIOS[world].items():
+        if dst is not None:
+            dst.reset()
+        fault = {}
+
+        def call():
+            with inject_faults(fault_hook(rank, place, step, culprit, action, TRANSFER_TIMEOUT, fault)):
+                transfer = cpattn.transfer_cache(src, dst, timeout=TRANSFER_TIMEOUT)
+                transfer.wait([1])
+                transfer.wait()
+
+        outcomes[name] = (*outcome(call), time.time(), fault.get("time"))
+    # The faults leave nothing behind: a transfer afterwards moves every token and gives its process group back.
+    if dst is not None:
+        dst.reset()
+    cpattn.transfer_cache(src, dst, timeout=TRANSFER_TIMEOUT).wait()
+    left = [key for key in live_groups() if key[2] == TRANSFER_TIMEOUT]
+    exact = []
+    if dst is not None:
+        k_dst, v_dst = dst.gather()
+        for b, n in enumerate(TRANSFER_LENGTHS):
+            exact.append(bool(torch.equal(k_dst[b, :n], k[b, :n]) and torch.equal(v_dst[b, :n], v[b, :n])))
+    return bad, outcomes, left, exact
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_transfer_cache_fails_on_every_rank_within_the_timeout(world):
+    per_rank = run_ranks(transfer_scenarios, world, timeout=120)
+    assert not multiprocessing.active_children(), "a rank process is still running"
+    for rank, (bad, _, left, exact) in enumerate(per_rank):
+        for name, (culprit, (kind, _, message)) in bad.items():
+            expected = BAD_ON_ONE_RANK[name] if rank == culprit else f"rank(s) [{culprit}]"
+            assert kind == "ValueError" and expected in message, f"rank {rank}: {kind}: {message}"
+        assert not left, f"rank {rank}: the transfers' process groups were not given back: {left}"
+        assert all(exact), f"rank {rank}: the transfer after the faults moved wrong keys or values"
+    for name, (place, _, culprit, action) in TRANSFER_SCENARIOS[world].items():
+        check_outcomes([outcomes[name][:4] for _, outcomes, _, _ in per_rank], per_rank[culprit][1][name][4],
+                       culprit, action, TRANSFER_TIMEOUT, None, place, f"{world} ranks, {name}")

@@ -40,7 +40,7 @@ single-device ``flash_attn_func`` call. Target: forward below 100 us for 8 ranks
 Packed documents (``packed_work``; counts, no timing, any machine): for one
 128k document, 16 x 8k, one 64k among 60 short, 500 and 1000 long-tailed
 (Pareto 1.1), 200 short with a 50k last, with no window and a 4k window, the
-tokens, causal work and kv bytes sent per ring rank (``cpattn.context_parallel_work``)
+tokens, causal work and kv bytes sent per ring rank (``cpattn.work_report.context_parallel_work``)
 under equal-token contiguous and zigzag cuts, the equal-work cut cpattn used
 before, and the dispatch ``ContextParallel.shard(..., cu_seqlens=)`` uses now,
 with max/mean per scheme and the dispatch's plan time (host).
@@ -63,6 +63,7 @@ from cpattn import ops, context_parallel, ring
 from cpattn import comm as cp_comm
 from cpattn.kernels import attention_backward, attention_backward_delta, attention_forward
 from cpattn.layout import Layout
+from cpattn.work_report import context_parallel_work
 
 LINKS = {"nvlink": 450e9, "ib": 50e9}  # bytes/s per direction
 
@@ -402,14 +403,14 @@ def packings(rng=None):
 
 def packed_work(ring_degrees, windows=(-1, 4096), kv_bytes_per_token=2 * 8 * 128 * 2):
     """Per ring rank tokens, causal work and kv bytes sent per forward call under each scheme
-    (``cpattn.context_parallel_work``), for every packing, ring degree and window; the dispatch's plan time
+    (``cpattn.work_report.context_parallel_work``), for every packing, ring degree and window; the dispatch's plan time
     (host, uncached ``dispatch``). Bytes: k and v of bf16, 8 kv heads of dim 128."""
     from cpattn.dispatch import cut_window, dispatch
     rows = []
     for (name, lengths), degree, window in itertools.product(packings().items(), ring_degrees, windows):
         cu = [0, *itertools.accumulate(lengths)]
         for scheme in ("contiguous", "zigzag", "work", "dispatch"):
-            loads = cpattn.context_parallel_work(cu, degree, (window, -1), scheme, kv_bytes_per_token)
+            loads = context_parallel_work(cu, degree, (window, -1), scheme, kv_bytes_per_token)
             plan_ms = ""
             if scheme == "dispatch":
                 start = time.perf_counter()

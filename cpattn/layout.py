@@ -176,6 +176,3 @@ class StripeLayout:
         j = torch.arange(num_slots)
         return offset + (j // stripe) * stride + j % stripe
 
-
-# The report lived here first; it builds on this module and the ring planner, so it is imported last.
-from .work_report import context_parallel_work  # noqa: E402,F401

@@ -15,7 +15,8 @@ import torch
 
 from cpattn.dispatch import cut_window, dispatch
 from cpattn.kernels import MaskSpec
-from cpattn.layout import Layout, context_parallel_work, doc_positions
+from cpattn.layout import Layout, doc_positions
+from cpattn.work_report import context_parallel_work
 from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward, travelling_rows
 from reference import reference_varlen, rel_err
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import cpattn
-from cpattn.layout import Layout, context_parallel_work, doc_positions
+from cpattn.layout import Layout, doc_positions
+from cpattn.work_report import context_parallel_work
 from cpattn.ring import ring_schedule, simulate_ring_attention, simulate_ring_attention_backward
 from cpattn.testing import run_ranks
 from reference import reference_attention, reference_varlen, rel_err

@@ -1,6 +1,6 @@
 """Process groups and collectives for context parallelism.
 
-* ``Communicator``: where one ContextParallel (or ShardedKVCache, or CacheTransfer) communicates.
+* ``Communicator``: where one ContextParallel (or ShardedKVCache, or the cache transfers) communicates.
   cpattn creates its own process groups over the given group's ranks, with a timeout: one over
   all of them (ring P2P, agreement, gather) and one per Ulysses group. Each is
   created once per distinct set of ranks, shared by every Communicator over
@@ -102,7 +102,7 @@ def _group_count():
 
 
 class Communicator:
-    """The process groups one ContextParallel, ShardedKVCache or CacheTransfer (``owner``) uses, their
+    """The process groups one ContextParallel, ShardedKVCache or the cache transfers (``owner``) use, their
     timeout, and the error path of its calls.
 
     ``parent``: the process group; ``timeout``: seconds; ``parts``: the
@@ -152,6 +152,10 @@ class Communicator:
                 work.wait()
 
     # -------------------------------------------------------------- failures
+
+    def is_open(self):
+        """Whether calls may still use these communicators (not closed, no failure recorded on them)."""
+        return self._failed is None and all(entry.failure is None for entry in self._entries)
 
     def check(self, where):
         """Raise PeerFailure if an earlier call failed: these communicators are closed."""

@@ -22,28 +22,54 @@ with their own stripes, pages or contiguous storage):
   are still in flight.
 
 Faults (faults.py; DESIGN.md, "Agreement and faults"): the transfer runs on a ``comm.Communicator`` over
-``group`` with ``timeout``, cpattn's own process group over those ranks, which every rank of ``group``
-creates (or shares, while one over the same ranks and timeout is live: other transfers in flight, say).
-The ``CacheTransfer`` owns it and gives it back once its last sequence completes (or on ``close()``): no
-long-lived group to own and close, but a transfer made and waited for alone creates one each time
-(docs/inference.md), so post the next before waiting (cpattn_hf does, layer by layer). The description
-exchange, the posting of the messages and ``CacheTransfer.wait`` run in ``fault_path``: a rank that
-raises there records why and closes the group, and every rank raises within the timeout, that rank its
-own error, the others ``PeerFailure`` naming it. So that a rank whose own messages are done (a sender)
-learns of a failure elsewhere too, the wait that completes a rank's last sequence ends with a small
-all-gather over ``group``: every rank of ``group`` waits for every sequence (``wait()``, or ``wait(b)``
-for each b), and the transfer completes on all of them or raises on all.
+``group`` with ``timeout``, cpattn's own process group over those ranks. Every rank of ``group`` creates
+it at the first transfer over those ranks and that timeout and keeps it for the later ones (serving
+transfers every request: a new NCCL communicator each time would cost more than the transfer), until a
+failure closes it (the next transfer then creates a new one) or ``close_transfer_groups()``. The ranks
+agree on whether they hold a usable one before any of them creates one. The description exchange, the
+posting of the messages and ``CacheTransfer.wait`` run in ``fault_path``: a rank that raises there
+records why and closes the group, and every rank raises within the timeout, that rank its own error,
+the others ``PeerFailure`` naming it. So that a rank whose own messages are done (a sender) learns of a
+failure elsewhere too, the wait that completes a rank's last sequence ends with a small all-gather over
+the group: every rank of ``group`` waits for every sequence (``wait()``, or ``wait(b)`` for each b), and
+the transfer completes on all of them or raises on all.
 """
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
 from .agreement import agree
 from .checks import check_timeout
-from .comm import DEFAULT_TIMEOUT, Communicator, gather_rows
+from .comm import DEFAULT_TIMEOUT, Communicator, gather_rows, global_ranks
 from .faults import collective, fault_path, fault_point
 from .kv_cache import ShardedKVCache
 from .layout import StripeLayout
 from .pages import check_pages
+
+
+# (global ranks, timeout) -> the Communicator transfers over those ranks use, kept for the next transfer
+_kept_groups = {}
+
+
+def close_transfer_groups():
+    """Give back the process groups kept for transfers (local; call it on every rank, e.g. at shutdown)."""
+    for comm in _kept_groups.values():
+        comm.close()
+    _kept_groups.clear()
+
+
+class CacheTransferCall(NamedTuple):
+    """What the ranks of one ``transfer_cache`` agree on before any of them creates a process group, and
+    this rank's description of its caches (``record``, which ranks differ in)."""
+    timeout: float
+    keeps_group: bool  # a usable Communicator over these ranks and timeout, kept from an earlier transfer
+    record: dict
+
+    LOCAL = ("record",)
+    FIXES = {"timeout": "pass the same timeout on every rank",
+             "keeps_group": "a rank closed its transfer group (close_transfer_groups) while others kept theirs: "
+                            "call close_transfer_groups() on every rank"}
 
 
 def _describe(cache, ids, role):
@@ -99,8 +125,8 @@ def _check_plan(src, dst):
 
 
 class CacheTransfer:
-    """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them. Owns the call's
-    Communicator (``comm``, None on one rank) until the transfer completes or ``close`` gives it back."""
+    """The messages of one ``transfer_cache`` call in flight; ``wait`` completes them, over ``comm`` (the
+    transfers' kept Communicator over the group's ranks; None on one rank)."""
 
     def __init__(self, comm, dst, ids, lengths, on_cpu):
         self.dst, self.ids, self.lengths = dst, ids, lengths
@@ -147,14 +173,15 @@ class CacheTransfer:
             if len(self._done) == len(self.ids) and self._comm is not None:
                 with collective(f"{where}: the closing all-gather"):
                     gather_rows(self._comm.group, [0], comm=self._comm)
-                self.close()
                 self._comm = None  # complete: a later wait has nothing to do
 
     def close(self):
-        """Give back the Communicator (local, idempotent; ``wait`` does it once the transfer completed).
-        To abandon a transfer: its other ranks' waits then raise PeerFailure within the timeout."""
+        """Abandon the transfer (local, idempotent; nothing to do once it completed): this closes the
+        transfers' group over these ranks, so the other ranks' waits, and those of every other transfer
+        in flight on it, raise PeerFailure within the timeout; the next transfer creates a new group."""
         if self._comm is not None:
             self._comm.close()
+            self._comm = None
 
     def _sequences(self, batch_index, where):
         """The destination ids ``batch_index`` names (None: all), each of this transfer."""
@@ -205,23 +232,20 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None,
         if dst is not None:
             record["dst"] = _describe(dst, dst.sequence_ids(batch_index if dst_batch_index is None
                                                             else dst_batch_index), "dst")
-        return record, check_timeout(timeout, where)
-    record, timeout = agree(where, check, group=group)
-    # Collective over ``group`` like this call: every rank creates (or shares) the process group, in call order.
-    comm = Communicator(group, timeout, owner="CacheTransfer") if dist.get_world_size(group) > 1 else None
+        seconds = check_timeout(timeout, where)
+        kept = _kept_groups.get((tuple(global_ranks(group)), seconds))
+        return CacheTransferCall(seconds, kept is not None and kept.is_open(), record)
+    call = agree(where, check, group=group)
+    record, comm = call.record, _transfer_group(group, call)
     with fault_path(comm, where):
         records = [record]
         if comm is not None:
             records = [None] * dist.get_world_size(comm.group)
             with collective(f"{where}: the all-gather of the descriptions"):
                 dist.all_gather_object(records, record, group=comm.group)
-    try:
-        src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
-        lengths = _check_plan(src_info, dst_info)
-    except ValueError:  # every rank reached this verdict from the same descriptions: none waits, all close
-        if comm is not None:
-            comm.close()
-        raise
+    # Every rank reaches the same verdict from the same descriptions: a bad plan raises on all, none waits.
+    src_info, dst_info = _one_side(records, "src"), _one_side(records, "dst")
+    lengths = _check_plan(src_info, dst_info)
     src_ids, dst_ids = src_info["ids"], dst_info["ids"]
     src_global = {r["src"]["rank"]: r["global"] for r in records if r["src"] is not None}
     dst_global = {r["dst"]["rank"]: r["global"] for r in records if r["dst"] is not None}
@@ -259,3 +283,16 @@ def transfer_cache(src, dst, group=None, batch_index=None, dst_batch_index=None,
                         transfer.send(db, kv, receiver, tag=i)
         fault_point(where, "posted")
     return transfer
+
+
+def _transfer_group(group, call):
+    """The Communicator of a transfer over ``group`` (None on one rank): the kept one, or a new one that is
+    kept. Collective when new: every rank decides alike (``call.keeps_group`` was agreed on)."""
+    if dist.get_world_size(group) == 1:
+        return None
+    key = (tuple(global_ranks(group)), call.timeout)
+    if not call.keeps_group:
+        if key in _kept_groups:
+            _kept_groups.pop(key).close()
+        _kept_groups[key] = Communicator(group, call.timeout, owner="cache transfer")
+    return _kept_groups[key]

@@ -264,7 +264,7 @@ def transfer_cache(src, dst, group=None):
         return TransferCall(len(caches[0].layers))
     depth = agree(where, check, group=group).layers
     # Layer i + 1 is posted before layer i is waited for: the transfers overlap, two layers' messages at most
-    # are in flight, and they share one process group (a transfer gives its group back once complete).
+    # are in flight.
     previous = None
     for i in range(depth):
         transfer = cpattn.transfer_cache(None if src is None else src.layers[i].kv,

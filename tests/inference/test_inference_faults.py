@@ -29,6 +29,7 @@ import cpattn
 from cpattn.comm import live_groups
 from cpattn.faults import inject_faults
 from cpattn.testing import run_ranks
+from cpattn.transfer import close_transfer_groups
 from fault_scenarios import check_outcomes, fault_hook, outcome
 from test_inference import sdpa_rows
 
@@ -154,28 +155,34 @@ def transfer_scenarios(rank, world):
                 transfer.wait()
 
         outcomes[name] = (*outcome(call), time.time(), fault.get("time"))
-    # The faults leave nothing behind: a transfer afterwards moves every token and gives its process group back.
-    if dst is not None:
-        dst.reset()
-    cpattn.transfer_cache(src, dst, timeout=TRANSFER_TIMEOUT).wait()
+    # The faults leave nothing behind: transfers afterwards move every token, on one new group that the
+    # second transfer reuses (kept), until close_transfer_groups gives it back.
+    kept = []
+    for _ in range(2):
+        if dst is not None:
+            dst.reset()
+        cpattn.transfer_cache(src, dst, timeout=TRANSFER_TIMEOUT).wait()
+        kept.append({key: users for key, users in live_groups().items() if key[2] == TRANSFER_TIMEOUT})
+    close_transfer_groups()
     left = [key for key in live_groups() if key[2] == TRANSFER_TIMEOUT]
     exact = []
     if dst is not None:
         k_dst, v_dst = dst.gather()
         for b, n in enumerate(TRANSFER_LENGTHS):
             exact.append(bool(torch.equal(k_dst[b, :n], k[b, :n]) and torch.equal(v_dst[b, :n], v[b, :n])))
-    return bad, outcomes, left, exact
+    return bad, outcomes, (kept, left), exact
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_transfer_cache_fails_on_every_rank_within_the_timeout(world):
     per_rank = run_ranks(transfer_scenarios, world, timeout=120)
     assert not multiprocessing.active_children(), "a rank process is still running"
-    for rank, (bad, _, left, exact) in enumerate(per_rank):
+    for rank, (bad, _, (kept, left), exact) in enumerate(per_rank):
         for name, (culprit, (kind, _, message)) in bad.items():
             expected = BAD_ON_ONE_RANK[name] if rank == culprit else f"rank(s) [{culprit}]"
             assert kind == "ValueError" and expected in message, f"rank {rank}: {kind}: {message}"
-        assert not left, f"rank {rank}: the transfers' process groups were not given back: {left}"
+        assert len(kept[0]) == 1 and kept[0] == kept[1], f"rank {rank}: the transfers did not keep one group: {kept}"
+        assert not left, f"rank {rank}: close_transfer_groups did not give the group back: {left}"
         assert all(exact), f"rank {rank}: the transfer after the faults moved wrong keys or values"
     for name, (place, _, culprit, action) in TRANSFER_SCENARIOS[world].items():
         check_outcomes([outcomes[name][:4] for _, outcomes, _, _ in per_rank], per_rank[culprit][1][name][4],

@@ -57,6 +57,9 @@ TARGETS = {"sm_80": Target("sm_80", 80, 163 * 1024), "sm_90": Target("sm_90", 90
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # Head dims: one for q, k, v alike, or a pair (q/k, v/out) such as MLA's (192, 128).
 HEAD_DIMS = (64, 128, 256, (192, 128), (128, 64))
+# Pairs only the latent decode runs at (no other kernel takes a head dim above 256): MLA's latent
+# cache as DeepSeek serves it, a 576-wide vector per token whose first 512 entries are the value.
+LATENT_HEAD_DIMS = ((576, 512),)
 KERNELS = ("_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_merge_kernel",
            "_decode_kernel", "_merge_splits_kernel")
 # The main loops that must run on wgmma on sm_90: every dot of these kernels an HGMMA.
@@ -295,11 +298,12 @@ def _pack(kernel, backend, kwargs, bound, specialization, options):
 
 
 def cases(variants=tuple(VARIANTS), targets=tuple(TARGETS), dtypes=tuple(DTYPES), head_dims=HEAD_DIMS,
-          kernels=KERNELS):
-    """Every Case of the grid: variant, dtype, head dim, kernel, target, each config kept for it."""
+          kernels=KERNELS, latent_head_dims=LATENT_HEAD_DIMS):
+    """Every Case of the grid: variant, dtype, head dim, kernel, target, each config kept for it
+    (``latent_head_dims``: the pairs only the latent variant runs at)."""
     for variant in variants:
         for dtype in dtypes:
-            for dims in head_dims:
+            for dims in tuple(head_dims) + (tuple(latent_head_dims) if variant in PAIR_VARIANTS else ()):
                 head_dim, value_dim = head_dim_pair(dims)
                 if variant in PAIR_VARIANTS and head_dim == value_dim:
                     continue

@@ -132,6 +132,10 @@ _DECODE = {
     ("sm_80", 128): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3), (32, 64, 4, 2)]),
     ("sm_80", (128, 64)): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3)]),
     ("sm_80", 256): _configs([(16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)]),
+    # MLA's latent decode, (576, 512): tiles of 1024 and 512. The list of 256 it took before gave it only
+    # 16 x 32 of 4 warps, which spilled 8 B (sm_90) and 24 B (sm_80) on triton 3.4.0.
+    ("sm_90", (1024, 512)): _configs([(16, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)]),
+    ("sm_80", (1024, 512)): _configs([(16, 64, 8, 2), (16, 32, 8, 2)]),
 }
 _PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
 _MERGE = {(family, bound): _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)
@@ -204,6 +208,11 @@ def smem_estimate(name, config, block_d, elem_bytes, constants=None):
     if name not in _SMEM_TILES:
         return _RESERVED_SMEM + 8 * rows["BLOCK_M"]
     width = {"D": block_d, "DV": constants.get("BLOCK_DV", block_d)}
+    if constants.get("LATENT"):
+        # The latent decode reads each key tile once, as its value columns (BLOCK_DV) and the rest
+        # (BLOCK_DR), and uses the first part as the value tile: q and k are held at BLOCK_DV + BLOCK_DR
+        # columns (576 -> 512 + 64, not the 1024 above it) and v has no tile of its own.
+        width = {"D": width["DV"] + constants["BLOCK_DR"], "DV": 0}
     width["W"] = max(width.values())
     (resident, resident_tiles), (streamed, streamed_tiles), stats = _SMEM_TILES[name]
     per_stage = sum(width[t] for t in streamed_tiles) * rows[streamed] * elem_bytes + stats * rows[streamed]

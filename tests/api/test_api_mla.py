@@ -167,6 +167,13 @@ def test_config_lists_for_two_head_dims():
     config = kept[0]  # 128 x 64, 2 stages: q (128 x 256) + 2 x (k (64 x 256) + v (64 x 128)), bf16
     estimate = tune.smem_estimate("_fwd_kernel", config, 256, 2, {"BLOCK_DV": 128})
     assert estimate == 1024 + 1024 + 128 * 256 * 2 + 2 * 64 * (256 + 128) * 2
+    # MLA's latent decode (576, 512): its own list, and q and k counted at the 512 + 64 columns the kernel
+    # holds (one key tile, also the value tile), not at the 1024 above 576 plus a value tile.
+    latent = {"BLOCK_DV": 512, "BLOCK_DR": 64, "LATENT": True}
+    kept = tune.keep_configs("_decode_kernel", 1024, 2, 90, 227 * 1024, latent)
+    assert kept == tune.SPECS["_decode_kernel"][0][("sm_90", (1024, 512))] and len(kept) == 3
+    config = kept[0]  # 16 x 64, 2 stages: q (16 x 576) + 2 x k (64 x 576), bf16
+    assert tune.smem_estimate("_decode_kernel", config, 1024, 2, latent) == 1024 + 16 * 576 * 2 + 2 * 64 * 576 * 2
 
 
 def _paged(cache, page_size, gen):

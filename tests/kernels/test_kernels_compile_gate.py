@@ -3,7 +3,8 @@ spills no register, fits in shared memory, and on sm_90 runs its forward and bac
 
 No GPU is needed (``bench/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
 grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 and the (q/k, v) pairs (192, 128) and
-(128, 64) x 7 kernels x 2 targets x each kept config, 1380 compiles) takes 20 to 30 minutes on two
+(128, 64) x 7 kernels x 2 targets x each kept config, and the latent decode at MLA's (576, 512): 1392
+compiles) takes 20 to 30 minutes on two
 cores, so its rows are cached in ``bench/results/aot/triton-<version>.json`` by
 ``python bench/aot_gate.py``. A row counts only for
 the exact binary it describes (its key hashes the kernel source with every helper it calls, the
@@ -39,10 +40,11 @@ def test_the_grid_covers_every_kernel_target_dtype_and_head_dim():
     seen = {(c.kernel, c.target.name, c.dtype, (c.head_dim, c.value_dim)) for c in grid()}
     expected = {(k, t, d, aot.head_dim_pair(h)) for k in aot.KERNELS for t in aot.TARGETS for d in aot.DTYPES
                 for h in aot.HEAD_DIMS}
-    assert seen == expected
-    # The latent decode (v the keys' first columns) at every pair of head dims.
+    latent_only = {("_decode_kernel", t, d, p) for t in aot.TARGETS for d in aot.DTYPES for p in aot.LATENT_HEAD_DIMS}
+    assert seen == expected | latent_only and (576, 512) in aot.LATENT_HEAD_DIMS
+    # The latent decode (v the keys' first columns) at every pair of head dims, MLA's (576, 512) included.
     latent = {(c.target.name, c.dtype, c.head_dim, c.value_dim) for c in grid() if c.variant == "latent"}
-    pairs = [aot.head_dim_pair(h) for h in aot.HEAD_DIMS if not isinstance(h, int)]
+    pairs = [aot.head_dim_pair(h) for h in aot.HEAD_DIMS if not isinstance(h, int)] + list(aot.LATENT_HEAD_DIMS)
     assert latent == {(t, d, *p) for t in aot.TARGETS for d in aot.DTYPES for p in pairs}
 
 

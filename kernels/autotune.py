@@ -133,9 +133,11 @@ _DECODE = {
     ("sm_80", (128, 64)): _configs([(16, 64, 4, 2), (16, 128, 4, 2), (16, 64, 4, 3)]),
     ("sm_80", 256): _configs([(16, 64, 8, 2), (16, 128, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)]),
     # MLA's latent decode, (576, 512): tiles of 1024 and 512. The list of 256 it took before gave it only
-    # 16 x 32 of 4 warps, which spilled 8 B (sm_90) and 24 B (sm_80) on triton 3.4.0.
-    ("sm_90", (1024, 512)): _configs([(16, 64, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)]),
-    ("sm_80", (1024, 512)): _configs([(16, 64, 8, 2), (16, 32, 8, 2)]),
+    # 16 x 32 of 4 warps, which spilled 8 B (sm_90) and 24 B (sm_80) on triton 3.4.0. 32 query rows (heads)
+    # read each key tile half as often as 16; of the 32- and 64-row tiles tried only 32 x 32 of 8 warps
+    # spilled on neither release (3.4.0: 32 x 64 of 8 warps 40 B, 64 x 32 32 B, 4 warps 176-2272 B).
+    ("sm_90", (1024, 512)): _configs([(16, 64, 8, 2), (32, 32, 8, 2), (16, 64, 4, 2), (16, 32, 8, 2)]),
+    ("sm_80", (1024, 512)): _configs([(16, 64, 8, 2), (32, 32, 8, 2), (16, 32, 8, 2)]),
 }
 _PREPROCESS = _row_configs([(32, 4), (64, 4), (128, 4)])
 _MERGE = {(family, bound): _row_configs([(bm, w) for bm in (16, 32, 64) for w in (2, 4, 8)

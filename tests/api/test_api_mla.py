@@ -171,7 +171,7 @@ def test_config_lists_for_two_head_dims():
     # holds (one key tile, also the value tile), not at the 1024 above 576 plus a value tile.
     latent = {"BLOCK_DV": 512, "BLOCK_DR": 64, "LATENT": True}
     kept = tune.keep_configs("_decode_kernel", 1024, 2, 90, 227 * 1024, latent)
-    assert kept == tune.SPECS["_decode_kernel"][0][("sm_90", (1024, 512))] and len(kept) == 3
+    assert kept == tune.SPECS["_decode_kernel"][0][("sm_90", (1024, 512))] and len(kept) == 4
     config = kept[0]  # 16 x 64, 2 stages: q (16 x 576) + 2 x k (64 x 576), bf16
     assert tune.smem_estimate("_decode_kernel", config, 1024, 2, latent) == 1024 + 16 * 576 * 2 + 2 * 64 * 576 * 2
 

@@ -3,7 +3,7 @@ spills no register, fits in shared memory, and on sm_90 runs its forward and bac
 
 No GPU is needed (``bench/aot.py``: Triton's compiler and the ptxas in the triton wheel). The
 grid (``aot.VARIANTS`` x fp16/bf16 x head dims 64/128/256 and the (q/k, v) pairs (192, 128) and
-(128, 64) x 7 kernels x 2 targets x each kept config, and the latent decode at MLA's (576, 512): 1392
+(128, 64) x 7 kernels x 2 targets x each kept config, and the latent decode at MLA's (576, 512): 1396
 compiles) takes 20 to 30 minutes on two
 cores, so its rows are cached in ``bench/results/aot/triton-<version>.json`` by
 ``python bench/aot_gate.py``. A row counts only for

@@ -307,8 +307,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                       "cpattn.integrations.transformers.ShardedCache (generate(cache=...))")
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: an attention mask (padding or a custom mask) under context "
-                                      f"parallelism; pack the sequences instead (shard_batch with position_ids "
-                                      f"or cu_seq_lens){SDPA_HINT}")
+                                      f"parallelism; pack the sequences instead (shard_batch with attention_mask= "
+                                      f"packs a padded batch, or position_ids / cu_seq_lens){SDPA_HINT}")
         cu = _global_packing(kwargs, where)
         seq_len = query.shape[2] * cp.world_size if cu is None else int(cu[-1])
         causal, extras = cpattn_arguments(module, dropout, seq_len, kwargs, where)
@@ -373,7 +373,8 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, window_size=(-1, -1), ignore_index=-100):
+def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, window_size=(-1, -1), ignore_index=-100,
+                attention_mask=None):
     """This rank's share of a causal-LM batch: ``(model inputs, shift_labels)``.
 
     ``input_ids``, ``labels``: (B, S), the whole batch, the same on every rank.
@@ -391,6 +392,14 @@ def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, wind
     flash-attention kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``), which transformers hands to
     every "cpattn_cp" layer. No token predicts across a document boundary: each document's first
     label is ignored before the shift (``labels`` are not modified).
+
+    Padded batches: ``attention_mask`` (B, S) of 0/1 (left or right padding: each row's real tokens
+    contiguous) packs the batch first, as ``DataCollatorWithFlattening`` would have: each row's real
+    tokens become one document of a batch-1 row (rows without any are dropped), padding removed, and
+    then it is sharded as a packed batch (the returned inputs and labels are that row's shares). With
+    right padding (labels of padding ignored) the loss and gradients are the padded batch's; with left
+    padding a padded batch would also train its last padding token to predict each row's first real
+    token, which the packed rows do not.
     """
     where = "shard_batch"
     for name, t in (("input_ids", input_ids), ("labels", labels)):
@@ -399,6 +408,9 @@ def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, wind
                              f"got {getattr(t, 'shape', type(t).__name__)}")
     if labels.shape != input_ids.shape:
         raise ValueError(f"{where}: labels shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None:
+        input_ids, labels, cu_seq_lens = _packed_rows(input_ids, labels, attention_mask, position_ids, cu_seq_lens,
+                                                      where)
     batch, seq_len = input_ids.shape
     cu = _batch_packing(input_ids, position_ids, cu_seq_lens, where)
     if cu is None:  # the dense shards do not depend on the window; cp.shard still checks it
@@ -415,6 +427,33 @@ def shard_batch(cp, input_ids, labels, position_ids=None, cu_seq_lens=None, wind
     inputs = {"input_ids": cp.shard(input_ids, seq_dim=1, **packed), "position_ids": positions,
               "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     return inputs, cp.shard(shift_labels, seq_dim=1, **packed)
+
+
+def _packed_rows(input_ids, labels, attention_mask, position_ids, cu_seq_lens, where):
+    """A padded batch packed into one row, one document per row with real tokens: (input_ids, labels, cu_seqlens)."""
+    if position_ids is not None or cu_seq_lens is not None:
+        raise ValueError(f"{where}: pass attention_mask (a padded batch, which shard_batch packs) or position_ids / "
+                         "cu_seq_lens (a batch packed already), not both")
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{where}: attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    real = attention_mask.to(input_ids.device)
+    if real.dtype != torch.bool:
+        if real.is_floating_point() or real.is_complex() or not bool(((real == 0) | (real == 1)).all()):
+            raise ValueError(f"{where}: attention_mask must hold 0 and 1 (a padding mask), got dtype {real.dtype} "
+                             "with other values")
+        real = real.bool()
+    counts = real.sum(1)
+    first = real.int().argmax(1)
+    offset = torch.arange(real.shape[1], device=real.device)[None] - first[:, None]
+    holes = (real != ((offset >= 0) & (offset < counts[:, None]))).any(1).nonzero().flatten()
+    if len(holes):
+        raise ValueError(f"{where}: attention_mask rows {holes.tolist()} have padding between real tokens; only left "
+                         "or right padding packs into documents")
+    if not bool(counts.any()):
+        raise ValueError(f"{where}: attention_mask holds no real token")
+    cu = torch.cat([counts.new_zeros(1), counts[counts > 0].cumsum(0)]).to(torch.int32)
+    return input_ids[real][None], labels[real.to(labels.device)][None], cu
 
 
 def _batch_packing(input_ids, position_ids, cu_seq_lens, where):

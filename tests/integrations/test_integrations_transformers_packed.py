@@ -8,7 +8,8 @@ restarting position_ids (Llama, labels as plain input_ids: shard_batch ignores e
 document's first label itself) or from cu_seq_lens (Mistral, the collator's labels).
 Every rank's loss and every parameter's gradient must equal the single-device step
 ("sdpa" fed the collator's packed batch), and the tokens per rank must meet issue 20's
-bound. On 2 ranks, bad packed input must raise ValueError on every rank.
+bound. On 2 ranks, bad packed input must raise ValueError on every rank, and a right-padded
+batch (``shard_batch(attention_mask=)`` packs it) must train like the padded batch on one device.
 """
 import pytest
 import torch
@@ -55,6 +56,38 @@ def single_device():
     return results
 
 
+PADDED_LENGTHS = (23, 1, 17)  # real tokens per row of a right-padded batch of 23 columns
+
+
+@pytest.fixture(scope="module")
+def padded_single_device():
+    """(config, weights, input_ids, attention_mask, labels, loss, {name: grad}) of one "sdpa" step of tiny Llama
+    on a right-padded batch, padding labels ignored (-100)."""
+    config = tiny_config("llama")
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (len(PADDED_LENGTHS), max(PADDED_LENGTHS)), generator=generator)
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(PADDED_LENGTHS)[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)  # the pad token
+    labels = ids.masked_fill(mask == 0, -100)
+    weights, loss, grads = single_device_step(config, "sdpa", lambda model: model(
+        input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss)
+    return config, weights, ids, mask, labels, loss, grads
+
+
+def padded_step(cp, config, weights, ids, mask, labels):
+    """(mean loss, {name: all-reduced grad}) of a padded batch packed by shard_batch(attention_mask=)."""
+    model = build_model(config, "cpattn_cp", weights)
+    inputs, shift_labels = cpattn_hf.shard_batch(cp, ids, labels, attention_mask=mask)
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 23, 24, 41]
+    with cpattn_hf.context_parallel(cp):
+        loss = cpattn_hf.causal_lm_loss(model(**inputs, use_cache=False).logits, shift_labels, cp)
+        loss.backward()
+    cpattn_hf.all_reduce_gradients(model, cp)
+    total = loss.detach().clone()
+    torch.distributed.all_reduce(total, group=cp.group)
+    return total, {n: p.grad for n, p in model.named_parameters()}
+
+
 def packed_step(cp, family, config, weights, batch):
     """(mean loss, {name: all-reduced grad}, this rank's token count) of docs/transformers.md's packed recipe."""
     _, window, packing = MODELS[family]
@@ -82,6 +115,8 @@ def misuse_cases(cp, rank, single_device):
     config, weights, batch, *_ = single_device["llama"]
     model = build_model(config, "cpattn_cp", weights)
     ids, positions, cu = batch["input_ids"], batch["position_ids"], batch["cu_seq_lens_q"]
+    holes = torch.ones_like(ids)
+    holes[0, 5] = 0
     inputs, _ = cpattn_hf.shard_batch(cp, ids, ids, position_ids=positions)
     unpacked = {"input_ids": inputs["input_ids"], "position_ids": inputs["position_ids"]}
     one_rank_unpacked = unpacked if rank == 1 else inputs
@@ -96,22 +131,28 @@ def misuse_cases(cp, rank, single_device):
                 cp, ids, ids, position_ids=positions, cu_seq_lens=torch.tensor([0, 24, 80], dtype=torch.int32))),
             "packed without the packing": error_of(lambda: model(**unpacked, use_cache=False)),
             "packing on one rank only": error_of(lambda: model(**one_rank_unpacked, use_cache=False)),
+            "padding between real tokens": error_of(lambda: cpattn_hf.shard_batch(cp, ids, ids, attention_mask=holes)),
+            "attention_mask with a packing": error_of(lambda: cpattn_hf.shard_batch(
+                cp, ids, ids, position_ids=positions, attention_mask=torch.ones_like(ids))),
             "unsharded packed batch": error_of(lambda: model(
                 input_ids=ids, position_ids=positions, use_cache=False,
                 **{k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})),
         }
 
 
-def run_packed(rank, world_size, single_device):
+def run_packed(rank, world_size, single_device, padded_single_device):
     cp = cpattn.ContextParallel(ulysses_degree=world_size // 2, ring_impl="zigzag")
     results = {family: packed_step(cp, family, config, weights, batch)
                for family, (config, weights, batch, *_) in single_device.items()}
-    return results, (misuse_cases(cp, rank, single_device) if world_size == 2 else None)
+    if world_size == 2:
+        results["llama, right-padded"] = padded_step(cp, *padded_single_device[:5])
+        return results, misuse_cases(cp, rank, single_device)
+    return results, None
 
 
 @pytest.mark.parametrize("world_size", [2, 4], ids=["zigzag2", "usp4"])
-def test_packed_training_step_matches_single_device(world_size, single_device):
-    outcomes = run_ranks(run_packed, world_size, single_device, timeout=300)
+def test_packed_training_step_matches_single_device(world_size, single_device, padded_single_device):
+    outcomes = run_ranks(run_packed, world_size, single_device, padded_single_device, timeout=300)
     for family, (*_, want_loss, want_grads) in single_device.items():
         tokens = []
         for rank, (results, _) in enumerate(outcomes):
@@ -123,6 +164,11 @@ def test_packed_training_step_matches_single_device(world_size, single_device):
         mean = sum(DOCUMENTS) / world_size
         assert sum(tokens) == sum(DOCUMENTS) and max(tokens) <= 1.02 * mean + 1, (family, tokens)
     if world_size == 2:
+        *_, want_loss, want_grads = padded_single_device
+        for rank, (results, _) in enumerate(outcomes):
+            loss, grads = results["llama, right-padded"]
+            errors = {name: rel_err(grads[name], want_grads[name]) for name in want_grads}
+            assert rel_err(loss, want_loss) < TOL and max(errors.values()) < TOL, (rank, loss, want_loss, errors)
         for rank, (_, misuse) in enumerate(outcomes):
             for case, outcome in misuse.items():
                 assert outcome is not None and outcome[0] == "ValueError", (rank, case, outcome)
@@ -130,4 +176,6 @@ def test_packed_training_step_matches_single_device(world_size, single_device):
             assert "ends at 61" in misuse["cu_seq_lens short"][1]
             assert "different packings" in misuse["cu_seq_lens against positions"][1]
             assert "shard_batch" in misuse["packed without the packing"][1]
+            assert "rows [0] have padding between real tokens" in misuse["padding between real tokens"][1]
+            assert "not both" in misuse["attention_mask with a packing"][1]
         assert "rank(s) [1]" in outcomes[0][1]["packing on one rank only"][1]  # rank 0's own input was fine

@@ -98,11 +98,11 @@ class ContextParallel:
 
     # ------------------------------------------------------------------ sharding
 
-    def positions(self, seq_len, cu_seqlens=None, window_size=(-1, -1)):
+    def positions(self, seq_len, cu_seqlens=None, window_size=None):
         """Positions (CPU LongTensor) of this rank's tokens of a ``seq_len`` sequence, in local order:
         global, or with ``cu_seqlens`` (packed documents) each token's position inside its document
         (for RoPE). Any length: without documents ranks hold token counts differing by at most two.
-        ``window_size``: as ``shard``'s."""
+        ``window_size``: the one ``shard`` was given; None: the one it was given for these cu_seqlens."""
         return document_positions(*shard_positions(self._mesh, self._cuts, seq_len, cu_seqlens, window_size,
                                                    "ContextParallel.positions"))
 
@@ -113,18 +113,20 @@ class ContextParallel:
         shards then hold equal tokens and equal causal work per ring rank (dispatch.py) and must be used
         with the same ``cu_seqlens``. ``window_size``: the window ``attention`` will use, so the work is
         balanced for it (packed documents; without them the shards do not depend on it); ``attention``
-        with another window raises on every rank."""
+        with another window (layers of several) is exact on these shards, only less balanced."""
         where = "ContextParallel.shard"
         seq_dim = check_seq_dim(x, seq_dim, where)
         self.layout.check_seq_len(x.shape[seq_dim], where)
-        positions, _ = shard_positions(self._mesh, self._cuts, x.shape[seq_dim], cu_seqlens, window_size, where)
+        positions, _ = shard_positions(self._mesh, self._cuts, x.shape[seq_dim], cu_seqlens, window_size, where,
+                                       remember=True)
         return x.index_select(seq_dim, positions.to(x.device))
 
-    def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None, window_size=(-1, -1)):
+    def gather(self, x, seq_dim=1, seq_len=None, cu_seqlens=None, window_size=None):
         """The full tensor, in natural order, on every rank, from every rank's shard (not differentiable).
 
         ``seq_len``: the full length; needed when it is not P x the local length (uneven lengths).
-        ``cu_seqlens`` and ``window_size``: those ``shard`` was given (``cu_seqlens`` implies the length)."""
+        ``cu_seqlens`` and ``window_size``: those ``shard`` was given (``cu_seqlens`` implies the length;
+        ``window_size`` None: the one ``shard`` was given for these cu_seqlens)."""
         self._check_open("ContextParallel.gather")
         return gather_shards(x, seq_dim, seq_len, cu_seqlens, window_size, self._mesh, self._calls, self._cuts,
                              self.group, "ContextParallel.gather")
@@ -165,13 +167,13 @@ class ContextParallel:
         where = _METHODS[args.sdpa_layout]
         if torch.compiler.is_compiling():  # one custom operator, which runs _forward_op (cp_ops.py)
             return cp_ops.compiled_attention(self._handle, args, self.layout, where)
-        softmax_scale, seq_len, packing = self._prepare(args, where)
+        softmax_scale, seq_len, packing, cut = self._prepare(args, where)
         return usp_attention(*args.flash_views(), self._mesh, seq_len, args.mask(),
-                             softmax_scale, bool(args.return_lse), where, float(args.softcap), args.sinks, packing)
+                             softmax_scale, bool(args.return_lse), where, float(args.softcap), args.sinks, packing, cut)
 
     def _prepare(self, args, where, needs_grad=None, compiled=False):
-        """A call's checks and agreement, when its key is new; returns (softmax_scale, full length, packing).
-        ``needs_grad``: None reads it from q, k, v."""
+        """A call's checks and agreement, when its key is new; returns (softmax_scale, full length, packing, the
+        window left side its shards were cut for). ``needs_grad``: None reads it from q, k, v."""
         self._check_open(where, failures=False)  # usp_attention checks for failures itself
         packing, seq_len, packing_error = None, args.seq_len, None
         try:  # read on the host every call: the plan depends on the packing (a sync on CUDA)
@@ -193,35 +195,33 @@ class ContextParallel:
                 return self._check_attention(args, where, seq_len, packing, needs_grad, compiled, cut)
             fixes = {"seq_len": lambda signatures: seq_len_fix(signatures, self.layout, self._mesh.mesh_ranks)}
             softmax_scale = self._calls.agree(key, where, check, hint=args.q, fixes=fixes).softmax_scale
-        return softmax_scale, seq_len or args.q.shape[2 if args.sdpa_layout else 1] * self.world_size, packing
+        return (softmax_scale, seq_len or args.q.shape[2 if args.sdpa_layout else 1] * self.world_size, packing,
+                self._cuts.shards_cut(packing, args.window_size[0]))
 
     def _check_attention(self, args, where, seq_len, packing, needs_grad, compiled, cut=None):
         """This rank's checks of an attention call; returns what the ranks must agree on. ``cut``: the
-        window left side this object cut the packing's shards for, or None."""
+        window left side this object cut the packing's shards for, or None (then: the call's own window).
+        The attention's window may differ from it (a model whose layers use several): exact, less balanced."""
         softmax_scale, window_size, softcap, local_len = check_attention_arguments(args, self.ulysses_degree, where)
         check_backend(self.group, args.q.device, where)
         window_left = -1
         if packing is not None:
             if args.q.shape[0] != 1:
                 raise ValueError(f"{where}: packed documents (cu_seqlens) need batch 1, got batch {args.q.shape[0]}")
-            window_left = self._cuts.cut(packing, window_size[0])
-            if cut is not None and cut != window_left:
-                raise ValueError(f"{where}: the shards of these cu_seqlens were cut for a window of left side {cut} "
-                                 f"(-1: none) but attention has window_size={window_size}; pass the same "
-                                 "window_size to shard, positions, gather and attention")
+            window_left = self._cuts.shards_cut(packing, window_size[0])
         seq_len = self.layout.full_length(local_len, seq_len, self.mesh_rank, where, packing, window_left)
-        return AttentionSignature.of(args, softmax_scale, window_size, softcap, seq_len, packing, needs_grad,
-                                     compiled, local_len)
+        return AttentionSignature.of(args, softmax_scale, window_size, softcap, seq_len, packing, window_left,
+                                     needs_grad, compiled, local_len)
 
     # ------------------------------------------------------------------ under torch.compile (cp_ops.py)
 
     def _forward_op(self, args, needs_grad):
         """The forward operator: ``_attend``'s eager path without autograd; (out, lse) in flash layout."""
         where = _METHODS[args.sdpa_layout]
-        softmax_scale, seq_len, packing = self._prepare(args, where, needs_grad, compiled=True)
+        softmax_scale, seq_len, packing, cut = self._prepare(args, where, needs_grad, compiled=True)
         return usp_attention_forward(*args.flash_views(), self._mesh, seq_len,
                                      args.mask(), softmax_scale, where,
-                                     args.softcap, args.sinks, packing)
+                                     args.softcap, args.sinks, packing, cut)
 
     def _backward_op(self, dout, args, out, lse):
         """The backward operator: (dq, dk, dv in flash layout, d sinks or None) from the forward's inputs and
@@ -231,5 +231,6 @@ class ContextParallel:
         q, k, v = args.flash_views()
         return usp_attention_backward(dout, q, k, v, out, lse, self._mesh, seq_len or q.shape[1] * self.world_size,
                                       args.mask(), args.softmax_scale, where,
-                                      args.softcap, args.sinks, packing)
+                                      args.softcap, args.sinks, packing, self._cuts.shards_cut(packing,
+                                                                                               args.window_size[0]))
 

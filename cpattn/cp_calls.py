@@ -145,6 +145,7 @@ class AttentionSignature(NamedTuple):
     sinks_given: bool
     seq_len: int  # the full length: given, implied by cu_seqlens, or this rank's tokens x the group size
     cu_seqlens: Optional[tuple]
+    cut_window: int  # the window left side the packed shards were cut for (dispatch.cut_window), -1 without
     return_lse: bool
     requires_grad: bool
     compiled: bool
@@ -158,16 +159,17 @@ class AttentionSignature(NamedTuple):
              "dtype": "cast q, k, v to the same dtype on every rank",
              "sinks_given": "pass sinks on every rank or on none",
              "cu_seqlens": "pass the same global cu_seqlens on every rank",
+             "cut_window": "shard the packed batch with the same window_size on every rank",
              "requires_grad": "q, k, v require grad on every rank or on none",
              "compiled": "run the call under torch.compile on every rank or on none"}
 
     @classmethod
-    def of(cls, args, softmax_scale, window_size, softcap, seq_len, packing, needs_grad, compiled, local_tokens):
+    def of(cls, args, softmax_scale, window_size, softcap, seq_len, packing, cut, needs_grad, compiled, local_tokens):
         seq_dim = 2 if args.sdpa_layout else 1
         shapes = [tuple(None if dim == seq_dim else size for dim, size in enumerate(t.shape))
                   for t in (args.q, args.k, args.v)]
         return cls(*shapes, str(args.q.dtype), bool(args.sdpa_layout), bool(args.causal), softmax_scale,
-                   window_size, softcap, args.sinks is not None, seq_len, packing, bool(args.return_lse),
+                   window_size, softcap, args.sinks is not None, seq_len, packing, cut, bool(args.return_lse),
                    bool(needs_grad), bool(compiled), local_tokens,
                    args.seq_len is not None or args.cu_seqlens is not None)
 
@@ -202,7 +204,8 @@ def gather_key(x, seq_dim, seq_len, cu_seqlens, window_size=(-1, -1)):
     """What ``gather``'s checks depend on, as a dict key; None when an argument is not hashable."""
     def key():
         packing = None if cu_seqlens is None else (cu_seqlens.dtype, cu_seqlens.device, tuple(cu_seqlens.tolist()))
-        return "gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing, tuple(window_size)
+        return ("gather", x.shape, x.dtype, x.device, seq_dim, seq_len, packing,
+                None if window_size is None else tuple(window_size))
     return _key_or_none(key)
 
 

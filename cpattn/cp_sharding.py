@@ -2,8 +2,9 @@
 full tensor back from every rank's shard (``gather``), over a ``mesh.Mesh`` and its layout.
 
 With packed documents the shard order depends on the window the attention will use (dispatch.py
-balances the causal work of that window), so the object remembers, per packing, the window its
-shards were cut for (``PackingCuts``) and attention with another window raises (DESIGN.md).
+balances the causal work of that window), so the object remembers, per packing, the window ``shard``
+cut its shards for (``PackingCuts``): attention plans on that layout whatever window it attends with
+(a model whose layers use several), and ``positions``/``gather`` use it unless given a window.
 """
 import collections
 
@@ -44,11 +45,27 @@ class PackingCuts:
         """The cut this object's shards of ``packing`` have, or None (not sharded here, or forgotten)."""
         return None if packing is None else self._cuts.get(packing)
 
+    def query_cut(self, packing, window_size, where):
+        """The cut ``positions`` or ``gather`` means: that of ``window_size``, or with None the one remembered
+        (-1 when none is)."""
+        if window_size is None:
+            remembered = self.of(packing)
+            return -1 if remembered is None else remembered
+        left = check_window(window_size, where)[0]
+        return -1 if packing is None else self.cut(packing, left)
 
-def shard_positions(mesh, cuts, seq_len, cu_seqlens, window_size, where):
-    """(this rank's token indices in local order, the packing or None) for a ``seq_len`` sequence."""
+    def shards_cut(self, packing, window_left):
+        """The cut a call's shards of ``packing`` have: the one remembered, else the one for the call's own
+        window (shards made elsewhere are taken to be cut for it); None without documents."""
+        remembered = self.of(packing)
+        return remembered if remembered is not None or packing is None else self.cut(packing, window_left)
+
+
+def shard_positions(mesh, cuts, seq_len, cu_seqlens, window_size, where, remember=False):
+    """(this rank's token indices in local order, the packing or None) for a ``seq_len`` sequence; with
+    ``remember`` (``shard``) the cut is remembered for the packing, otherwise it is ``query_cut``'s."""
     packing, seq_len = read_packing(cu_seqlens, seq_len, where)
-    cut = cuts.remember(packing, window_size, where)
+    cut = cuts.remember(packing, window_size, where) if remember else cuts.query_cut(packing, window_size, where)
     return mesh.layout.positions(seq_len, mesh.rank, packing, cut), packing
 
 
@@ -66,7 +83,7 @@ def gather_shards(x, seq_dim, seq_len, cu_seqlens, window_size, mesh, calls, cut
         dim = check_seq_dim(x, seq_dim, where)
         check_backend(group, x.device, where)
         packing, full = read_packing(cu_seqlens, seq_len, where)
-        cut = -1 if packing is None else cuts.cut(packing, check_window(window_size, where)[0])
+        cut = cuts.query_cut(packing, window_size, where)
         full = layout.full_length(x.shape[dim], full, mesh.rank, where, packing, cut)
         shape = tuple(full if d == dim else size for d, size in enumerate(x.shape))
         return GatherSignature(str(x.dtype), dim, shape, packing, cut)

@@ -194,11 +194,13 @@ def plan_step(q_chunks, kv_chunks, mask, packing=None):
 
 
 @functools.lru_cache(maxsize=256)
-def _ring_steps(layout, seq_len, mask, packing=None):
+def _ring_steps(layout, seq_len, mask, packing=None, cut=None):
     """Every ring rank's steps (``ring_plan``), computed together: the plan's length and the rows that
     travel (``travelling_rows``) depend on every rank's calls."""
+    cut = mask.left if cut is None else cut
+
     def chunks(index, offset):
-        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, mask.left)]
+        return [(start + offset, length) for start, length in layout.ring_chunks(index, seq_len, packing, cut)]
     ring_degree = layout.ring_degree
     steps = [[((rank - step) % ring_degree,
                tuple(plan_step(chunks(rank, mask.q_start), chunks((rank - step) % ring_degree, mask.k_start),
@@ -209,7 +211,7 @@ def _ring_steps(layout, seq_len, mask, packing=None):
     return tuple(tuple(rank_steps[:needed]) for rank_steps in steps)
 
 
-def ring_plan(layout, ring_index, seq_len, mask, packing=None):
+def ring_plan(layout, ring_index, seq_len, mask, packing=None, cut=None):
     """((kv ring index, (KernelCall, ...)), ...): ring rank ``ring_index``'s steps, computed once per shape.
 
     ``seq_len``: the full sequence's length; ``mask``: the whole attention's ``MaskSpec`` at
@@ -217,19 +219,20 @@ def ring_plan(layout, ring_index, seq_len, mask, packing=None):
     plan stops after the last step in which any ring rank has a call (the same
     on every rank), so a window shorter than the sequence also saves the kv
     transfers of the steps nobody needs. ``packing``: packed documents (``plan_step``), whose shards
-    were cut for the attention's own window (``mask.left``, ``Layout.ring_chunks``). The calls' kv rows
+    were cut for a window of left side ``cut`` (``Layout.ring_chunks``; None: the attention's own,
+    ``mask.left``). Any mask is exact on shards cut for another window, only less balanced. The calls' kv rows
     are rows of the visiting rank's whole piece (``travelling_rows`` says which of them travel).
     """
-    return _ring_steps(layout, seq_len, mask, packing)[ring_index]
+    return _ring_steps(layout, seq_len, mask, packing, cut)[ring_index]
 
 
 @functools.lru_cache(maxsize=256)
-def travelling_rows(layout, seq_len, mask, packing=None):
+def travelling_rows(layout, seq_len, mask, packing=None, cut=None):
     """Per ring rank, (lo, hi): the rows of its piece that some rank's call reads after the first step, so
     the only ones its kv messages need carry ((0, 0): none). A window, or packed documents held whole
     (the dispatch puts the rows other ranks need last), leave the rest at home."""
     spans = [[None, None] for _ in range(layout.ring_degree)]
-    for rank_steps in _ring_steps(layout, seq_len, mask, packing):
+    for rank_steps in _ring_steps(layout, seq_len, mask, packing, cut):
         for kv_index, calls in rank_steps[1:]:
             for call in calls:
                 lo, hi = spans[kv_index]
@@ -237,7 +240,8 @@ def travelling_rows(layout, seq_len, mask, packing=None):
                                    call.k_hi if hi is None else max(hi, call.k_hi)]
     spans = [(0, 0) if lo is None else (lo, hi) for lo, hi in spans]
     longest = max(hi - lo for lo, hi in spans)
-    pieces = [layout.piece_length(r, seq_len, packing, mask.left) for r in range(layout.ring_degree)]
+    cut = mask.left if cut is None else cut
+    pieces = [layout.piece_length(r, seq_len, packing, cut) for r in range(layout.ring_degree)]
     # A piece no longer than the longest message travels whole: the same bytes, no copy to pad, and its
     # first step's dk/dv can start in the buffer that travels.
     return tuple((0, piece) if piece <= longest else span for span, piece in zip(spans, pieces))
@@ -357,17 +361,17 @@ class _KVRotation:
 
 
 def ring_forward(q, k, v, layout, seq_len, ring_index, comm, mask, softmax_scale, softcap=0.0, sinks=None,
-                 packing=None):
+                 packing=None, cut=None):
     """Forward over the ring; q, k, v hold this ring rank's whole piece of a ``seq_len`` sequence
-    (packed documents ``packing``, a cu_seqlens tuple, or None).
+    (packed documents ``packing``, a cu_seqlens tuple, or None, in shards cut for ``cut``: ``ring_plan``).
 
     Returns (out fp32, lse). ``comm`` is a ``RingComm`` (None when ring_degree is 1).
     ``mask``: the attention's ``MaskSpec`` at global positions; ``sinks`` (H,) are
     merged once, after the last step.
     """
-    plan = ring_plan(layout, ring_index, seq_len, mask, packing)
+    plan = ring_plan(layout, ring_index, seq_len, mask, packing, cut)
     out, lse = empty_partial(q, v.shape[-1])
-    kv, travelling = None, travelling_rows(layout, seq_len, mask, packing)
+    kv, travelling = None, travelling_rows(layout, seq_len, mask, packing, cut)
     if comm is not None:
         kv = _KVRotation.of_rows(k, v, travelling[ring_index], _longest_span(travelling), comm)
     on_cpu, rows = q.device.type == "cpu", _cached_row_ranges()
@@ -384,7 +388,7 @@ def ring_forward(q, k, v, layout, seq_len, ring_index, comm, mask, softmax_scale
 
 
 def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, mask, softmax_scale, softcap=0.0,
-                  sinks=None, packing=None):
+                  sinks=None, packing=None, cut=None):
     """Gradients (fp32 dq, dk, dv, and this rank's share of d sinks or None) of
     ``ring_forward`` from the final out and lse.
 
@@ -399,10 +403,10 @@ def ring_backward(dout, q, k, v, out, lse, layout, seq_len, ring_index, comm, ma
     that is not this rank's whole piece, its first step's dk/dv go to buffers of
     their own and the travelled rows are added to them on return.
     """
-    plan = ring_plan(layout, ring_index, seq_len, mask, packing)
+    plan = ring_plan(layout, ring_index, seq_len, mask, packing, cut)
     delta, lse_log2 = attention_backward_delta(out, dout, lse)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    travelling, longest, kv, own = travelling_rows(layout, seq_len, mask, packing), k.shape[1], None, None
+    travelling, longest, kv, own = travelling_rows(layout, seq_len, mask, packing, cut), k.shape[1], None, None
     lo, hi = travelling[ring_index]
     if comm is not None:
         longest = _longest_span(travelling)

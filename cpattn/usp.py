@@ -50,6 +50,7 @@ class _Call(NamedTuple):
     packing: Optional[tuple]
     parts: list  # the Ulysses ranks' token counts
     mask: MaskSpec  # the whole attention's, at global positions
+    cut: int  # the window left side the packed shards were cut for (-1: none; Layout.ring_chunks)
     softmax_scale: Optional[float]
     softcap: float
     heads: int
@@ -57,9 +58,10 @@ class _Call(NamedTuple):
     in_dtype: torch.dtype
 
     @staticmethod
-    def of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap):
-        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing, mask.left)
-        return _Call(mesh, seq_len, packing, parts, mask, softmax_scale, softcap, q.shape[2], k.shape[2],
+    def of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap, cut=None):
+        cut = mask.left if cut is None else cut
+        parts = mesh.layout.ulysses_parts(mesh.ring_index, seq_len, packing, cut)
+        return _Call(mesh, seq_len, packing, parts, mask, cut, softmax_scale, softcap, q.shape[2], k.shape[2],
                      q.dtype)
 
 
@@ -88,7 +90,7 @@ def _forward(q, k, v, sinks, call, return_lse):
     local_sinks = sinks[_local_heads(mesh, call.heads)] if sinks is not None else None
     q, k, v = _ring_inputs(q, k, v, mesh)
     out, lse = ring_forward(q, k, v, mesh.layout, call.seq_len, mesh.ring_index, mesh.ring, call.mask,
-                            call.softmax_scale, call.softcap, local_sinks, call.packing)
+                            call.softmax_scale, call.softcap, local_sinks, call.packing, call.cut)
     out = out.to(q.dtype)
     saved = (q, k, v, out, lse, local_sinks)
     out = out.to(call.in_dtype)
@@ -114,7 +116,7 @@ def _ring_backward(dout, saved, call):
     mesh = call.mesh
     dq, dk, dv, dsinks_local = ring_backward(dout.to(q.dtype), q, k, v, out, lse, mesh.layout, call.seq_len,
                                              mesh.ring_index, mesh.ring, call.mask, call.softmax_scale,
-                                             call.softcap, local_sinks, call.packing)
+                                             call.softcap, local_sinks, call.packing, call.cut)
     grads = [g.to(call.in_dtype) for g in (dq, dk, dv)]
     if mesh.ulysses is not None:
         grads = gather_heads(grads, [call.heads, call.heads_kv, call.heads_kv], mesh.ulysses, call.parts,
@@ -133,9 +135,9 @@ class USPAttention(torch.autograd.Function):
     """(out, lse or None) of attention over the mesh; differentiable in q, k, v (flash layout, local shards)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, mask, softmax_scale, softcap, return_lse, where):
+    def forward(ctx, q, k, v, sinks, mesh, seq_len, packing, mask, softmax_scale, softcap, return_lse, where, cut):
         ctx.where = where
-        ctx.call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
+        ctx.call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap, cut)
         out, lse, saved = _guarded(mesh, where, _forward, q, k, v, sinks, ctx.call, return_lse)
         ctx.save_for_backward(*saved)
         if lse is not None:
@@ -146,18 +148,19 @@ class USPAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         dq, dk, dv, dsinks = _guarded(ctx.call.mesh, f"{ctx.where} backward", _backward, dout, ctx.saved_tensors,
                                       ctx.call)
-        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None
+        return dq, dk, dv, dsinks, None, None, None, None, None, None, None, None, None
 
 
 def usp_attention(q, k, v, mesh, seq_len, mask, softmax_scale, return_lse=False, where="usp_attention",
-                  softcap=0.0, sinks=None, packing=None):
+                  softcap=0.0, sinks=None, packing=None, cut=None):
     """Attention of local shards (flash layout) of a ``seq_len`` sequence over the mesh; (out, lse) with
     ``return_lse``. Inputs are validated.
 
     ``mask``: the attention's ``MaskSpec`` (causal and window) at global positions;
-    ``packing``: packed documents (the global cu_seqlens as a tuple), positions then inside each document."""
+    ``packing``: packed documents (the global cu_seqlens as a tuple), positions then inside each document,
+    in shards cut for a window of left side ``cut`` (None: the mask's; ``ring.ring_plan``)."""
     out, lse = USPAttention.apply(q, k, v, sinks, mesh, seq_len, packing, mask, softmax_scale, softcap,
-                                  return_lse, where)
+                                  return_lse, where, cut)
     return (out, lse) if return_lse else out
 
 
@@ -167,17 +170,18 @@ def usp_attention(q, k, v, mesh, seq_len, mask, softmax_scale, return_lse=False,
 # their length depends on cu_seqlens' values), so the backward starts from the forward's inputs and
 # outputs instead and brings them to the ring again: with Ulysses, in the all-to-all that brings dout.
 
-def usp_attention_forward(q, k, v, mesh, seq_len, mask, softmax_scale, where, softcap=0.0, sinks=None, packing=None):
+def usp_attention_forward(q, k, v, mesh, seq_len, mask, softmax_scale, where, softcap=0.0, sinks=None, packing=None,
+                          cut=None):
     """``usp_attention`` without autograd: (out, lse) of this rank's rows, on the same fault path."""
-    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap, cut)
     out, lse, _ = _guarded(mesh, where, _forward, q, k, v, sinks, call, True)
     return out, lse
 
 
 def usp_attention_backward(dout, q, k, v, out, lse, mesh, seq_len, mask, softmax_scale, where, softcap=0.0,
-                           sinks=None, packing=None):
+                           sinks=None, packing=None, cut=None):
     """(dq, dk, dv, d sinks or None) of ``usp_attention_forward``, from its inputs and outputs."""
-    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap)
+    call = _Call.of(q, k, mesh, seq_len, packing, mask, softmax_scale, softcap, cut)
     return _guarded(mesh, where, _backward_from_outputs, dout, q, k, v, out, lse, sinks, call)
 
 

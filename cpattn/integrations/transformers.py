@@ -330,11 +330,8 @@ def cpattn_cp_attention(module, query, key, value, attention_mask, dropout=0.0, 
     causal, extras, cu = agree(where, check, group=group, hint=query)
     out = cp.attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                        causal=causal, softmax_scale=scaling, cu_seqlens=cu, **extras)
-    if cu is not None:
-        # Checked only now: cp.attention has verified (on every rank) that the layer's window is the one the
-        # shards were cut for, so cp.positions, which remembers the window it is given, cannot hide a mismatch.
-        window = extras.get("window_size", (-1, -1))
-        agree(where, lambda: _check_packed_positions(cp, kwargs["position_ids"], cu, window, where), group=group,
+    if cu is not None:  # after the attention, which agreed on the packing and its shards' cut on every rank
+        agree(where, lambda: _check_packed_positions(cp, kwargs["position_ids"], cu, where), group=group,
               hint=query)
     return out, None
 
@@ -355,13 +352,13 @@ def _global_packing(kwargs, where):
     return cu_q
 
 
-def _check_packed_positions(cp, position_ids, cu, window_size, where):
-    """Refuse position_ids other than this rank's in-document positions of the global packing ``cu``."""
-    expected = cp.positions(int(cu[-1]), cu_seqlens=cu, window_size=window_size).to(position_ids.device)
+def _check_packed_positions(cp, position_ids, cu, where):
+    """Refuse position_ids other than this rank's in-document positions of the global packing ``cu`` (in the
+    shards ``shard_batch`` made)."""
+    expected = cp.positions(int(cu[-1]), cu_seqlens=cu).to(position_ids.device)
     if position_ids.shape[-1] != expected.numel() or not torch.equal(position_ids, expected.expand_as(position_ids)):
         raise ValueError(f"{where}: position_ids are not this rank's positions inside its documents "
-                         f"(cp.positions(seq_len, cu_seqlens=cu_seq_lens_q, window_size={window_size})); pass all "
-                         "of shard_batch's inputs, made with the window the layers use")
+                         "(cp.positions(seq_len, cu_seqlens=cu_seq_lens_q)); pass all of shard_batch's inputs")
 
 
 def __getattr__(name):

@@ -225,8 +225,6 @@ def run_bad_packings(rank, world_size):
         "batch 2": lambda: cp.attention(*[cp.shard(full.expand(2, -1, -1, -1), cu_seqlens=cu)] * 3, cu_seqlens=cu),
         "seq_len contradicts cu_seqlens": lambda: cp.attention(*[cp.shard(full, cu_seqlens=cu)] * 3, seq_len=15,
                                                                cu_seqlens=cu),
-        "window other than the shards'": lambda: cp.attention(*[cp.shard(full, cu_seqlens=cu, window_size=(2, 0))] * 3,
-                                                              causal=True, cu_seqlens=cu),
     }
     outcomes = {}
     for name, call in cases.items():
@@ -238,17 +236,39 @@ def run_bad_packings(rank, world_size):
     # Still usable: a good packed call after all that.
     out = cp.attention(*[cp.shard(full, cu_seqlens=cu)] * 3, causal=True, cu_seqlens=cu)
     ref = reference_varlen(*[full[0].double()] * 3, cu, cu, causal=True)[0]
-    return outcomes, rel_err(cp.gather(out, cu_seqlens=cu)[0], ref)
+    return outcomes, rel_err(cp.gather(out, cu_seqlens=cu)[0], ref), windows_other_than_the_shards(cp)
+
+
+def windows_other_than_the_shards(cp):
+    """Layers of several windows (gpt-oss, Gemma) on shards cut for one: each attention is exact (forward and
+    backward) on shards cut for another window. Returns (whether the two cuts place tokens differently,
+    the largest error)."""
+    cu = packing([40, 2, 57, 3])
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(1, 102, 2, 8, generator=gen) for _ in range(4))
+    differ = not torch.equal(cp.positions(102, cu_seqlens=cu, window_size=(4, 0)), cp.positions(102, cu_seqlens=cu))
+    errors = []
+    for cut, window in (((4, 0), (-1, -1)), ((-1, -1), (4, 0)), ((4, 0), (9, 0))):
+        local = [cp.shard(t, cu_seqlens=cu, window_size=cut).requires_grad_() for t in (q, k, v)]
+        out = cp.attention(*local, causal=True, cu_seqlens=cu, window_size=window)
+        out.backward(cp.shard(dout, cu_seqlens=cu, window_size=cut))
+        got = [cp.gather(t, cu_seqlens=cu, window_size=cut)[0] for t in (out.detach(), *(t.grad for t in local))]
+        leaves = [t[0].double().requires_grad_() for t in (q, k, v)]
+        ref_out = reference_varlen(*leaves, cu, cu, causal=True, window_size=window)[0]
+        ref = [ref_out, *torch.autograd.grad(ref_out, leaves, dout[0].double())]
+        errors.append(max(rel_err(g, r) for g, r in zip(got, ref)))
+    return differ, max(errors)
 
 
 def test_bad_packings_raise_on_every_rank():
     expected = {"packings differ": "disagree", "gather packings differ": "disagree",
                 "cu_seqlens longer than the shards": "tokens", "cu_seqlens int64": "int32", "batch 2": "batch 1",
-                "seq_len contradicts cu_seqlens": "ends at", "window other than the shards'": "window_size"}
-    for rank, (outcomes, error) in enumerate(run_ranks(run_bad_packings, 2, timeout=180)):
+                "seq_len contradicts cu_seqlens": "ends at"}
+    for rank, (outcomes, error, (cuts_differ, window_error)) in enumerate(run_ranks(run_bad_packings, 2, timeout=180)):
         for name, match in expected.items():
             kind, message = outcomes[name]
             assert kind in ("ValueError", "TypeError") and match in message, (rank, name, kind, message)
         kind, message = outcomes["one rank's cu_seqlens does not end at the length"]
         assert kind == "ValueError" and ("tokens" if rank == 0 else "rank(s) [0]") in message, (rank, message)
         assert error < FWD_TOL
+        assert cuts_differ and window_error < GRAD_TOL, (rank, window_error)

@@ -30,6 +30,8 @@ DOCUMENTS = (23, 1, 31, 6, 19)  # 80 tokens; three documents longer than Mistral
 MODELS = {
     "llama": ({}, (-1, -1), "position_ids"),
     "mistral": ({"sliding_window": 8}, (7, 0), "cu_seq_lens"),
+    # layers of two windows (a window of 8 on layer 0, none on layer 1) on shards cut for none; sinks
+    "gpt_oss": ({}, (-1, -1), "position_ids"),
 }
 
 
@@ -42,16 +44,38 @@ def packed_batch(vocab_size):
     return DataCollatorWithFlattening(return_flash_attn_kwargs=True)(features, return_tensors="pt")
 
 
+def per_document_loss(config, weights, batch):
+    """The packed batch's mean loss with each document run alone through transformers' "eager" model: what
+    packing means, independent of how an implementation reads packed position_ids."""
+    model = build_model(config, "eager", weights)
+    ids, total, count, start = batch["input_ids"][0], 0.0, 0, 0
+    with torch.no_grad():
+        for n in DOCUMENTS:
+            if n > 1:
+                logits = model(input_ids=ids[None, start:start + n], use_cache=False).logits[0]
+                total += torch.nn.functional.cross_entropy(logits[:-1].double(), ids[start + 1:start + n],
+                                                           reduction="sum").item()
+                count += n - 1
+            start += n
+    return total / count
+
+
 @pytest.fixture(scope="module")
 def single_device():
-    """family -> (config, weights, batch, loss, {name: grad}) of one "sdpa" step on the packed batch."""
+    """family -> (config, weights, batch, loss, {name: grad}) of one single-device step on the packed batch:
+    "sdpa", or for gpt-oss (sinks, which sdpa lacks) "cpattn", checked here against each document run alone;
+    transformers' "eager" gpt-oss reads the packed position_ids of its sliding layer otherwise (loss off by
+    4e-4 of the per-document one, 2026-12-04, transformers 5.25)."""
     results = {}
     for family, (overrides, _, _) in MODELS.items():
         config = tiny_config(family, **overrides)
         batch = packed_batch(config.vocab_size)
-        weights, loss, grads = single_device_step(config, "sdpa", lambda model: model(
+        implementation = "cpattn" if family == "gpt_oss" else "sdpa"
+        weights, loss, grads = single_device_step(config, implementation, lambda model: model(
             input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
             use_cache=False).loss)
+        if family == "gpt_oss":
+            assert abs(loss.item() - per_document_loss(config, weights, batch)) < 1e-5 * loss.item()
         results[family] = (config, weights, batch, loss, grads)
     return results
 

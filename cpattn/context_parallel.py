@@ -192,16 +192,16 @@ class ContextParallel:
             def check():
                 if packing_error is not None:
                     raise packing_error
-                return self._check_attention(args, where, seq_len, packing, needs_grad, compiled, cut)
+                return self._check_attention(args, where, seq_len, packing, needs_grad, compiled)
             fixes = {"seq_len": lambda signatures: seq_len_fix(signatures, self.layout, self._mesh.mesh_ranks)}
             softmax_scale = self._calls.agree(key, where, check, hint=args.q, fixes=fixes).softmax_scale
         return (softmax_scale, seq_len or args.q.shape[2 if args.sdpa_layout else 1] * self.world_size, packing,
                 self._cuts.shards_cut(packing, args.window_size[0]))
 
-    def _check_attention(self, args, where, seq_len, packing, needs_grad, compiled, cut=None):
-        """This rank's checks of an attention call; returns what the ranks must agree on. ``cut``: the
-        window left side this object cut the packing's shards for, or None (then: the call's own window).
-        The attention's window may differ from it (a model whose layers use several): exact, less balanced."""
+    def _check_attention(self, args, where, seq_len, packing, needs_grad, compiled):
+        """This rank's checks of an attention call; returns what the ranks must agree on, the window its packed
+        shards were cut for among it (``PackingCuts.shards_cut``), which the attention's own window may differ
+        from (a model whose layers use several: exact, balanced for the cut)."""
         softmax_scale, window_size, softcap, local_len = check_attention_arguments(args, self.ulysses_degree, where)
         check_backend(self.group, args.q.device, where)
         window_left = -1

@@ -121,7 +121,7 @@ class MaskSpec:
             max_seqlen_k = _longest(cu_seqlens_k) if max_seqlen_k is None else max_seqlen_k
         self.max_seqlen_q, self.max_seqlen_k = max_seqlen_q, max_seqlen_k
 
-    def _fields(self):
+    def _identity(self):
         return (self.left, self.right, self.q_start, self.k_start, self.cu_seqlens_q, self.cu_seqlens_k,
                 self.max_seqlen_q, self.max_seqlen_k)
 
@@ -129,10 +129,10 @@ class MaskSpec:
         if not isinstance(other, MaskSpec):
             return NotImplemented
         return all(a is b if torch.is_tensor(a) or torch.is_tensor(b) else a == b
-                   for a, b in zip(self._fields(), other._fields()))
+                   for a, b in zip(self._identity(), other._identity()))
 
     def __hash__(self):
-        return hash(tuple(id(f) if torch.is_tensor(f) else f for f in self._fields()))
+        return hash(tuple(id(f) if torch.is_tensor(f) else f for f in self._identity()))
 
     def __repr__(self):
         documents = f", cu_seqlens_q={self.cu_seqlens_q}, cu_seqlens_k={self.cu_seqlens_k}" if self.varlen else ""

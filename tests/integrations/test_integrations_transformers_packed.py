@@ -158,6 +158,11 @@ def misuse_cases(cp, rank, single_device):
             "padding between real tokens": error_of(lambda: cpattn_hf.shard_batch(cp, ids, ids, attention_mask=holes)),
             "attention_mask with a packing": error_of(lambda: cpattn_hf.shard_batch(
                 cp, ids, ids, position_ids=positions, attention_mask=torch.ones_like(ids))),
+            "attention_mask of another shape": error_of(lambda: cpattn_hf.shard_batch(
+                cp, ids, ids, attention_mask=torch.ones(1, 5, dtype=torch.long))),
+            "attention_mask not 0/1": error_of(lambda: cpattn_hf.shard_batch(cp, ids, ids, attention_mask=holes * 2)),
+            "attention_mask without a real token": error_of(lambda: cpattn_hf.shard_batch(
+                cp, ids, ids, attention_mask=torch.zeros_like(ids))),
             "unsharded packed batch": error_of(lambda: model(
                 input_ids=ids, position_ids=positions, use_cache=False,
                 **{k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})),
@@ -202,4 +207,7 @@ def test_packed_training_step_matches_single_device(world_size, single_device, p
             assert "shard_batch" in misuse["packed without the packing"][1]
             assert "rows [0] have padding between real tokens" in misuse["padding between real tokens"][1]
             assert "not both" in misuse["attention_mask with a packing"][1]
+            assert "input_ids' shape (1, 80)" in misuse["attention_mask of another shape"][1]
+            assert "must hold 0 and 1" in misuse["attention_mask not 0/1"][1]
+            assert "no real token" in misuse["attention_mask without a real token"][1]
         assert "rank(s) [1]" in outcomes[0][1]["packing on one rank only"][1]  # rank 0's own input was fine
